@@ -1,0 +1,1 @@
+"""evsim: EV charging network lab."""

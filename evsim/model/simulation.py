@@ -1,0 +1,149 @@
+"""One simulation run: build the world, wire stations and company servers, run SimPy.
+
+The environment only schedules. A source process releases each trip's vehicle process at its
+departure time; stations, company servers and the status board hold the state; the policy is
+the pure function resolved from the registry. Events stream into a :class:`TraceWriter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import simpy
+
+from evsim.model.company import CompanyServer
+from evsim.model.demand import Trips, generate_trips
+from evsim.model.station import SimStation
+from evsim.model.vehicle import trip_process
+from evsim.model.world import World
+from evsim.policies import resolve
+from evsim.scenario import Scenario
+from evsim.snapshot import NetworkSnapshot, StatusBoard
+from evsim.trace import Kind, TraceWriter
+
+__all__ = ["SimResult", "Simulation"]
+
+
+@dataclass
+class SimResult:
+    scenario: str
+    policy: str
+    seed: int
+    horizon_min: float
+    trace_path: Path | None
+    trace_rows: int
+    trips: int
+    wall_s: float = 0.0
+    events: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    _frame: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def trace(self) -> pd.DataFrame:
+        """The trace as a DataFrame (read from Parquet when the run wrote one)."""
+        if self._frame is None:
+            from evsim.trace import read_trace
+
+            assert self.trace_path is not None
+            self._frame = read_trace(self.trace_path)
+        return self._frame
+
+
+class Simulation:
+    def __init__(
+        self,
+        scenario: Scenario,
+        policy: str | None = None,
+        params: Mapping[str, float] | None = None,
+        seed: int | None = None,
+        trace_path: str | Path | None = None,
+        trips_scale: float = 1.0,
+        world: World | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.world = world or World.build(scenario)
+        self.seed = scenario.seed if seed is None else int(seed)
+        self.policy_name = policy or scenario.policy.name
+        if params is None:
+            params = scenario.policy.params if self.policy_name == scenario.policy.name else {}
+        self.params = dict(params)
+        self.policy = resolve(self.policy_name, self.params)
+        self.env = simpy.Environment()
+        self.horizon_min = scenario.duration_min
+        self.trace = TraceWriter(
+            trace_path,
+            run_info={
+                "source": "sim",
+                "scenario": scenario.name,
+                "policy": self.policy_name,
+                "params": self.params,
+                "seed": self.seed,
+                "horizon_min": self.horizon_min,
+            },
+        )
+        st = self.world.stations
+        self.board = StatusBoard(len(st))
+        self.snapshot = NetworkSnapshot.of(st, self.world.roads, self.board)
+        delay = scenario.network.status_delay_min
+        self.companies = {
+            c.id: CompanyServer(self.env, c.id, self.board, delay) for c in scenario.companies
+        }
+        self.stations: list[SimStation] = []
+        for i, sid in enumerate(st.ids):
+            company = self.companies[st.company_ids[i]]
+            s = SimStation(
+                self.env, i, sid, company.company_id, self.world.connectors[i], self.trace, company
+            )
+            company.stations.append(s)
+            self.stations.append(s)
+            for spec in s.connectors:
+                self.trace.emit(
+                    0.0,
+                    Kind.CONNECTOR_STATUS,
+                    station_id=sid,
+                    company_id=company.company_id,
+                    connector_id=spec.connector_id,
+                    power_kw=spec.power_kw,
+                    status="Available",
+                    detail=spec.type,
+                )
+        self.trips: Trips = generate_trips(self.world, self.seed, trips_scale)
+
+    def _source(self) -> Generator[simpy.Event, Any, None]:
+        env = self.env
+        for k, t in enumerate(self.trips.depart_t_min):
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            env.process(trip_process(self, k))
+
+    def run(self, progress: Callable[[float], None] | None = None, steps: int = 100) -> SimResult:
+        """Run to the horizon. ``progress(t_min)`` is called ``steps`` times along the way."""
+        import time
+
+        t0 = time.perf_counter()
+        self.env.process(self._source())
+        if progress is None:
+            self.env.run(until=self.horizon_min)
+        else:
+            for i in range(1, steps + 1):
+                self.env.run(until=self.horizon_min * i / steps)
+                progress(self.env.now)
+        self.trace.close()
+        wall = time.perf_counter() - t0
+        frame = self.trace.to_frame() if self.trace.path is None else None
+        return SimResult(
+            scenario=self.scenario.name,
+            policy=self.policy_name,
+            seed=self.seed,
+            horizon_min=self.horizon_min,
+            trace_path=self.trace.path,
+            trace_rows=self.trace.rows_written,
+            trips=len(self.trips),
+            wall_s=wall,
+            events=next(self.env._eid),  # SimPy's event counter: events scheduled so far
+            _frame=frame,
+        )

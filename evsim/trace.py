@@ -1,0 +1,207 @@
+"""The one event/trace schema shared by the simulation and the live network.
+
+Every run (simulated or live) produces a table with one row per event. Reports and metrics
+read only this table, so they work the same on either kind of run.
+
+Columns (all present in every row; unused ones are null):
+
+==============  =========  =====================================================================
+column          type       meaning
+==============  =========  =====================================================================
+t_min           float64    event time, minutes since the scenario start
+kind            string     event kind, one of :class:`Kind`
+vehicle_id      string     vehicle (EV) id
+station_id      string     charging station (OCPI Location) id
+company_id      string     charge point operator that owns the station
+connector_id    string     connector (OCPI EVSE/connector) id, unique across the network
+session_id      string     charging session id: links arrive/session_start/session_end
+booking_id      string     reservation id (booking events), or trip id for trip events
+soc             float64    vehicle state of charge in [0, 1] at the event
+energy_kwh      float64    energy delivered by the connector in the session (session_end)
+price           float64    price of the session in the tariff currency (session_end)
+power_kw        float64    connector rated power (connector_status) or mean session power
+distance_km     float64    distance driven (trip_end/stranded) or detour (station_chosen)
+wait_min        float64    arrival at the station -> plug-in (session_start)
+queue_len       int64      vehicles waiting at the station after the event (arrive/start)
+status          string     connector or booking status (OCPP/OCPI words), or a reason
+detail          string     free text (origin->destination, policy name, error, ...)
+==============  =========  =====================================================================
+
+Event kinds and what they fill are listed in :class:`Kind`. A run also stores JSON run
+information (scenario name, policy, seed, horizon) in the Parquet key-value metadata under
+``evsim``; metrics only need ``horizon_min`` from it and fall back to the last event time.
+
+Traces are streamed to Parquet in record batches (:class:`TraceWriter`), so a run with millions
+of sessions never holds its rows as Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["COLUMNS", "SCHEMA", "Kind", "TraceWriter", "read_trace", "run_info"]
+
+
+class Kind(StrEnum):
+    """Event kinds. Comments say which columns each fills besides t_min and kind."""
+
+    CONNECTOR_STATUS = "connector_status"  # station, company, connector, power_kw, status
+    TRIP_START = "trip_start"  # vehicle, soc, booking_id=trip id, detail "origin->dest"
+    STATION_CHOSEN = "station_chosen"  # vehicle, station, company, soc, distance_km=detour
+    NO_STATION = "no_station"  # vehicle, soc: no reachable station when charging was needed
+    ARRIVE = "arrive"  # vehicle, station, company, session, soc, queue_len (after joining)
+    SESSION_START = "session_start"  # + connector, wait_min, queue_len (after leaving queue)
+    SESSION_END = "session_end"  # + connector, soc (after), energy_kwh, price, power_kw
+    ABANDON = "abandon"  # vehicle left the queue without charging (session, wait_min)
+    TRIP_END = "trip_end"  # vehicle, soc, distance_km
+    STRANDED = "stranded"  # vehicle, soc=0, distance_km
+    BOOKING = "booking"  # booking_id, vehicle, station, connector, status (OCPI booking word)
+    TRIP_BOOKING = "trip_booking"  # booking_id=trip id, vehicle, status (BOOKED/REJECTED/...)
+    SERVER_STATUS = "server_status"  # company, status (up/down)
+
+
+COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("t_min", pa.float64()),
+    ("kind", pa.string()),
+    ("vehicle_id", pa.string()),
+    ("station_id", pa.string()),
+    ("company_id", pa.string()),
+    ("connector_id", pa.string()),
+    ("session_id", pa.string()),
+    ("booking_id", pa.string()),
+    ("soc", pa.float64()),
+    ("energy_kwh", pa.float64()),
+    ("price", pa.float64()),
+    ("power_kw", pa.float64()),
+    ("distance_km", pa.float64()),
+    ("wait_min", pa.float64()),
+    ("queue_len", pa.int64()),
+    ("status", pa.string()),
+    ("detail", pa.string()),
+)
+SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype in COLUMNS])
+_NAMES = tuple(name for name, _ in COLUMNS)
+
+
+class TraceWriter:
+    """Collects events column-wise and streams them to Parquet in batches.
+
+    ``emit`` takes keyword columns; columns not given are null. With ``path=None`` the rows stay
+    in memory (tests, small runs) and :meth:`to_frame` returns them.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        batch_rows: int = 65_536,
+        run_info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.batch_rows = batch_rows
+        self.rows_written = 0
+        self._cols: dict[str, list[Any]] = {name: [] for name in _NAMES}
+        self._n = 0
+        self._batches: list[pa.RecordBatch] = []
+        meta = {b"evsim": json.dumps(dict(run_info or {}), default=str).encode()}
+        self._schema = SCHEMA.with_metadata(meta)
+        self._writer: pq.ParquetWriter | None = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, self._schema, compression="zstd")
+
+    def emit(self, t_min: float, kind: str, **cols: Any) -> None:
+        unknown = cols.keys() - self._cols.keys()
+        if unknown:
+            raise TypeError(f"unknown trace column(s): {sorted(unknown)}")
+        c = self._cols
+        c["t_min"].append(float(t_min))
+        c["kind"].append(str(kind))
+        for name in _NAMES[2:]:
+            c[name].append(cols.get(name))
+        self._n += 1
+        if self._n >= self.batch_rows:
+            self.flush()
+
+    def extend(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append already-formed rows (for example events gathered by the live network)."""
+        for row in rows:
+            row = dict(row)
+            self.emit(row.pop("t_min"), row.pop("kind"), **row)
+
+    def flush(self) -> None:
+        if self._n == 0:
+            return
+        batch = pa.RecordBatch.from_arrays(
+            [pa.array(self._cols[name], type=dtype) for name, dtype in COLUMNS],
+            schema=self._schema,
+        )
+        if self._writer is not None:
+            self._writer.write_batch(batch)
+        else:
+            self._batches.append(batch)
+        self.rows_written += self._n
+        self._cols = {name: [] for name in _NAMES}
+        self._n = 0
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """All rows so far as a DataFrame (in-memory writers only)."""
+        if self.path is not None:
+            raise RuntimeError("to_frame() is for in-memory traces; use read_trace(path)")
+        self.flush()
+        table = pa.Table.from_batches(self._batches, schema=self._schema)
+        return _to_pandas(table)
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    df = table.to_pandas()
+    df.attrs["evsim"] = run_info_from_schema(table.schema)
+    return df
+
+
+def run_info_from_schema(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(b"evsim")
+    return json.loads(raw) if raw else {}
+
+
+def read_trace(path: str | Path) -> pd.DataFrame:
+    """Read a trace written by the simulation or the live network.
+
+    ``path`` is a Parquet file or a run directory containing ``trace.parquet``. The run
+    information is in ``df.attrs["evsim"]``. Raises ``ValueError`` when a column is missing.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "trace.parquet"
+    if not p.exists():
+        raise FileNotFoundError(f"no trace at {p}")
+    table = pq.read_table(p)
+    missing = [name for name in _NAMES if name not in table.column_names]
+    if missing:
+        raise ValueError(f"{p}: not an evsim trace, missing columns {missing}")
+    return _to_pandas(table)
+
+
+def run_info(df: pd.DataFrame) -> dict[str, Any]:
+    """Run information stored with a trace (empty dict when there is none)."""
+    return dict(df.attrs.get("evsim", {}))

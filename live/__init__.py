@@ -1,0 +1,1 @@
+"""Live network adapters (FastAPI, MQTT)."""
