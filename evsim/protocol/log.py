@@ -1,0 +1,123 @@
+"""Durable log records of protocol nodes, and their JSON codec.
+
+Each node's durable state is an append-only list of these frozen records.
+Nodes are event-sourced: every state change is made by appending a record and
+applying it, and ``Node.from_log(records)`` applies the same records to a
+fresh node, so rebuilt state equals the state before a crash by construction.
+
+Write-ahead rule for adapters: persist ``node.new_records()`` *before* sending
+the outgoing messages returned by the same call.  Then a node never sends a
+message its log does not explain (a participant never holds a slot the
+coordinator has no record of, which is what makes presumed abort safe).
+
+Participant records: :class:`BookingCreated`, :class:`BookingChanged`,
+:class:`Tombstone`.  Coordinator records: :class:`TripStarted`,
+:class:`TripChanged`.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import ClassVar
+
+from evsim.protocol.messages import Alternative, StopRequest, decode_tagged, encode_tagged
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Base of all log records."""
+
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BookingCreated(Record):
+    """A participant created a booking in state PENDING (a hold if ``lease_until_min``)."""
+
+    TYPE: ClassVar[str] = "BOOKING_CREATED"
+    booking_id: str
+    station_id: str
+    connector_id: str
+    start_min: float
+    end_min: float
+    grace_min: float
+    t_min: float
+    trip_id: str = ""
+    coordinator: str = ""
+    lease_until_min: float | None = None
+    priority_start_min: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BookingChanged(Record):
+    """A booking event (a :class:`~evsim.protocol.states.BookingEvent` value)."""
+
+    TYPE: ClassVar[str] = "BOOKING_CHANGED"
+    booking_id: str
+    event: str
+    t_min: float
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone(Record):
+    """An ABORT/CANCEL arrived for a booking id never seen: refuse it forever."""
+
+    TYPE: ClassVar[str] = "TOMBSTONE"
+    booking_id: str
+    t_min: float
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TripStarted(Record):
+    """A coordinator accepted a trip request and is about to send PREPAREs."""
+
+    TYPE: ClassVar[str] = "TRIP_STARTED"
+    trip_id: str
+    vehicle_id: str
+    vehicle_node: str
+    stops: tuple[StopRequest, ...]
+    t_min: float
+    vote_deadline_min: float
+    lease_min: float
+
+
+@dataclass(frozen=True, slots=True)
+class TripChanged(Record):
+    """A trip event (a :class:`~evsim.protocol.states.TripEvent` value)."""
+
+    TYPE: ClassVar[str] = "TRIP_CHANGED"
+    trip_id: str
+    event: str
+    t_min: float
+    reason: str = ""
+    failed_stop: int | None = None
+    alternatives: tuple[Alternative, ...] = ()
+    connectors: tuple[str, ...] = ()
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.TYPE: cls for cls in (BookingCreated, BookingChanged, Tombstone, TripStarted, TripChanged)
+}
+
+
+def encode_record(rec: Record) -> str:
+    """JSON text of a record (one line of a JSON-lines log file)."""
+    return encode_tagged(rec)
+
+
+def decode_record(text: str | bytes) -> Record:
+    """Parse a record; raise :class:`~evsim.protocol.states.ProtocolError` if malformed."""
+    return typing.cast(Record, decode_tagged(text, RECORD_TYPES, "record"))
+
+
+def dump_log(records: typing.Iterable[Record]) -> str:
+    """Serialise records as JSON lines."""
+    return "".join(encode_record(r) + "\n" for r in records)
+
+
+def load_log(text: str) -> list[Record]:
+    """Parse JSON lines written by :func:`dump_log` (blank lines ignored)."""
+    return [decode_record(line) for line in text.splitlines() if line.strip()]

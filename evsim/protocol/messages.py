@@ -1,0 +1,440 @@
+"""Wire messages of the booking protocol, with a strict JSON codec.
+
+Every message is a frozen dataclass with a ``msg_id`` and the sending node's
+id ``src``; ``encode(msg)`` produces a JSON object with a ``type``
+discriminator and ``decode(text)`` rebuilds the message, rejecting anything
+malformed with a :class:`ProtocolError` that names the offending field.  The
+live network sends exactly these objects over MQTT; the SimPy model and the
+tests pass them around in memory.
+
+Message ids are deterministic (``src:TYPE:key``): a retransmission carries the
+same id as the original, so logs and traces show duplicates as duplicates.
+Receivers do not rely on ids for idempotency, though: every handler is
+idempotent by booking id / trip id and answers a duplicate from current state.
+
+Flows (``V`` vehicle, ``C`` coordinator = the vehicle's home company, ``P``
+participant = a station owner)::
+
+    V->C TripRequest            C->V TripResult (BOOKED | REJECTED | FAILED | CANCELED)
+    C->P Prepare                P->C Vote (yes / no + reason + alternatives)
+    C->P Commit                 P->C CommitAck | CommitFailed
+    C->P Abort                  P->C AbortAck
+    C->P CancelRequest          P->C CancelReply        (compensation, trip cancel)
+    P->C QueryDecision          C->P Commit | Abort | CancelRequest (presumed abort)
+    V->C TripCancel             C->V TripResult (CANCELED)
+    X->P BookRequest            P->X BookReply          (single-stop booking)
+    X->P CancelRequest          P->X CancelReply
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from evsim.protocol.states import ProtocolError
+
+# --------------------------------------------------------------------------- nested values
+
+
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    """A free window offered instead of a refused one."""
+
+    connector_id: str
+    start_min: float
+    end_min: float
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequest:
+    """One leg of a trip: a window at a station (optionally on one connector)."""
+
+    participant: str
+    station_id: str
+    start_min: float
+    end_min: float
+    grace_min: float = 10.0
+    connector_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BookedStop:
+    """A reserved stop as reported to the vehicle."""
+
+    booking_id: str
+    participant: str
+    station_id: str
+    connector_id: str
+    start_min: float
+    end_min: float
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all wire messages."""
+
+    TYPE: ClassVar[str] = ""
+    msg_id: str
+    src: str
+
+
+@dataclass(frozen=True, slots=True)
+class TripRequest(Message):
+    """Vehicle -> coordinator: book every stop of a trip, or none."""
+
+    TYPE: ClassVar[str] = "TRIP_REQUEST"
+    trip_id: str
+    vehicle_id: str
+    stops: tuple[StopRequest, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TripCancel(Message):
+    """Vehicle -> coordinator: cancel a booked trip."""
+
+    TYPE: ClassVar[str] = "TRIP_CANCEL"
+    trip_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TripResult(Message):
+    """Coordinator -> vehicle: the definitive answer for a trip."""
+
+    TYPE: ClassVar[str] = "TRIP_RESULT"
+    trip_id: str
+    outcome: str  # a TripOutcome value
+    reason: str = ""
+    bookings: tuple[BookedStop, ...] = ()
+    failed_stop: int | None = None
+    alternatives: tuple[Alternative, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare(Message):
+    """Coordinator -> participant: place a hold (tentative booking) with a lease."""
+
+    TYPE: ClassVar[str] = "PREPARE"
+    trip_id: str
+    booking_id: str
+    station_id: str
+    connector_id: str | None
+    start_min: float
+    end_min: float
+    grace_min: float
+    lease_min: float
+    priority_start_min: float  # the trip's first-leg start; lower wins contention
+
+
+@dataclass(frozen=True, slots=True)
+class Vote(Message):
+    """Participant -> coordinator: YES (hold placed) or NO with a reason."""
+
+    TYPE: ClassVar[str] = "VOTE"
+    trip_id: str
+    booking_id: str
+    yes: bool
+    reason: str = ""
+    connector_id: str = ""
+    lease_until_min: float | None = None  # participant's clock, informational
+    alternatives: tuple[Alternative, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Message):
+    """Coordinator -> participant: turn the hold into a reservation."""
+
+    TYPE: ClassVar[str] = "COMMIT"
+    trip_id: str
+    booking_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommitAck(Message):
+    """Participant -> coordinator: the booking is RESERVED."""
+
+    TYPE: ClassVar[str] = "COMMIT_ACK"
+    trip_id: str
+    booking_id: str
+    connector_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommitFailed(Message):
+    """Participant -> coordinator: COMMIT refused (hold expired, preempted, ...)."""
+
+    TYPE: ClassVar[str] = "COMMIT_FAILED"
+    trip_id: str
+    booking_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Message):
+    """Coordinator -> participant: release the hold."""
+
+    TYPE: ClassVar[str] = "ABORT"
+    trip_id: str
+    booking_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAck(Message):
+    """Participant -> coordinator: the hold is released (or never existed)."""
+
+    TYPE: ClassVar[str] = "ABORT_ACK"
+    trip_id: str
+    booking_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest(Message):
+    """Anyone -> participant: cancel a booking (hold or reservation)."""
+
+    TYPE: ClassVar[str] = "CANCEL"
+    booking_id: str
+    trip_id: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReply(Message):
+    """Participant -> requester: the booking's state after the cancel."""
+
+    TYPE: ClassVar[str] = "CANCEL_REPLY"
+    booking_id: str
+    trip_id: str
+    state: str  # a BookingState value, or "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryDecision(Message):
+    """Participant -> coordinator: what was decided for this hold?"""
+
+    TYPE: ClassVar[str] = "QUERY_DECISION"
+    trip_id: str
+    booking_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class BookRequest(Message):
+    """Anyone -> participant: book one window directly (no two-phase commit)."""
+
+    TYPE: ClassVar[str] = "BOOK_REQUEST"
+    booking_id: str
+    station_id: str
+    start_min: float
+    end_min: float
+    grace_min: float = 10.0
+    connector_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BookReply(Message):
+    """Participant -> requester: RESERVED on a connector, or REJECTED."""
+
+    TYPE: ClassVar[str] = "BOOK_REPLY"
+    booking_id: str
+    state: str  # a BookingState value
+    connector_id: str = ""
+    reason: str = ""
+    alternatives: tuple[Alternative, ...] = ()
+
+
+class Outgoing(NamedTuple):
+    """A message a node wants delivered to node ``dst``."""
+
+    dst: str
+    msg: Message
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        TripRequest,
+        TripCancel,
+        TripResult,
+        Prepare,
+        Vote,
+        Commit,
+        CommitAck,
+        CommitFailed,
+        Abort,
+        AbortAck,
+        CancelRequest,
+        CancelReply,
+        QueryDecision,
+        BookRequest,
+        BookReply,
+    )
+}
+
+
+def msg_id(src: str, kind: str, key: str) -> str:
+    """Deterministic message id: retransmissions share the id of the original."""
+    return f"{src}:{kind}:{key}"
+
+
+# --------------------------------------------------------------------------- codec
+
+_Decoder = Callable[[Any, str], Any]
+_FIELD_DECODERS: dict[type, list[tuple[str, bool, _Decoder]]] = {}
+_KNOWN: dict[type, frozenset[str]] = {}
+
+
+def _dec_str(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError(f"{where}: expected string, got {type(v).__name__}")
+    return v
+
+
+def _dec_float(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ProtocolError(f"{where}: expected number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ProtocolError(f"{where}: number must be finite")
+    return float(v)
+
+
+def _dec_int(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError(f"{where}: expected integer, got {type(v).__name__}")
+    return v
+
+
+def _dec_bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise ProtocolError(f"{where}: expected boolean, got {type(v).__name__}")
+    return v
+
+
+_SIMPLE: dict[Any, _Decoder] = {str: _dec_str, float: _dec_float, int: _dec_int, bool: _dec_bool}
+
+
+def _decoder_for(tp: Any) -> _Decoder:
+    if tp in _SIMPLE:
+        return _SIMPLE[tp]
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        inner_dec = _decoder_for(inner)
+
+        def dec_opt(v: Any, where: str) -> Any:
+            return None if v is None else inner_dec(v, where)
+
+        return dec_opt
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item_dec = _decoder_for(args[0])
+
+        def dec_tuple(v: Any, where: str) -> tuple[Any, ...]:
+            if not isinstance(v, list | tuple):
+                raise ProtocolError(f"{where}: expected list, got {type(v).__name__}")
+            return tuple(item_dec(x, f"{where}[{i}]") for i, x in enumerate(v))
+
+        return dec_tuple
+    if dataclasses.is_dataclass(tp):
+        cls = tp
+
+        def dec_obj(v: Any, where: str) -> Any:
+            if not isinstance(v, dict):
+                raise ProtocolError(f"{where}: expected object, got {type(v).__name__}")
+            return _build(cls, v, where)
+
+        return dec_obj
+    raise TypeError(f"unsupported field type {tp!r}")  # pragma: no cover - programming error
+
+
+def _field_decoders(cls: type) -> list[tuple[str, bool, _Decoder]]:
+    cached = _FIELD_DECODERS.get(cls)
+    if cached is None:
+        hints = typing.get_type_hints(cls)
+        cached = []
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            cached.append((f.name, required, _decoder_for(hints[f.name])))
+        _FIELD_DECODERS[cls] = cached
+        _KNOWN[cls] = frozenset(name for name, _, _ in cached) | {"type"}
+    return cached
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    decoders = _field_decoders(cls)
+    known = _KNOWN[cls]
+    if not known.issuperset(data):
+        extra = sorted(k for k in data if k not in known)
+        raise ProtocolError(f"{where}: unknown field(s) {', '.join(extra)}")
+    kwargs: dict[str, Any] = {}
+    for name, required, dec in decoders:
+        if name in data:
+            kwargs[name] = dec(data[name], where + "." + name)
+        elif required:
+            raise ProtocolError(f"{where}: missing field {name!r}")
+    return cls(**kwargs)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_SCALARS = (str, float, int, bool, type(None))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert a (nested) dataclass to plain JSON types (tuples become lists)."""
+    if isinstance(obj, _SCALARS):
+        return obj
+    cls = type(obj)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        if isinstance(obj, tuple | list):
+            return [to_jsonable(x) for x in obj]
+        if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+            return obj
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(obj))
+    out = {}
+    for name in names:
+        v = getattr(obj, name)
+        out[name] = v if isinstance(v, _SCALARS) else to_jsonable(v)
+    return out
+
+
+def encode_tagged(obj: Any) -> str:
+    """JSON text of a dataclass with a ``TYPE`` class attribute, tagged ``type``."""
+    d = {"type": obj.TYPE}
+    d.update(to_jsonable(obj))
+    return json.dumps(d, separators=(",", ":"), allow_nan=False)
+
+
+def decode_tagged(text: str | bytes, registry: dict[str, type], what: str) -> Any:
+    """Parse tagged JSON into the registered dataclass; raise ProtocolError if bad."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what}: invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    tag = data.get("type")
+    if not isinstance(tag, str):
+        raise ProtocolError(f"{what}: missing or non-string 'type'")
+    cls = registry.get(tag)
+    if cls is None:
+        raise ProtocolError(f"{what}: unknown type {tag!r}")
+    return _build(cls, data, tag)
+
+
+def encode(msg: Message) -> str:
+    """Encode a message as JSON text with a ``type`` discriminator."""
+    return encode_tagged(msg)
+
+
+def decode(text: str | bytes) -> Message:
+    """Decode JSON text produced by :func:`encode`; raise ProtocolError if malformed."""
+    msg = decode_tagged(text, MESSAGE_TYPES, "message")
+    return typing.cast(Message, msg)
