@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,live
 
-.PHONY: run test test-slow lint bench lab diagrams clean
+.PHONY: run test test-slow lint bench bench-protocol lab diagrams test-protocol-long clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/sim_throughput.py
+
+bench-protocol: $(STAMP)
+	$(BIN)/python bench/protocol_throughput.py
+
+diagrams: $(STAMP)
+	$(BIN)/python docs/make_diagrams.py
+
+test-protocol-long: $(STAMP)
+	EVSIM_PROTOCOL_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_protocol_stateful.py
 
 lab:
 	$(MAKE) EXTRAS=dev,live,lab venv

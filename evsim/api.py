@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from evsim.metrics import compute_metrics, metrics_frame, write_metrics
-from evsim.model import Simulation, SimResult
+from evsim.model import SimResult, Simulation
 from evsim.scenario import Scenario, load_scenario
 
 __all__ = ["CompareResult", "as_scenario", "compare", "simulate"]
@@ -49,9 +49,16 @@ def simulate(
     if out_dir is not None:
         write_metrics(result.metrics, out_dir / "metrics.json")
         info = {
-            "source": "sim", "scenario": sc.name, "policy": result.policy, "params": sim.params,
-            "seed": result.seed, "horizon_min": result.horizon_min, "trips": result.trips,
-            "trace_rows": result.trace_rows, "events": result.events, "wall_s": result.wall_s,
+            "source": "sim",
+            "scenario": sc.name,
+            "policy": result.policy,
+            "params": sim.params,
+            "seed": result.seed,
+            "horizon_min": result.horizon_min,
+            "trips": result.trips,
+            "trace_rows": result.trace_rows,
+            "events": result.events,
+            "wall_s": result.wall_s,
         }
         (out_dir / "run.json").write_text(json.dumps(info, indent=2))
         if plots:
@@ -69,8 +76,15 @@ class CompareResult:
 
 
 KEY_METRICS = (
-    "wait_min.mean", "wait_min.p95", "sessions", "energy_kwh", "revenue.total",
-    "utilisation.mean", "balance.stations.jain", "balance.companies.jain", "stranded",
+    "wait_min.mean",
+    "wait_min.p95",
+    "sessions",
+    "energy_kwh",
+    "revenue.total",
+    "utilisation.mean",
+    "balance.stations.jain",
+    "balance.companies.jain",
+    "stranded",
     "detour_km.mean",
 )
 

@@ -23,7 +23,7 @@ __all__ = ["EARTH_RADIUS_KM", "RoadNetwork", "haversine_km", "to_unit_xyz"]
 EARTH_RADIUS_KM = 6371.0088
 
 
-def haversine_km(lat1, lon1, lat2, lon2):  # noqa: ANN001, ANN201 - numpy broadcasting
+def haversine_km(lat1, lon1, lat2, lon2):
     """Great-circle distance in km; works on scalars and numpy arrays."""
     p1, p2 = np.radians(lat1), np.radians(lat2)
     dphi = p2 - p1

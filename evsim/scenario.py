@@ -17,9 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "DEFAULT_SCENARIO",
+    "BookingConfig",
     "CityConfig",
     "CompanyConfig",
     "ConnectorConfig",
+    "NetworkConfig",
+    "OutageConfig",
     "Scenario",
     "ScenarioError",
     "StationConfig",
@@ -182,8 +185,54 @@ class PolicyConfig(_Model):
     params: dict[str, float] = {}
 
 
+class OutageConfig(_Model):
+    """A company server down over ``[start_min, end_min)``: it drops every protocol message
+    to or from it, publishes no station status, and restarts from its durable log."""
+
+    company: Ident
+    start_min: NonNegFloat
+    end_min: NonNegFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> OutageConfig:
+        if not self.start_min < self.end_min:
+            raise ValueError(
+                f"start_min ({self.start_min}) must be before end_min ({self.end_min})"
+            )
+        return self
+
+
 class NetworkConfig(_Model):
     status_delay_min: NonNegFloat = 0.5  # station status -> policy snapshot staleness
+    latency_min: NonNegFloat = 0.05  # one-way delivery time of a protocol message
+    jitter_min: NonNegFloat = 0.0  # + U(0, jitter_min) per message (reorders messages)
+    loss_rate: Fraction = 0.0  # probability that a protocol message is lost
+    outages: list[OutageConfig] = []
+
+
+class BookingConfig(_Model):
+    """How vehicles get a charger: ``on_arrival`` (queue where the policy sends them) or
+    ``trip`` (book every stop of the trip through the reservation protocol before leaving)."""
+
+    mode: Literal["on_arrival", "trip"] = "on_arrival"
+    grace_min: NonNegFloat = 15.0  # a reservation turns NO_SHOW this long after its start
+    slot_min: NonNegFloat = 10.0  # booked window = estimated charging time + this margin
+    answer_timeout_min: PosFloat = 15.0  # a vehicle leaves without a booking after this
+    request_retry_min: PosFloat = 1.0  # the vehicle re-sends its trip request this often
+    # coordinator (vehicle's home company server) protocol timers, see evsim.protocol
+    lease_min: PosFloat = 10.0
+    vote_timeout_min: PosFloat = 3.0
+    commit_margin_min: NonNegFloat = 2.0
+    ack_timeout_min: PosFloat = 10.0
+    retry_min: PosFloat = 0.5
+
+    @model_validator(mode="after")
+    def _lease_fits(self) -> BookingConfig:
+        if self.vote_timeout_min + self.commit_margin_min > self.lease_min:
+            raise ValueError("need vote_timeout_min + commit_margin_min <= lease_min")
+        if self.lease_min > 60.0:
+            raise ValueError("lease_min must be at most 60 (participants refuse longer leases)")
+        return self
 
 
 class Scenario(_Model):
@@ -201,6 +250,7 @@ class Scenario(_Model):
     charging: ChargingBehaviour = ChargingBehaviour()
     policy: PolicyConfig = PolicyConfig()
     network: NetworkConfig = NetworkConfig()
+    booking: BookingConfig = BookingConfig()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Scenario:
@@ -246,6 +296,8 @@ class Scenario(_Model):
                 and self.tariffs
             ):
                 errors.append(f"stations.{i} ({s.id}): no tariff and company has none")
+        for i, o in enumerate(self.network.outages):
+            known(f"network.outages.{i}.company", o.company, companies, "company")
         for i, od in enumerate(self.demand.od):
             known(f"demand.od.{i}.origin", od.origin, cities, "city")
             known(f"demand.od.{i}.destination", od.destination, cities, "city")

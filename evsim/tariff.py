@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 from evsim.scenario import TariffConfig, TariffElement
 
@@ -97,7 +98,7 @@ def price_session(
     pts = sorted(cuts)
     energy = time_ = parking = 0.0
     charge_end = start_t_min + charge_min
-    for a, b in zip(pts, pts[1:], strict=False):
+    for a, b in pairwise(pts):
         el = active_element(tariff, a, power_kw)
         if el is None or b <= a:
             continue

@@ -152,7 +152,7 @@ def test_tiny_figures() -> None:
     s = load_scenario(TINY)
     assert len(s.geography.cities) == 4 and len(s.companies) == 2
     assert len(s.stations) == 4 and len(s.vehicle_models) == 2
-    assert s.duration_min == 360
+    assert s.duration_min == 720  # the demand profile starts at 06:00
     net = RoadNetwork.from_scenario(s)
     a, d = net.index["alpha"], net.index["delta"]
     assert net.dist_km[a, d] == pytest.approx(300.0)
@@ -431,3 +431,11 @@ def test_components_are_joined() -> None:
     assert nx.is_connected(net.graph)
     assert net.connectivity_problems(s) == []
     assert np.isfinite(km(net, "w0", "e2"))
+
+
+def test_demand_outside_duration_is_rejected() -> None:
+    data = tomllib.loads(TINY.read_text())
+    data["duration_min"] = 360.0  # tiny's demand starts at 06:00: no trip could ever leave
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(data)
+    assert any("tod_profile" in p and "duration_min" in p for p in err.value.problems)
