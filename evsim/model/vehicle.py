@@ -7,12 +7,17 @@ the next leg would end below the reserve. Then the policy picks a station from t
 snapshot; the vehicle drives there (the detour is recorded), queues, charges with the CC-CV
 curve, pays the tariff and continues from the station. A battery that hits 0 strands the car.
 Stretches with no decision are driven in one timeout, so a trip costs a handful of events.
+
+The driving rules live in :mod:`evsim.planning` (shared with the trip planner). In the
+``trip`` booking mode :mod:`evsim.model.booking` runs the same :func:`drive` loop with a
+:class:`~evsim.model.booking.BookedTrip`: at a decision node where a stop is booked the
+vehicle goes to the booked station instead of asking the policy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import simpy
@@ -20,134 +25,148 @@ import simpy
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
 from evsim.model.station import SessionPlan
 from evsim.model.world import ConnectorSpec
-from evsim.snapshot import ChargeRequest
+from evsim.planning import (
+    TOPUP_SLACK_SOC,
+    VehicleParams,
+    access_min,
+    charge_request,
+    charge_target,
+    choose_station,
+    needs_charge,
+    walk_route,
+)
+from evsim.scenario import VehicleModelConfig
 from evsim.tariff import price_session
 from evsim.trace import Kind
 
 if TYPE_CHECKING:
+    from evsim.model.booking import BookedTrip
     from evsim.model.simulation import Simulation
 
-__all__ = ["TOPUP_SLACK_SOC", "trip_process"]
-
-TOPUP_SLACK_SOC = 0.15  # charge past the target by up to this much to finish without a stop
+__all__ = ["TOPUP_SLACK_SOC", "Drive", "drive", "start_trip", "trip_process"]
 
 
-def trip_process(sim: Simulation, k: int) -> Generator[simpy.Event, Any, None]:
-    env, world, trace = sim.env, sim.world, sim.trace
-    roads, trips = world.roads, sim.trips
-    ch = world.scenario.charging
+@dataclass
+class Drive:
+    """A vehicle's state along its trip."""
+
+    k: int
+    vid: str
+    vm: VehicleModelConfig
+    per_km: float  # SoC per km
+    pos: int
+    dest: int
+    soc: float
+    driven_km: float = 0.0
+    n_sessions: int = 0
+    skip_at: set[int] = field(default_factory=set)  # nodes where asking again would not help
+
+    @property
+    def params(self) -> VehicleParams:
+        return VehicleParams(
+            self.vid, self.vm.battery_kwh, self.per_km, self.vm.max_charge_kw, self.vm.max_ac_kw
+        )
+
+
+def start_trip(sim: Simulation, k: int) -> Drive:
+    """The vehicle of trip ``k`` at its origin; emits TRIP_START."""
+    env, world, trace, trips = sim.env, sim.world, sim.trace, sim.trips
+    roads = world.roads
     vm = world.vehicle_models[int(trips.model[k])]
-    battery = vm.battery_kwh
-    per_km = vm.consumption_kwh_per_km * float(trips.drain[k]) / battery  # SoC per km
-    vid = f"v{k}"
-    pos, dest = int(trips.origin[k]), int(trips.destination[k])
-    soc = float(trips.soc0[k])
-    driven_km = 0.0
-    n_sessions = 0
-    skip_at: set[int] = set()  # nodes where asking again would not help
+    per_km = vm.consumption_kwh_per_km * float(trips.drain[k]) / vm.battery_kwh
+    d = Drive(
+        k, f"v{k}", vm, per_km, int(trips.origin[k]), int(trips.destination[k]), float(trips.soc0[k])
+    )
     trace.emit(
         env.now,
         Kind.TRIP_START,
-        vehicle_id=vid,
-        booking_id=vid,
-        soc=soc,
-        detail=f"{roads.node_ids[pos]}->{roads.node_ids[dest]}",
+        vehicle_id=d.vid,
+        booking_id=d.vid,
+        soc=d.soc,
+        detail=f"{roads.node_ids[d.pos]}->{roads.node_ids[d.dest]}",
     )
+    return d
 
-    def needs_charge(node: int, s: float, nxt: int | None) -> bool:
-        if s - roads.dist_km[node, dest] * per_km >= ch.reserve_soc:
-            return False
-        if node in skip_at:
-            return False
-        if s <= ch.threshold_soc:
-            return True
-        margin = ch.reserve_soc + ch.safety_margin_soc
-        return nxt is not None and s - roads.dist_km[node, nxt] * per_km < margin
+
+def trip_process(sim: Simulation, k: int) -> Generator[simpy.Event, Any, None]:
+    yield from drive(sim, start_trip(sim, k))
+
+
+def drive(
+    sim: Simulation, d: Drive, booked: BookedTrip | None = None
+) -> Generator[simpy.Event, Any, None]:
+    """Drive to the destination, charging where needed (at booked stations when given)."""
+    env, world, trace = sim.env, sim.world, sim.trace
+    roads = world.roads
+    ch = world.scenario.charging
+    vm, vid, per_km, dest = d.vm, d.vid, d.per_km, d.dest
+    battery = vm.battery_kwh
+
+    def decide(node: int, s: float, nxt: int | None) -> bool:
+        return needs_charge(roads, ch, per_km, dest, d.skip_at, node, s, nxt)
 
     while True:
-        route = roads.route(pos, dest)
-        # walk the route until a decision is due, the battery runs out, or the trip ends
-        j, s, t, km = 0, soc, 0.0, 0.0
-        stop_here = False
-        stranded_km = None
-        while j < len(route) - 1:
-            node, nxt = route[j], route[j + 1]
-            if needs_charge(node, s, nxt):
-                stop_here = True
-                break
-            leg = float(roads.dist_km[node, nxt])
-            if s - leg * per_km < 0:
-                stranded_km = s / per_km
-                t += float(roads.time_min[node, nxt]) * stranded_km / leg
-                km += stranded_km
-                s = 0.0
-                break
-            s -= leg * per_km
-            t += float(roads.time_min[node, nxt])
-            km += leg
-            j += 1
-        if t > 0:
-            yield env.timeout(t)
-        soc, driven_km, pos = s, driven_km + km, route[j]
-        if stranded_km is not None:
+        route = roads.route(d.pos, dest)
+        w = walk_route(roads, route, d.soc, per_km, decide)
+        if w.minutes > 0:
+            yield env.timeout(w.minutes)
+        d.soc, d.driven_km, d.pos = w.soc, d.driven_km + w.km, route[w.j]
+        pos = d.pos
+        if w.stranded_km is not None:
             trace.emit(
                 env.now,
                 Kind.STRANDED,
                 vehicle_id=vid,
                 booking_id=vid,
                 soc=0.0,
-                distance_km=driven_km,
+                distance_km=d.driven_km,
                 detail=roads.node_ids[pos],
             )
+            if booked is not None:
+                booked.finish("stranded")
             return
-        if not stop_here:
+        if not w.stop_here:
             trace.emit(
                 env.now,
                 Kind.TRIP_END,
                 vehicle_id=vid,
                 booking_id=vid,
-                soc=soc,
-                distance_km=driven_km,
+                soc=d.soc,
+                distance_km=d.driven_km,
             )
+            if booked is not None:
+                booked.finish("trip_ended")
             return
-        request = ChargeRequest(
-            vehicle_id=vid,
-            node=pos,
-            lat=float(roads.lat[pos]),
-            lon=float(roads.lon[pos]),
-            dest_node=dest,
-            soc=soc,
-            battery_kwh=battery,
-            consumption_kwh_per_km=per_km * battery,
-            max_dc_kw=vm.max_charge_kw,
-            max_ac_kw=vm.max_ac_kw,
-            reserve_soc=ch.reserve_soc,
-            target_soc=ch.target_soc,
-        )
-        choice = sim.policy(request, sim.snapshot, env.now)
-        if choice is None and ch.reserve_soc > 0:  # emergency: dip into the reserve
-            choice = sim.policy(replace(request, reserve_soc=0.0), sim.snapshot, env.now)
-        skip_at.add(pos)
-        if choice is None:
-            trace.emit(
-                env.now, Kind.NO_STATION, vehicle_id=vid, soc=soc, detail=roads.node_ids[pos]
-            )
-            continue
-        station = sim.stations[choice.station_index]
+        stop = booked.take(pos) if booked is not None else None
+        if stop is not None:
+            index, detour_km = stop.station_index, stop.detour_km
+        else:
+            request = charge_request(roads, ch, d.params, pos, dest, d.soc)
+            choice = choose_station(sim.policy, request, sim.snapshot, env.now)
+            d.skip_at.add(pos)
+            if choice is None:
+                trace.emit(
+                    env.now, Kind.NO_STATION, vehicle_id=vid, soc=d.soc, detail=roads.node_ids[pos]
+                )
+                continue
+            index, detour_km = choice.station_index, choice.detour_km
+        d.skip_at.add(pos)
+        station = sim.stations[index]
         trace.emit(
             env.now,
             Kind.STATION_CHOSEN,
             vehicle_id=vid,
             station_id=station.station_id,
             company_id=station.company_id,
-            soc=soc,
-            distance_km=choice.detour_km,
+            soc=d.soc,
+            distance_km=detour_km,
             detail=sim.policy_name,
         )
-        st_node = int(world.stations.node[choice.station_index])
-        access = float(world.stations.access_km[choice.station_index])
+        st_node = int(world.stations.node[index])
+        access = float(world.stations.access_km[index])
         go_km = float(roads.dist_km[pos, st_node]) + access
-        go_min = float(roads.time_min[pos, st_node]) + access / 50.0 * 60.0
+        go_min = float(roads.time_min[pos, st_node]) + access_min(access)
+        soc = d.soc
         if soc - go_km * per_km < 0:  # a stale or optimistic choice: run dry on the way
             yield env.timeout(go_min * (soc / per_km) / go_km)
             trace.emit(
@@ -156,21 +175,18 @@ def trip_process(sim: Simulation, k: int) -> Generator[simpy.Event, Any, None]:
                 vehicle_id=vid,
                 booking_id=vid,
                 soc=0.0,
-                distance_km=driven_km + soc / per_km,
+                distance_km=d.driven_km + soc / per_km,
                 detail=station.station_id,
             )
+            if booked is not None:
+                booked.finish("stranded")
             return
         yield env.timeout(go_min)
         soc -= go_km * per_km
-        driven_km += go_km
-        pos = st_node
-        route_on = roads.route(pos, dest)
-        next_leg = float(roads.dist_km[pos, route_on[1]]) if len(route_on) > 1 else 0.0
-        finish = (float(roads.dist_km[pos, dest]) + access) * per_km + ch.reserve_soc + 0.01
-        target = max(ch.target_soc, (next_leg + access) * per_km + ch.reserve_soc + 0.01)
-        if target < finish <= min(target + TOPUP_SLACK_SOC, MAX_TARGET_SOC):
-            target = finish
-        tariff = world.tariffs[choice.station_index]
+        d.driven_km += go_km
+        d.pos = pos = st_node
+        target = charge_target(roads, ch, per_km, pos, dest, access)
+        tariff = world.tariffs[index]
         soc_in = soc
 
         def plan(
@@ -193,14 +209,19 @@ def trip_process(sim: Simulation, k: int) -> Generator[simpy.Event, Any, None]:
             ).total
             return SessionPlan(minutes, curve.energy_kwh(soc_in, soc_out), price, soc_out, power)
 
-        n_sessions += 1
-        result = yield env.process(
-            station.visit(vid, f"{vid}-{n_sessions}", soc, plan, ch.max_wait_min)
-        )
+        d.n_sessions += 1
+        session_id = f"{vid}-{d.n_sessions}"
+        if stop is not None:
+            assert booked is not None
+            visit = booked.visit(station, stop, session_id, soc, plan, ch.max_wait_min)
+        else:
+            visit = station.visit(vid, session_id, soc, plan, ch.max_wait_min)
+        result = yield env.process(visit)
         if result.plan is not None and result.plan.soc_after is not None:
             soc = result.plan.soc_after  # pos stays in skip_at: one charge per city per trip
+        d.soc = soc
         # back from the station to its city (access road)
         if access > 0:
-            yield env.timeout(access / 50.0 * 60.0)
-            soc = max(soc - access * per_km, 0.0)
-            driven_km += access
+            yield env.timeout(access_min(access))
+            d.soc = max(d.soc - access * per_km, 0.0)
+            d.driven_km += access
