@@ -56,7 +56,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from evsim.protocol.log import Record, TripChanged, TripStarted
+from evsim.protocol.log import EventSourced, Record, TripChanged, TripStarted
 from evsim.protocol.messages import (
     Abort,
     AbortAck,
@@ -119,7 +119,7 @@ def booking_id_for(trip_id: str, stop_index: int) -> str:
     return f"{trip_id}/{stop_index}"
 
 
-class Coordinator:
+class Coordinator(EventSourced):
     """State machine of a vehicle's home company server (trip coordinator)."""
 
     def __init__(
@@ -142,8 +142,7 @@ class Coordinator:
         self.commit_margin_min = commit_margin_min
         self.ack_timeout_min = ack_timeout_min
         self.retry_min = retry_min
-        self.log: list[Record] = []
-        self._new: list[Record] = []
+        self._init_log()
         self._trips: dict[str, _Trip] = {}
         self._open: dict[str, _Trip] = {}  # trips with messages still to (re)send
         self._handlers: dict[type, Any] = {
@@ -163,20 +162,8 @@ class Coordinator:
     def from_log(cls, node_id: str, records: Iterable[Record], **config: Any) -> Coordinator:
         """Rebuild a coordinator from its persisted records (after a crash)."""
         node = cls(node_id, **config)
-        for rec in records:
-            node.log.append(rec)
-            node._apply(rec)
+        node._replay(records)
         return node
-
-    def new_records(self) -> list[Record]:
-        """Records appended since the last call; persist them before sending."""
-        out, self._new = self._new, []
-        return out
-
-    def _emit(self, rec: Record) -> None:
-        self._apply(rec)
-        self.log.append(rec)
-        self._new.append(rec)
 
     def _apply(self, rec: Record) -> None:
         if isinstance(rec, TripChanged):

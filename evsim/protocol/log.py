@@ -24,6 +24,36 @@ from typing import ClassVar
 from evsim.protocol.messages import Alternative, StopRequest, decode_tagged, encode_tagged
 
 
+class EventSourced:
+    """Log mechanics shared by protocol nodes: every change is a record that is applied,
+    appended to ``log`` and queued for the adapter to persist (``new_records``)."""
+
+    log: list[Record]
+    _new: list[Record]
+
+    def _init_log(self) -> None:
+        self.log = []
+        self._new = []
+
+    def _replay(self, records: typing.Iterable[Record]) -> None:
+        for rec in records:
+            self.log.append(rec)
+            self._apply(rec)
+
+    def new_records(self) -> list[Record]:
+        """Records appended since the last call; persist them before sending."""
+        out, self._new = self._new, []
+        return out
+
+    def _emit(self, rec: Record) -> None:
+        self._apply(rec)
+        self.log.append(rec)
+        self._new.append(rec)
+
+    def _apply(self, rec: Record) -> None:  # pragma: no cover - each node defines it
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """Base of all log records."""

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from evsim.protocol.log import BookingChanged, BookingCreated, Record, Tombstone
+from evsim.protocol.log import BookingChanged, BookingCreated, EventSourced, Record, Tombstone
 from evsim.protocol.messages import (
     Abort,
     AbortAck,
@@ -109,7 +109,7 @@ class BookingView:
     lease_until_min: float | None
 
 
-class Participant:
+class Participant(EventSourced):
     """State machine of one station-owning company server."""
 
     def __init__(
@@ -134,8 +134,7 @@ class Participant:
         self.query_after_min = query_after_min
         self.max_lease_min = max_lease_min
         self.max_alternatives = max_alternatives
-        self.log: list[Record] = []
-        self._new: list[Record] = []
+        self._init_log()
         self._bookings: dict[str, _Booking] = {}
         self._tombstones: set[str] = set()
         # per connector, active bookings sorted by start (they never overlap)
@@ -163,20 +162,8 @@ class Participant:
     ) -> Participant:
         """Rebuild a participant from its persisted records (after a crash)."""
         node = cls(node_id, stations, **config)
-        for rec in records:
-            node.log.append(rec)
-            node._apply(rec)
+        node._replay(records)
         return node
-
-    def new_records(self) -> list[Record]:
-        """Records appended since the last call; persist them before sending."""
-        out, self._new = self._new, []
-        return out
-
-    def _emit(self, rec: Record) -> None:
-        self._apply(rec)
-        self.log.append(rec)
-        self._new.append(rec)
 
     def _apply(self, rec: Record) -> None:
         if isinstance(rec, BookingChanged):
