@@ -1,0 +1,93 @@
+"""The company server's app factory: ``create_app(settings, bus=None, clock=None)``.
+
+Thin, in the full-stack-fastapi-template style: build the :class:`CompanyService`, mount one
+router per resource, map errors to 4xx bodies with a ``reason``.  With a ``bus`` given (an
+``InMemoryBus`` in tests) the service is wired to it at once and no broker is needed; without
+one the lifespan connects :class:`live.mqtt.MqttBus` to ``settings.mqtt_url`` (retrying in
+the background) and closes it at shutdown.  The lifespan also runs the protocol ticker
+(``settings.tick_s``); tests that do not enter the lifespan drive timers with
+``app.state.service.host.tick()`` and an injected ``clock`` (scenario minutes).
+
+Run one company: ``EVSIM_COMPANY=acme uvicorn --factory live.server.app:app_from_env``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from live.bus import Bus
+from live.server.deps import error_body
+from live.server.routers import bookings, health, recommendations, sessions, stations, vehicles
+from live.server.service import ApiError, CompanyService
+from live.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _mqtt_bus(settings: Settings) -> Bus:
+    from live.mqtt import MqttBus  # paho only when really talking to a broker
+
+    return MqttBus(
+        settings.mqtt_url, client_id=f"evsim-server-{settings.company}",
+        username=settings.mqtt_user, password=settings.mqtt_password, connect_timeout=None,
+    )
+
+
+def create_app(
+    settings: Settings, bus: Bus | None = None, clock: Callable[[], float] | None = None
+) -> FastAPI:
+    """A FastAPI app serving ``settings.company`` (see the module docstring)."""
+    svc = CompanyService(settings, clock)
+    if bus is not None:
+        svc.attach(bus)
+    svc.trace([{"t_min": svc.now(), "kind": "server_status", "company_id": svc.company,
+                "status": "up"}])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_bus: Bus | None = None
+        if svc.bus is None:
+            own_bus = _mqtt_bus(settings)
+            svc.attach(own_bus)
+        svc.host.start_ticker(settings.tick_s)
+        try:
+            yield
+        finally:
+            svc.host.stop_ticker()
+            svc.trace([{"t_min": svc.now(), "kind": "server_status",
+                        "company_id": svc.company, "status": "down"}])
+            if own_bus is not None:
+                own_bus.close()
+
+    app = FastAPI(
+        title=f"evsim company server: {settings.company}",
+        description="Bookings (atomic multi-company trips), sessions, recommendations.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    app.state.settings = settings
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse({"detail": "internal error", "reason": "internal"}, status_code=500)
+
+    for r in (health, vehicles, stations, recommendations, bookings, sessions):
+        app.include_router(r.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """``uvicorn --factory live.server.app:app_from_env`` (settings from ``EVSIM_*``)."""
+    return create_app(Settings.from_env())

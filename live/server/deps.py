@@ -1,0 +1,101 @@
+"""FastAPI dependencies (``Annotated``): the service, the authenticated vehicle, idempotency.
+
+``Idempotency-Key`` (any POST): the first response for (caller, key) is stored with a hash of
+method, path and the validated body; the same key with the same request replays it (header
+``Idempotent-Replayed: true``), with a different request answers 422
+``idempotency_key_reused``.  4xx answers are stored too, so a retry sees the same outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from live.server.service import ApiError, CompanyService
+
+
+def get_service(request: Request) -> CompanyService:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[CompanyService, Depends(get_service)]
+
+_bearer = HTTPBearer(auto_error=False, description="token from POST /vehicles")
+
+
+def current_vehicle(
+    svc: ServiceDep,
+    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    if cred is None or not cred.credentials:
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)",
+                       "unauthenticated")
+    vid = svc.authenticate(cred.credentials)
+    if vid is None:
+        raise ApiError(401, "invalid bearer token", "unauthenticated")
+    return vid
+
+
+VehicleDep = Annotated[str, Depends(current_vehicle)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=255,
+           description="replay-safe retries: same key + same body = same response"),
+]
+
+_locks: dict[tuple[int, str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def error_body(err: ApiError) -> dict[str, Any]:
+    return {"detail": err.detail, "reason": err.reason, **jsonable_encoder(err.extra)}
+
+
+def idempotent(
+    svc: CompanyService,
+    request: Request,
+    owner: str,
+    key: str | None,
+    body: BaseModel | None,
+    compute: Callable[[], tuple[int, BaseModel]],
+) -> JSONResponse:
+    """Run ``compute`` at most once per (owner, key) and replay its response."""
+
+    def run() -> tuple[int, Any]:
+        try:
+            code, model = compute()
+            return code, jsonable_encoder(model)
+        except ApiError as err:
+            if err.status >= 500:
+                raise
+            return err.status, error_body(err)
+
+    if key is None:
+        code, content = run()
+        return JSONResponse(content, status_code=code)
+    canon = json.dumps(body.model_dump(mode="json") if body else None, sort_keys=True)
+    where = f"{request.method} {request.url.path}"
+    digest = hashlib.sha256(f"{where}\n{canon}".encode()).hexdigest()
+    lock_id = (id(svc), owner, key)
+    with _locks_guard:
+        lock = _locks.setdefault(lock_id, threading.Lock())
+    with lock:
+        stored = svc.storage.idempotent(owner, key)
+        if stored is None:
+            code, content = run()
+            svc.storage.remember(owner, key, where, digest, code, content)
+            return JSONResponse(content, status_code=code)
+    if stored["request_hash"] != digest:
+        raise ApiError(422, f"Idempotency-Key {key!r} was used for a different request "
+                       f"({stored['method_path']})", "idempotency_key_reused")
+    return JSONResponse(stored["response"], status_code=stored["status_code"],
+                        headers={"Idempotent-Replayed": "true"})

@@ -1,0 +1,258 @@
+"""Pydantic request/response models of the company server's REST API (XCreate / XPublic).
+
+Request models forbid unknown fields and bound every number, so bad input is a 422 with the
+offending field named, never a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+ConnectorId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/\-]+$")]
+Soc = Annotated[float, Field(ge=0.0, le=1.0)]
+Minutes = Annotated[float, Field(ge=0.0, le=1e7)]
+Kwh = Annotated[float, Field(gt=0.0, le=1000.0)]
+Kw = Annotated[float, Field(gt=0.0, le=2000.0)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Problem(BaseModel):
+    """Every 4xx body: ``detail`` says why (machine-readable ``reason`` where relevant)."""
+
+    detail: Any
+    reason: str | None = None
+
+
+# ------------------------------------------------------------------ vehicles
+
+
+class VehicleCreate(_In):
+    vehicle_id: Id | None = Field(
+        default=None,
+        description="register a vehicle issued by another company (roaming); default: new id",
+    )
+    home_company: Id | None = None
+
+
+class VehicleRegistered(BaseModel):
+    vehicle_id: str
+    token: str = Field(description="bearer token; shown once, only its hash is stored")
+    home_company: str
+
+
+# ------------------------------------------------------------------ stations
+
+
+class ConnectorPublic(BaseModel):
+    connector_id: str
+    power_kw: float
+    type: str
+    status: str = Field(description="protocol view: AVAILABLE | RESERVED | CHARGING")
+    reported_status: str | None = Field(default=None, description="as the station reports it")
+
+
+class StationPublic(BaseModel):
+    station_id: str
+    company_id: str
+    city: str
+    lat: float
+    lon: float
+    online: bool
+    reported: bool
+    t_min: float | None
+    busy: int
+    queued: int
+    connectors: list[ConnectorPublic]
+
+
+class TariffPublic(BaseModel):
+    station_id: str
+    tariff_id: str | None
+    currency: str | None
+    elements: list[dict[str, Any]]
+
+
+# ------------------------------------------------------------------ recommendations
+
+
+class RecommendationCreate(_In):
+    lat: Annotated[float, Field(ge=-90, le=90)] | None = None
+    lon: Annotated[float, Field(ge=-180, le=180)] | None = None
+    city: Id | None = Field(default=None, description="scenario city id (instead of lat/lon)")
+    destination: Id | None = Field(default=None, description="destination city (default: here)")
+    soc: Soc
+    battery_kwh: Kwh
+    consumption_kwh_per_km: Annotated[float, Field(gt=0, le=2)]
+    max_dc_kw: Kw = 150.0
+    max_ac_kw: Kw = 11.0
+    reserve_soc: Soc = 0.08
+    target_soc: Soc = 0.8
+    limit: Annotated[int, Field(ge=1, le=20)] = 3
+
+    @model_validator(mode="after")
+    def _where(self) -> RecommendationCreate:
+        if self.city is None and (self.lat is None or self.lon is None):
+            raise ValueError("give either city or both lat and lon")
+        return self
+
+
+class ChoicePublic(BaseModel):
+    rank: int
+    station_id: str
+    company_id: str
+    score: float
+    distance_km: float
+    detour_km: float
+    eta_min: float
+    expected_wait_min: float
+
+
+class Recommendations(BaseModel):
+    policy: str
+    t_min: float
+    choices: list[ChoicePublic]
+
+
+# ------------------------------------------------------------------ bookings
+
+
+class StopCreate(_In):
+    station_id: Id
+    start_min: Minutes
+    end_min: Minutes
+    connector_id: ConnectorId | None = None
+    grace_min: Annotated[float, Field(ge=0, le=120)] = 10.0
+
+    @model_validator(mode="after")
+    def _window(self) -> StopCreate:
+        if self.end_min <= self.start_min:
+            raise ValueError("end_min must be after start_min")
+        return self
+
+
+class BookingCreate(_In):
+    stops: Annotated[list[StopCreate], Field(min_length=1, max_length=10)]
+
+
+class AlternativePublic(BaseModel):
+    connector_id: str
+    start_min: float
+    end_min: float
+
+
+class BookedStopPublic(BaseModel):
+    booking_id: str
+    company_id: str
+    station_id: str
+    connector_id: str
+    start_min: float
+    end_min: float
+
+
+class TripPublic(BaseModel):
+    trip_id: str
+    vehicle_id: str
+    state: str = Field(description="coordinator trip state (PREPARING ... BOOKED/ABORTED...)")
+    outcome: Literal["PENDING", "BOOKED", "REJECTED", "FAILED", "CANCELED"]
+    reason: str = ""
+    failed_stop: int | None = None
+    bookings: list[BookedStopPublic] = []
+    alternatives: list[AlternativePublic] = []
+    booking_ids: list[str] = []
+
+
+class BookingPublic(BaseModel):
+    """A single booking held by this company's participant."""
+
+    booking_id: str
+    trip_id: str
+    state: str
+    station_id: str
+    connector_id: str
+    start_min: float
+    end_min: float
+    grace_min: float
+    charging: bool
+    reason: str
+
+
+# ------------------------------------------------------------------ sessions
+
+
+class SessionCreate(_In):
+    station_id: Id
+    booking_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    connector_id: ConnectorId | None = None
+    soc: Soc
+    battery_kwh: Kwh
+    target_soc: Soc = 0.8
+    max_dc_kw: Kw = 150.0
+    max_ac_kw: Kw = 11.0
+
+    @model_validator(mode="after")
+    def _target(self) -> SessionCreate:
+        if self.target_soc <= self.soc:
+            raise ValueError("target_soc must be above soc")
+        return self
+
+
+class SessionStop(_In):
+    energy_kwh: Annotated[float, Field(ge=0, le=1000)] | None = Field(
+        default=None, description="metered energy if the caller has it (else meter or model)"
+    )
+
+
+class PriceBreakdownPublic(BaseModel):
+    """OCPI CDR-like cost per tariff dimension."""
+
+    energy: float
+    time: float
+    parking: float
+    flat: float
+    total: float
+    currency: str
+
+
+class SessionPublic(BaseModel):
+    session_id: str
+    vehicle_id: str
+    station_id: str
+    company_id: str
+    connector_id: str
+    booking_id: str
+    status: Literal["ACTIVE", "COMPLETED"]
+    start_t_min: float
+    end_t_min: float | None
+    soc_start: float
+    soc_end: float | None
+    target_soc: float
+    power_kw: float
+    energy_kwh: float | None
+    charge_min: float | None
+    parking_min: float | None
+    energy_source: str | None
+    price: PriceBreakdownPublic | None
+
+
+# ------------------------------------------------------------------ misc
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    company: str
+    t_min: float
+    journal_mode: str
+    bus: bool
+    open_trips: int
+    dropped_messages: int
+
+
+class TracePage(BaseModel):
+    rows: list[dict[str, Any]]
+    next_seq: int

@@ -1,0 +1,1 @@
+"""One router per resource (prefix + tags), all thin over :class:`CompanyService`."""

@@ -1,0 +1,39 @@
+"""``/bookings``: book a trip (one stop or many, across companies), read, cancel."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from live.server import models as m
+from live.server.deps import IdempotencyKey, ServiceDep, VehicleDep, idempotent
+
+router = APIRouter(prefix="/bookings", tags=["bookings"])
+
+
+@router.post(
+    "", status_code=201, response_model=m.TripPublic,
+    responses={202: {"model": m.TripPublic, "description": "still booking; poll the trip"},
+               409: {"model": m.TripPublic, "description": "REJECTED / FAILED, with reason"},
+               422: {"model": m.Problem}},
+)
+def book(
+    body: m.BookingCreate, svc: ServiceDep, me: VehicleDep, request: Request,
+    key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Book every stop or none (2PC coordinated by this server)."""
+    return idempotent(svc, request, me, key, body, lambda: svc.book(me, body))
+
+
+@router.get("/{booking_id:path}", response_model=m.TripPublic | m.BookingPublic,
+            responses={404: {"model": m.Problem}})
+def get_booking(booking_id: str, svc: ServiceDep, me: VehicleDep) -> m.TripPublic | m.BookingPublic:
+    """A trip (coordinated here) or a booking (held here) of the caller."""
+    return svc.get_booking(me, booking_id)
+
+
+@router.delete("/{booking_id:path}", response_model=m.TripPublic,
+               responses={404: {"model": m.Problem}, 409: {"model": m.Problem}})
+def cancel_booking(booking_id: str, svc: ServiceDep, me: VehicleDep) -> m.TripPublic:
+    """Cancel a booked trip (all its stops, through the protocol)."""
+    return svc.cancel(me, booking_id)

@@ -1,0 +1,43 @@
+"""``/sessions``: start charging (against a booking or walk-in), stop, read."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from live.server import models as m
+from live.server.deps import IdempotencyKey, ServiceDep, VehicleDep, idempotent
+
+router = APIRouter(prefix="/sessions", tags=["sessions"])
+
+
+@router.post("", status_code=201, response_model=m.SessionPublic,
+             responses={404: {"model": m.Problem}, 409: {"model": m.Problem},
+                        422: {"model": m.Problem}})
+def start(
+    body: m.SessionCreate, svc: ServiceDep, me: VehicleDep, request: Request,
+    key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Start a session at one of this company's stations; commands the station."""
+    return idempotent(svc, request, me, key, body, lambda: (201, svc.sessions.start(me, body)))
+
+
+@router.get("/{session_id}", response_model=m.SessionPublic,
+            responses={404: {"model": m.Problem}})
+def get_session(session_id: str, svc: ServiceDep, me: VehicleDep) -> m.SessionPublic:
+    from live.server.sessions import session_public
+
+    return session_public(svc.sessions.own_session(me, session_id))
+
+
+@router.post("/{session_id}/stop", response_model=m.SessionPublic,
+             responses={404: {"model": m.Problem}})
+def stop(
+    session_id: str, svc: ServiceDep, me: VehicleDep, request: Request,
+    body: m.SessionStop | None = None, key: IdempotencyKey = None,
+) -> JSONResponse:
+    """End the session (idempotent) and price it; returns the CDR."""
+    svc.sessions.own_session(me, session_id)  # 404 unless the caller's
+    energy = body.energy_kwh if body else None
+    return idempotent(svc, request, me, key, body,
+                      lambda: (200, svc.sessions.stop(session_id, energy)))

@@ -1,0 +1,446 @@
+"""The company server's application service: everything the REST routers call.
+
+``CompanyService`` owns the static world, the storage, the protocol host, the replicated
+status and the bus.  Routers stay thin: they validate input with pydantic, call one method
+here and turn :class:`ApiError` into a 4xx with a reason.  Nothing here decides what a
+policy or the protocol should decide: recommendations come from the configured policy over
+a snapshot, every booking is a trip run by this company's :class:`~evsim.protocol.Coordinator`
+(one stop or many; stops of other companies go over the bus), and connector availability
+is the :class:`~evsim.protocol.Participant`'s.
+
+Identity and ownership
+----------------------
+Vehicle ids are issued as ``{company}-{hex}``; a vehicle charging at another company
+registers there too with the same ``vehicle_id`` (roaming registration, its own token).
+Trip ids are ``{vehicle_id}.{hex}`` and booking ids ``{trip_id}/{stop}``, so every server
+can tell the owner of a booking it holds without extra protocol fields; walk-in bookings
+(made for a session without reservation) are ``{vehicle_id}.{hex}`` as well.  Another
+vehicle's bookings and sessions answer 404, another vehicle's history 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from evsim.policies import resolve
+from evsim.protocol import (
+    BookingEvent,
+    BookingView,
+    StopRequest,
+    TripRequest,
+    TripResult,
+)
+from evsim.scenario import load_scenario
+from evsim.snapshot import ChargeRequest
+from live import topics
+from live.bus import Bus, encode_json
+from live.server import models as m
+from live.server.node import Effects, ProtocolHost
+from live.server.status import StatusReplica
+from live.server.world import LiveWorld
+from live.settings import Settings
+from live.storage import Storage
+
+log = logging.getLogger(__name__)
+
+TRIP_EVENTS = {
+    "BOOKED": "booking_confirmed",
+    "REJECTED": "booking_rejected",
+    "FAILED": "booking_failed",
+    "CANCELED": "booking_cancelled",
+}
+
+
+class ApiError(Exception):
+    """An error the API reports as ``status`` with ``detail`` (and a machine ``reason``)."""
+
+    def __init__(self, status: int, detail: Any, reason: str | None = None, **extra: Any):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.reason = reason
+        self.extra = extra
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def owner_of(booking_or_trip_id: str) -> str:
+    """The vehicle id encoded in a trip / booking id (``{vehicle}.{hex}[/{stop}]``)."""
+    trip = booking_or_trip_id.split("/", 1)[0]
+    return trip.rpartition(".")[0]
+
+
+class CompanyService:
+    """One company's server state and operations (thread-safe)."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
+        self.settings = settings
+        scenario = load_scenario(settings.scenario)
+        companies = [c.id for c in scenario.companies]
+        if settings.company not in companies:
+            raise ValueError(f"company {settings.company!r} not in scenario ({companies})")
+        self.company = settings.company
+        self.world = LiveWorld.build(scenario)
+        self.clock = clock or settings.wall_clock()
+        self.storage = Storage(settings.database_url)
+        self.host = ProtocolHost(
+            self.company, self.world.protocol_stations(self.company), self.storage, self.clock
+        )
+        self.host.hooks.append(self._after_protocol)
+        self.status = StatusReplica(self.world)
+        name = settings.policy or scenario.policy.name
+        params = scenario.policy.params if name == scenario.policy.name else {}
+        self.policy_name = name
+        self.policy = resolve(name, params)
+        self.bus: Bus | None = None
+        from live.server.sessions import SessionManager
+
+        self.sessions = SessionManager(self)
+
+    # ------------------------------------------------------------------ wiring
+
+    def attach(self, bus: Bus) -> None:
+        """Connect to the bus: protocol topics, replicated status, own station channels."""
+        self.bus = bus
+        self.host.attach(bus)
+        bus.subscribe(topics.ALL_STATUS, self.status.on_status)
+        bus.subscribe(topics.company_filter(self.company, "events"), self.sessions.on_event)
+        bus.subscribe(topics.company_filter(self.company, "meter"), self.sessions.on_meter)
+
+    def close(self) -> None:
+        self.host.stop_ticker()
+        self.storage.close()
+
+    def now(self) -> float:
+        return float(self.clock())
+
+    def publish(self, topic: str, obj: dict[str, Any]) -> None:
+        if self.bus is None:
+            log.warning("no bus attached; %s not published", topic)
+            return
+        try:
+            self.bus.publish(topic, encode_json(obj), qos=1)
+        except Exception:
+            log.exception("publishing to %s failed", topic)
+
+    def notify(self, vehicle_id: str, event: str, **fields: Any) -> None:
+        if not vehicle_id:
+            return
+        try:
+            topic = topics.vehicle_notify_topic(vehicle_id)
+        except ValueError:
+            return
+        self.publish(topic, {"event": event, "vehicle_id": vehicle_id, **fields})
+
+    def trace(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            with self.storage.begin() as conn:
+                Storage.add_trace(conn, rows)
+        except Exception:
+            log.exception("writing trace rows failed")
+
+    # ------------------------------------------------------------------ vehicles
+
+    def register(self, body: m.VehicleCreate) -> m.VehicleRegistered:
+        token = secrets.token_urlsafe(32)
+        if body.vehicle_id is None:
+            if body.home_company not in (None, self.company):
+                raise ApiError(422, "a new vehicle's home company is this company", "bad_home")
+            vid, home = f"{self.company}-{secrets.token_hex(6)}", self.company
+        else:
+            prefix = body.vehicle_id.rsplit("-", 1)[0]
+            known = {c.id for c in self.world.scenario.companies}
+            guess = prefix if prefix in known else self.company
+            vid, home = body.vehicle_id, body.home_company or guess
+        if not self.storage.add_vehicle(vid, hash_token(token), home, self.now()):
+            raise ApiError(409, f"vehicle {vid!r} is already registered", "vehicle_exists")
+        return m.VehicleRegistered(vehicle_id=vid, token=token, home_company=home)
+
+    def authenticate(self, token: str) -> str | None:
+        row = self.storage.vehicle_by_token_hash(hash_token(token))
+        return None if row is None else str(row["vehicle_id"])
+
+    # ------------------------------------------------------------------ stations
+
+    def _station(self, station_id: str) -> m.StationPublic:
+        cfg = self.world.stations[station_id]
+        st = self.status.status(station_id)
+        reported = {
+            str(c.get("connector_id")): str(c.get("status")) for c in st.connectors
+        }
+        i = self.world.table.index[station_id]
+        own = cfg.company == self.company
+        now = self.now()
+        conns = []
+        for c in self.world.connectors[station_id]:
+            if own:
+                with self.host.lock:
+                    status = self.host.participant.connector_status(c.connector_id, now).value
+            else:
+                status = reported.get(c.connector_id, "UNKNOWN")
+            conns.append(
+                m.ConnectorPublic(
+                    connector_id=c.connector_id, power_kw=c.power_kw, type=c.type, status=status,
+                    reported_status=reported.get(c.connector_id),
+                )
+            )
+        return m.StationPublic(
+            station_id=station_id, company_id=cfg.company, city=cfg.city,
+            lat=float(self.world.table.lat[i]), lon=float(self.world.table.lon[i]),
+            online=st.online, reported=st.reported, t_min=st.t_min, busy=st.busy,
+            queued=st.queued, connectors=conns,
+        )
+
+    def own_stations(self) -> list[m.StationPublic]:
+        return [self._station(s.id) for s in self.world.stations_of(self.company)]
+
+    def network_stations(self) -> list[m.StationPublic]:
+        return [self._station(s) for s in self.world.stations]
+
+    def tariffs(self) -> list[m.TariffPublic]:
+        out = []
+        for s in self.world.stations_of(self.company):
+            t = self.world.tariffs[s.id]
+            out.append(
+                m.TariffPublic(
+                    station_id=s.id, tariff_id=t.id if t else None,
+                    currency=t.currency if t else None,
+                    elements=[e.model_dump(exclude_none=True) for e in t.elements] if t else [],
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ recommendations
+
+    def _city(self, city: str) -> int:
+        i = self.world.roads.index.get(city)
+        if i is None:
+            raise ApiError(422, f"unknown city {city!r}", "unknown_city")
+        return i
+
+    def recommend(self, vehicle_id: str, body: m.RecommendationCreate) -> m.Recommendations:
+        roads = self.world.roads
+        if body.city is not None:
+            node = self._city(body.city)
+            lat, lon = float(roads.lat[node]), float(roads.lon[node])
+        else:
+            assert body.lat is not None and body.lon is not None
+            lat, lon = body.lat, body.lon
+            node = roads.nearest_node(lat, lon)
+        dest = self._city(body.destination) if body.destination else node
+        try:
+            req = ChargeRequest(
+                vehicle_id, node, lat, lon, dest, body.soc, body.battery_kwh,
+                body.consumption_kwh_per_km, body.max_dc_kw, body.max_ac_kw, body.reserve_soc,
+                body.target_soc,
+            )
+        except ValueError as exc:
+            raise ApiError(422, str(exc), "bad_request") from None
+        now = self.now()
+        exclude: set[int] = set()
+        choices: list[m.ChoicePublic] = []
+        for rank in range(1, body.limit + 1):
+            c = self.policy(req, self.status.snapshot(exclude), now)
+            if c is None:
+                break
+            exclude.add(c.station_index)
+            choices.append(
+                m.ChoicePublic(
+                    rank=rank, station_id=c.station_id,
+                    company_id=self.world.table.company_ids[c.station_index], score=c.score,
+                    distance_km=c.distance_km, detour_km=c.detour_km, eta_min=c.eta_min,
+                    expected_wait_min=c.expected_wait_min,
+                )
+            )
+        return m.Recommendations(policy=self.policy_name, t_min=now, choices=choices)
+
+    # ------------------------------------------------------------------ bookings
+
+    def _stop_request(self, i: int, s: m.StopCreate, now: float) -> StopRequest:
+        company = self.world.company_of(s.station_id)
+        if company is None:
+            raise ApiError(422, f"stop {i}: unknown station {s.station_id!r}", "unknown_station")
+        if s.connector_id is not None:
+            c = self.world.connector_index.get(s.connector_id)
+            if c is None or c.station_id != s.station_id:
+                raise ApiError(
+                    422, f"stop {i}: connector {s.connector_id!r} is not at {s.station_id!r}",
+                    "unknown_connector",
+                )
+        if s.end_min <= now:
+            raise ApiError(422, f"stop {i}: window ends before now ({now:.1f})", "window_past")
+        if not self.status.is_online(s.station_id):
+            raise ApiError(409, f"stop {i}: station {s.station_id!r} is offline", "station_offline")
+        return StopRequest(company, s.station_id, s.start_min, s.end_min, s.grace_min,
+                           s.connector_id)
+
+    def book(self, vehicle_id: str, body: m.BookingCreate) -> tuple[int, m.TripPublic]:
+        """Book a trip; (201 BOOKED | 409 REJECTED/FAILED | 202 still pending, trip)."""
+        now = self.now()
+        stops = tuple(self._stop_request(i, s, now) for i, s in enumerate(body.stops))
+        trip_id = f"{vehicle_id}.{secrets.token_hex(8)}"
+        req = TripRequest(f"{self.host.api}:TRIP_REQUEST:{trip_id}", self.host.api, trip_id,
+                          vehicle_id, stops)
+        request_json = [s.model_dump() for s in body.stops]
+
+        def op(t: float) -> tuple[None, list]:
+            return None, self.host.coordinator.request_trip(req, t, vehicle_node=self.host.api)
+
+        def extra(conn: Any, _v: None, fx: Effects) -> None:
+            Storage.add_trip(conn, trip_id, vehicle_id, fx.now, request_json)
+
+        self.host.execute(op, extra=extra)
+        coord = self.host.coordinator
+        bound_min = coord.vote_timeout_min + coord.ack_timeout_min
+        bound_s = bound_min * 60.0 / self.settings.time_scale + 1.0
+        self.host.wait_result(trip_id, min(self.settings.booking_wait_s, bound_s))
+        trip = self.trip(trip_id)
+        code = {"BOOKED": 201, "REJECTED": 409, "FAILED": 409, "CANCELED": 409}.get(
+            trip.outcome, 202
+        )
+        return code, trip
+
+    def trip(self, trip_id: str) -> m.TripPublic:
+        row = self.storage.trip(trip_id)
+        with self.host.lock:
+            coord = self.host.coordinator
+            state = coord.trip_state(trip_id)
+            res = self.host.result(trip_id)
+            bids = list(coord.booking_ids(trip_id)) if state is not None else []
+        if row is None and state is None:
+            raise ApiError(404, f"unknown trip {trip_id!r}", "not_found")
+        vehicle = row["vehicle_id"] if row else owner_of(trip_id)
+        out = m.TripPublic(
+            trip_id=trip_id, vehicle_id=vehicle,
+            state=state.value if state is not None else "REJECTED",
+            outcome="PENDING", booking_ids=bids,
+        )
+        if res is not None:
+            out.outcome = res.outcome  # type: ignore[assignment]
+            out.reason = res.reason
+            out.failed_stop = res.failed_stop
+            out.bookings = [
+                m.BookedStopPublic(
+                    booking_id=b.booking_id, company_id=b.participant, station_id=b.station_id,
+                    connector_id=b.connector_id, start_min=b.start_min, end_min=b.end_min,
+                )
+                for b in res.bookings
+            ]
+            out.alternatives = [
+                m.AlternativePublic(connector_id=a.connector_id, start_min=a.start_min,
+                                    end_min=a.end_min)
+                for a in res.alternatives
+            ]
+        return out
+
+    @staticmethod
+    def _booking_public(v: BookingView) -> m.BookingPublic:
+        return m.BookingPublic(
+            booking_id=v.booking_id, trip_id=v.trip_id, state=v.state.value,
+            station_id=v.station_id, connector_id=v.connector_id, start_min=v.start_min,
+            end_min=v.end_min, grace_min=v.grace_min, charging=v.charging, reason=v.reason,
+        )
+
+    def _own_trip_id(self, vehicle_id: str, any_id: str) -> str | None:
+        """The trip id if ``any_id`` is (a stop of) a trip of this vehicle coordinated here."""
+        trip_id = any_id.split("/", 1)[0]
+        row = self.storage.trip(trip_id)
+        if row is None:
+            return None
+        if row["vehicle_id"] != vehicle_id:
+            raise ApiError(404, f"unknown booking {any_id!r}", "not_found")
+        if any_id != trip_id:
+            with self.host.lock:
+                if any_id not in self.host.coordinator.booking_ids(trip_id):
+                    raise ApiError(404, f"unknown booking {any_id!r}", "not_found")
+        return trip_id
+
+    def local_booking(self, vehicle_id: str, booking_id: str) -> BookingView:
+        with self.host.lock:
+            v = self.host.participant.booking(booking_id)
+        if v is None or owner_of(booking_id) != vehicle_id:
+            raise ApiError(404, f"unknown booking {booking_id!r}", "not_found")
+        return v
+
+    def get_booking(self, vehicle_id: str, any_id: str) -> m.TripPublic | m.BookingPublic:
+        if "/" in any_id:  # a stop: prefer the participant's own view of it
+            with self.host.lock:
+                held_here = self.host.participant.booking(any_id) is not None
+            if held_here:
+                return self._booking_public(self.local_booking(vehicle_id, any_id))
+        trip_id = self._own_trip_id(vehicle_id, any_id)
+        if trip_id is not None:
+            return self.trip(trip_id)
+        return self._booking_public(self.local_booking(vehicle_id, any_id))
+
+    def cancel(self, vehicle_id: str, any_id: str) -> m.TripPublic:
+        trip_id = self._own_trip_id(vehicle_id, any_id)
+        if trip_id is None:
+            v = self.local_booking(vehicle_id, any_id)  # 404 unless it is the caller's
+            raise ApiError(
+                409,
+                f"booking {any_id!r} belongs to trip {v.trip_id!r} coordinated by another "
+                "company; cancel it there" if v.trip_id else
+                f"booking {any_id!r} is a walk-in session's; stop the session instead",
+                "not_coordinated_here",
+            )
+        with self.host.lock:
+            state = self.host.coordinator.trip_state(trip_id)
+        if state is not None and state.value in ("PREPARING", "COMMITTING"):
+            raise ApiError(409, f"trip {trip_id!r} is still being booked ({state.value})",
+                           "trip_pending")
+        if state is not None and state.value in ("ABORTING", "ABORTED", "COMPENSATING", "FAILED"):
+            raise ApiError(409, f"trip {trip_id!r} was not booked ({state.value})", "not_booked")
+        self.host.execute(lambda t: (None, self.host.coordinator.cancel_trip(trip_id, t)))
+        return self.trip(trip_id)
+
+    # ------------------------------------------------------------------ protocol effects
+
+    def _after_protocol(self, fx: Effects) -> None:
+        rows: list[dict[str, Any]] = []
+        for res in fx.results:
+            self._on_result(res, fx.now, rows)
+        for rec in fx.booking_events(BookingEvent.NO_SHOW_EXPIRE):
+            vid = owner_of(rec.booking_id)
+            with self.host.lock:
+                v = self.host.participant.booking(rec.booking_id)
+            self.notify(vid, "booking_expired", booking_id=rec.booking_id, t_min=rec.t_min)
+            rows.append({
+                "t_min": rec.t_min, "kind": "booking", "vehicle_id": vid,
+                "booking_id": rec.booking_id, "company_id": self.company, "status": "NO_SHOW",
+                "station_id": v.station_id if v else None,
+                "connector_id": v.connector_id if v else None,
+            })
+        if rows:
+            self.trace(rows)
+
+    def _on_result(self, res: TripResult, now: float, rows: list[dict[str, Any]]) -> None:
+        row = self.storage.trip(res.trip_id)
+        vid = row["vehicle_id"] if row else owner_of(res.trip_id)
+        self.notify(
+            vid, TRIP_EVENTS.get(res.outcome, "booking_update"), trip_id=res.trip_id,
+            outcome=res.outcome, reason=res.reason, t_min=now,
+            bookings=[
+                {"booking_id": b.booking_id, "company_id": b.participant,
+                 "station_id": b.station_id, "connector_id": b.connector_id,
+                 "start_min": b.start_min, "end_min": b.end_min}
+                for b in res.bookings
+            ],
+        )
+        rows.append({
+            "t_min": now, "kind": "trip_booking", "vehicle_id": vid, "booking_id": res.trip_id,
+            "company_id": self.company, "status": res.outcome, "detail": res.reason or None,
+        })
+        status = {"BOOKED": "RESERVED"}.get(res.outcome, res.outcome)
+        for b in res.bookings:
+            rows.append({
+                "t_min": now, "kind": "booking", "vehicle_id": vid, "booking_id": b.booking_id,
+                "station_id": b.station_id, "company_id": b.participant,
+                "connector_id": b.connector_id, "status": status,
+            })

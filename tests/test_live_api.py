@@ -1,0 +1,494 @@
+"""Company server REST API: two company apps on one InMemoryBus, fake scenario clock.
+
+Cross-company trips run the real protocol end to end in-process (acme coordinates, zap
+participates over the bus).  Scenario: data/tiny.toml (acme: acme_alpha, acme_charlie; zap:
+zap_bravo, zap_delta).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("sqlalchemy")
+
+from fastapi.testclient import TestClient
+
+from evsim.battery import ChargeCurve, session_power_kw
+from evsim.protocol import BookingState, Vote, encode
+from evsim.scenario import DATA_DIR, load_scenario
+from evsim.tariff import price_session
+from live import topics
+from live.bus import BadPayload, InMemoryBus, decode_json, encode_json, topic_matches
+from live.server import create_app
+from live.settings import Settings
+
+TINY = DATA_DIR / "tiny.toml"
+SCEN = load_scenario(TINY)
+
+
+class Clock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Net:
+    """Two company servers sharing one bus and one clock."""
+
+    def __init__(self, tmp: Path, *, wait_s: float = 2.0) -> None:
+        self.bus = InMemoryBus()
+        self.clock = Clock()
+        self.tmp = tmp
+        self.wait_s = wait_s
+        self.apps = {c: self.make(c) for c in ("acme", "zap")}
+        self.c = {k: TestClient(a) for k, a in self.apps.items()}
+
+    def settings(self, company: str) -> Settings:
+        return Settings(company=company, scenario=TINY, booking_wait_s=self.wait_s,
+                        db_url=f"sqlite:///{self.tmp / f'{company}.db'}")
+
+    def make(self, company: str, bus: InMemoryBus | None = None):
+        return create_app(self.settings(company), bus or self.bus, self.clock)
+
+    def svc(self, company: str):
+        return self.apps[company].state.service
+
+    def register(self, company: str = "acme") -> tuple[str, dict[str, str]]:
+        r = self.c[company].post("/vehicles", json={})
+        assert r.status_code == 201, r.text
+        return r.json()["vehicle_id"], {"Authorization": f"Bearer {r.json()['token']}"}
+
+    def roam(self, company: str, vid: str) -> dict[str, str]:
+        r = self.c[company].post("/vehicles", json={"vehicle_id": vid})
+        assert r.status_code == 201, r.text
+        assert r.json()["home_company"] == "acme"
+        return {"Authorization": f"Bearer {r.json()['token']}"}
+
+    def notes(self, vid: str) -> list[dict]:
+        return [json.loads(p) for _, p in self.bus.messages(topics.vehicle_notify_topic(vid))]
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Net:
+    return Net(tmp_path)
+
+
+TRIP = {"stops": [
+    {"station_id": "acme_alpha", "start_min": 110, "end_min": 140},
+    {"station_id": "zap_bravo", "start_min": 200, "end_min": 230},
+]}
+
+
+def book_trip(net: Net, h: dict[str, str], body: dict = TRIP) -> dict:
+    r = net.c["acme"].post("/bookings", json=body, headers=h)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def expected_price(station: str, connector_kw: float, ctype: str, start: float, end: float,
+                   soc: float, target: float, battery: float, max_dc: float = 150.0,
+                   max_ac: float = 11.0) -> tuple[float, float]:
+    cfg = next(s for s in SCEN.stations if s.id == station)
+    ch = SCEN.charging
+    power = session_power_kw(connector_kw, ctype, max_dc, max_ac)
+    curve = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency)
+    cm = min(end - start, curve.minutes_to(soc, target))
+    p = price_session(SCEN.tariff_for(cfg), start, cm,
+                      lambda e: curve.energy_kwh(soc, curve.soc_after(soc, e)), power,
+                      end - start - cm)
+    return p.total, curve.energy_kwh(soc, curve.soc_after(soc, cm))
+
+
+# ------------------------------------------------------------------ contracts
+
+
+def test_bus_and_topics_contracts() -> None:
+    bus = InMemoryBus()
+    got: list[str] = []
+    bus.publish(topics.status_topic("acme", "s1"), b'{"online":true}', retain=True)
+    bus.subscribe(topics.ALL_STATUS, lambda t, p: got.append(t))  # retained replay
+    bus.subscribe("evsim/#", lambda t, p: 1 / 0)  # a raising handler is logged, not fatal
+    bus.publish(topics.status_topic("zap", "s2"), b"{}")
+    bus.publish(topics.meter_topic("zap", "s2"), b"{}")
+    assert got == ["evsim/acme/stations/s1/status", "evsim/zap/stations/s2/status"]
+    assert topic_matches("evsim/#", "evsim") and not topic_matches("evsim/+", "evsim/a/b")
+    with pytest.raises(ValueError):
+        bus.subscribe("evsim/#/x", lambda t, p: None)
+    with pytest.raises(ValueError):
+        topics.status_topic("a/b", "s")
+    info = topics.parse(topics.cmd_topic("acme", "acme_alpha"))
+    assert (info.kind, info.company, info.station_id) == ("cmd", "acme", "acme_alpha")
+    assert topics.parse(topics.protocol_topic("acme.coord")).node_id == "acme.coord"
+    assert topics.parse(topics.vehicle_notify_topic("v1")).vehicle_id == "v1"
+    assert topics.parse("evsim/acme/stations/x/bogus") is None
+    assert decode_json(encode_json({"a": 1})) == {"a": 1}
+    for bad, why in [(b"\xff", "UTF-8"), (b"{", "JSON"), (b"[1]", "object"),
+                     (b" " * 70_000, "too large")]:
+        with pytest.raises(BadPayload, match=why):
+            decode_json(bad)
+
+
+def test_settings_from_env() -> None:
+    s = Settings.from_env({"EVSIM_COMPANY": "zap", "EVSIM_TIME_SCALE": "30",
+                           "EVSIM_EPOCH": "1000", "EVSIM_START_MIN": "60"})
+    assert s.database_url == "sqlite:///./evsim-zap.db"
+    assert s.sim_minutes(120) == 60 + 120 * 30 / 60
+    with pytest.raises(ValueError):
+        Settings.from_env({"EVSIM_TIME_SCALE": "-1"})
+
+
+# ------------------------------------------------------------------ happy path
+
+
+def test_health_docs_and_stations(net: Net) -> None:
+    c = net.c["acme"]
+    h = c.get("/health").json()
+    assert h["status"] == "ok" and h["company"] == "acme" and h["journal_mode"] == "wal"
+    assert c.get("/docs").status_code == 200
+    assert "/bookings" in c.get("/openapi.json").json()["paths"]
+    own = c.get("/stations").json()
+    assert [s["station_id"] for s in own] == ["acme_alpha", "acme_charlie"]
+    assert [x["connector_id"] for x in own[0]["connectors"]] == [
+        "acme_alpha/1", "acme_alpha/2", "acme_alpha/3"]
+    assert len(c.get("/network/stations").json()) == 4
+    t = c.get("/tariffs").json()
+    assert t[0]["currency"] == "BRL" and t[0]["elements"][0]["energy_per_kwh"] == 2.0
+
+
+def test_two_company_trip_sessions_and_prices(net: Net) -> None:
+    vid, h = net.register()
+    r = net.c["acme"].post("/recommendations", headers=h, json={
+        "city": "alpha", "destination": "delta", "soc": 0.5, "battery_kwh": 60,
+        "consumption_kwh_per_km": 0.18})
+    assert r.status_code == 200 and r.json()["choices"]
+    trip = book_trip(net, h)
+    assert trip["outcome"] == "BOOKED" and trip["state"] == "BOOKED"
+    b0, b1 = trip["bookings"]
+    assert (b0["company_id"], b1["company_id"]) == ("acme", "zap")
+    assert net.notes(vid)[-1]["event"] == "booking_confirmed"
+    zb = net.svc("zap").host.participant.booking(b1["booking_id"])
+    assert zb.state is BookingState.RESERVED
+    # GET by trip id and by booking id (held here) work
+    by_trip = net.c["acme"].get(f"/bookings/{trip['trip_id']}", headers=h).json()
+    assert by_trip["outcome"] == "BOOKED"
+    by_stop = net.c["acme"].get(f"/bookings/{b0['booking_id']}", headers=h).json()
+    assert by_stop["state"] == "RESERVED"
+
+    # stop 1 at acme: 60 minutes plugged, charging ends at the target, then parking
+    net.clock.t = 110.0
+    r = net.c["acme"].post("/sessions", headers=h, json={
+        "booking_id": b0["booking_id"], "station_id": "acme_alpha", "soc": 0.2,
+        "battery_kwh": 60, "target_soc": 0.8})
+    assert r.status_code == 201, r.text
+    s1 = r.json()
+    cmds = [json.loads(p) for _, p in net.bus.messages(topics.cmd_topic("acme", "acme_alpha"))]
+    assert cmds[-1]["cmd"] == "start" and cmds[-1]["session_id"] == s1["session_id"]
+    st = net.c["acme"].get("/stations").json()[0]["connectors"][0]
+    assert st["status"] == "CHARGING"
+    net.clock.t = 170.0
+    r = net.c["acme"].post(f"/sessions/{s1['session_id']}/stop", headers=h)
+    assert r.status_code == 200, r.text
+    cdr = r.json()
+    total, kwh = expected_price("acme_alpha", 50.0, "DC", 110, 170, 0.2, 0.8, 60)
+    assert cdr["status"] == "COMPLETED" and cdr["energy_source"] == "model"
+    assert cdr["energy_kwh"] == pytest.approx(kwh)
+    assert cdr["price"]["total"] == pytest.approx(total)
+    assert cdr["price"]["parking"] > 0 and cdr["price"]["flat"] == 2.0
+    assert cdr["price"]["total"] == pytest.approx(sum(
+        cdr["price"][k] for k in ("energy", "time", "parking", "flat")))
+    # stopping again is idempotent
+    again = net.c["acme"].post(f"/sessions/{s1['session_id']}/stop", headers=h).json()
+    assert again == cdr
+
+    # stop 2 at zap (roaming registration); the station reports metered energy
+    hz = net.roam("zap", vid)
+    net.clock.t = 205.0
+    r = net.c["zap"].post("/sessions", headers=hz, json={
+        "booking_id": b1["booking_id"], "station_id": "zap_bravo", "soc": 0.3,
+        "battery_kwh": 60, "target_soc": 0.9})
+    assert r.status_code == 201, r.text
+    s2 = r.json()
+    assert s2["power_kw"] == 150.0
+    net.clock.t = 220.0
+    ev = topics.events_topic("zap", "zap_bravo")
+    net.bus.publish(topics.meter_topic("zap", "zap_bravo"), encode_json({
+        "session_id": s2["session_id"], "connector_id": "zap_bravo/1", "energy_kwh": 20.0,
+        "power_kw": 150.0, "soc": 0.6, "t_min": 215.0}))
+    net.bus.publish(ev, encode_json({"event": "session_finished", "session_id": s2["session_id"],
+                                     "connector_id": "zap_bravo/1", "energy_kwh": 30.0,
+                                     "soc": 0.75, "t_min": 218.0}))
+    hist = net.c["zap"].get(f"/vehicles/{vid}/sessions", headers=hz).json()
+    (z,) = hist
+    assert z["status"] == "COMPLETED" and z["energy_source"] == "meter"
+    assert z["energy_kwh"] == 30.0 and z["end_t_min"] == 218.0
+    # zap: 1.8/kWh outside 08:00-10:00 plus 6/h while charging, no flat, no parking
+    ch = SCEN.charging
+    curve = ChargeCurve(60, 150.0, ch.taper_soc, ch.efficiency)
+    cm = min(13.0, curve.minutes_to(0.3, 0.9))
+    assert z["price"]["energy"] == pytest.approx(30.0 * 1.8)
+    assert z["price"]["time"] == pytest.approx(cm / 60 * 6.0)
+    assert z["price"]["currency"] == "BRL"
+    hist_a = net.c["acme"].get(f"/vehicles/{vid}/sessions", headers=h).json()
+    assert [x["session_id"] for x in hist_a] == [s1["session_id"]]
+    events = [n["event"] for n in net.notes(vid)]
+    assert events.count("charging_started") == 2 and events.count("charging_finished") == 2
+    kinds = {r["kind"] for r in net.c["acme"].get("/trace").json()["rows"]}
+    assert {"server_status", "trip_booking", "booking", "arrive", "session_start",
+            "session_end"} <= kinds
+
+
+def test_cancel_trip_releases_both_stops(net: Net) -> None:
+    _, h = net.register()
+    trip = book_trip(net, h)
+    r = net.c["acme"].delete(f"/bookings/{trip['trip_id']}", headers=h)
+    assert r.status_code == 200 and r.json()["outcome"] == "CANCELED"
+    assert r.json()["state"] == "CANCELED"
+    for company, b in zip(("acme", "zap"), trip["bookings"], strict=True):
+        assert net.svc(company).host.participant.booking(b["booking_id"]).state is \
+            BookingState.CANCELED
+    # the window is free again
+    _, h2 = net.register()
+    assert book_trip(net, h2)["outcome"] == "BOOKED"
+
+
+def test_conflict_is_rejected_with_alternatives(net: Net) -> None:
+    _, h = net.register()
+    body = {"stops": [{"station_id": "zap_delta", "start_min": 300, "end_min": 330,
+                       "connector_id": "zap_delta/1"}]}
+    book_trip(net, h, body)
+    r = net.c["acme"].post("/bookings", json=body, headers=h)
+    assert r.status_code == 409
+    j = r.json()
+    assert (j["outcome"], j["reason"], j["failed_stop"]) == ("REJECTED", "conflict", 0)
+    assert {"connector_id": "zap_delta/2", "start_min": 300.0, "end_min": 330.0} in \
+        j["alternatives"]
+
+
+def test_walk_in_session_and_no_free_connector(net: Net) -> None:
+    _, h = net.register()
+    body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}
+    ids = []
+    for _ in range(2):
+        r = net.c["acme"].post("/sessions", headers=h, json=body)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["connector_id"])
+    assert ids == ["acme_charlie/1", "acme_charlie/2"]
+    r = net.c["acme"].post("/sessions", headers=h, json=body)
+    assert r.status_code == 409 and r.json()["reason"] == "no_connector"
+
+
+def test_no_show_expires_and_notifies(net: Net) -> None:
+    vid, h = net.register()
+    trip = book_trip(net, h, {"stops": [{"station_id": "acme_alpha", "start_min": 110,
+                                         "end_min": 140}]})
+    net.clock.t = 125.0
+    net.svc("acme").host.tick()
+    bid = trip["bookings"][0]["booking_id"]
+    assert net.c["acme"].get(f"/bookings/{bid}", headers=h).json()["state"] == "NO_SHOW"
+    assert net.notes(vid)[-1]["event"] == "booking_expired"
+
+
+# ------------------------------------------------------------------ access control & 4xx
+
+
+def test_other_vehicle_cannot_read_or_cancel(net: Net) -> None:
+    vid, h = net.register()
+    _, h2 = net.register()
+    trip = book_trip(net, h)
+    net.clock.t = 110.0
+    s = net.c["acme"].post("/sessions", headers=h, json={
+        "booking_id": trip["bookings"][0]["booking_id"], "station_id": "acme_alpha",
+        "soc": 0.2, "battery_kwh": 60}).json()
+    c = net.c["acme"]
+    assert c.get(f"/bookings/{trip['trip_id']}", headers=h2).status_code == 404
+    assert c.get(f"/bookings/{trip['bookings'][0]['booking_id']}", headers=h2).status_code == 404
+    assert c.delete(f"/bookings/{trip['trip_id']}", headers=h2).status_code == 404
+    assert c.get(f"/vehicles/{vid}/sessions", headers=h2).status_code == 403
+    assert c.get(f"/sessions/{s['session_id']}", headers=h2).status_code == 404
+    assert c.post(f"/sessions/{s['session_id']}/stop", headers=h2).status_code == 404
+    r = c.post("/sessions", headers=h2, json={
+        "booking_id": trip["bookings"][1]["booking_id"], "station_id": "acme_alpha",
+        "soc": 0.2, "battery_kwh": 60})
+    assert r.status_code == 404
+    assert c.get(f"/bookings/{trip['trip_id']}", headers=h).json()["outcome"] == "BOOKED"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "code"),
+    [
+        ("post", "/bookings", "{not json", 422),
+        ("post", "/bookings", {"stops": []}, 422),
+        ("post", "/bookings", {"stops": [{"station_id": "nope", "start_min": 110,
+                                          "end_min": 120}]}, 422),
+        ("post", "/bookings", {"stops": [{"station_id": "acme_alpha", "start_min": 130,
+                                          "end_min": 120}]}, 422),
+        ("post", "/bookings", {"stops": [{"station_id": "acme_alpha", "start_min": -5,
+                                          "end_min": 120}]}, 422),
+        ("post", "/bookings", {"stops": [{"station_id": "acme_alpha", "start_min": 10,
+                                          "end_min": 20}]}, 422),
+        ("post", "/bookings", {"stops": [{"station_id": "acme_alpha", "start_min": 110,
+                                          "end_min": 120, "connector_id": "zap_bravo/1"}]}, 422),
+        ("post", "/bookings", {"stops": [{"station_id": "acme_alpha", "start_min": 110,
+                                          "end_min": 120, "extra": 1}]}, 422),
+        ("get", "/bookings/acme-x.123", None, 404),
+        ("delete", "/bookings/acme-x.123/0", None, 404),
+        ("get", "/sessions/nope", None, 404),
+        ("post", "/sessions/nope/stop", None, 404),
+        ("post", "/sessions", {"station_id": "acme_alpha", "soc": 1.5, "battery_kwh": 60}, 422),
+        ("post", "/sessions", {"station_id": "acme_alpha", "soc": 0.2, "battery_kwh": -1}, 422),
+        ("post", "/sessions", {"station_id": "acme_alpha", "soc": 0.9, "battery_kwh": 60,
+                               "target_soc": 0.5}, 422),
+        ("post", "/sessions", {"station_id": "zap_bravo", "soc": 0.2, "battery_kwh": 60}, 422),
+        ("post", "/sessions", {"station_id": "nope", "soc": 0.2, "battery_kwh": 60}, 404),
+        ("post", "/sessions", {"station_id": "acme_alpha", "soc": 0.2, "battery_kwh": 60,
+                               "booking_id": "acme-x.1/0"}, 404),
+        ("post", "/sessions", {"station_id": "acme_alpha", "soc": 0.2, "battery_kwh": 60,
+                               "connector_id": "acme_charlie/1"}, 422),
+        ("post", "/recommendations", {"soc": 0.5, "battery_kwh": 60,
+                                      "consumption_kwh_per_km": 0.2}, 422),
+        ("post", "/recommendations", {"city": "atlantis", "soc": 0.5, "battery_kwh": 60,
+                                      "consumption_kwh_per_km": 0.2}, 422),
+        ("post", "/recommendations", {"lat": 91, "lon": 0, "soc": 0.5, "battery_kwh": 60,
+                                      "consumption_kwh_per_km": 0.2}, 422),
+    ],
+)
+def test_bad_requests_are_4xx_with_reason(net: Net, method: str, path: str, body: object,
+                                          code: int) -> None:
+    _, h = net.register()
+    kw: dict = {"headers": h}
+    if isinstance(body, str):
+        kw["content"] = body
+        kw["headers"] = h | {"Content-Type": "application/json"}
+    elif body is not None:
+        kw["json"] = body
+    r = getattr(net.c["acme"], method)(path, **kw)
+    assert r.status_code == code, r.text
+    assert r.json()["detail"]
+
+
+def test_sessions_stop_body_validated(net: Net) -> None:
+    _, h = net.register()
+    s = net.c["acme"].post("/sessions", headers=h, json={
+        "station_id": "acme_alpha", "soc": 0.2, "battery_kwh": 60}).json()
+    r = net.c["acme"].post(f"/sessions/{s['session_id']}/stop", headers=h,
+                           json={"energy_kwh": -3})
+    assert r.status_code == 422
+    r = net.c["acme"].post(f"/sessions/{s['session_id']}/stop", headers=h,
+                           json={"energy_kwh": 3.5})
+    assert r.status_code == 200 and r.json()["energy_kwh"] == 3.5
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer nope", "Basic abc", "Bearer "])
+def test_missing_or_bad_token_is_401(net: Net, auth: str | None) -> None:
+    headers = {} if auth is None else {"Authorization": auth}
+    for method, path, body in [("post", "/bookings", TRIP), ("get", "/bookings/x", None),
+                               ("post", "/sessions", {}), ("get", "/vehicles/x/sessions", None),
+                               ("post", "/recommendations", {})]:
+        kw = {"headers": headers} | ({"json": body} if body is not None else {})
+        r = getattr(net.c["acme"], method)(path, **kw)
+        assert r.status_code == 401, (path, r.text)
+
+
+def test_vehicle_registration_conflicts(net: Net) -> None:
+    vid, _ = net.register()
+    assert net.c["acme"].post("/vehicles", json={"vehicle_id": vid}).status_code == 409
+    r = net.c["acme"].post("/vehicles", json={"home_company": "zap"})
+    assert r.status_code == 422 and r.json()["reason"] == "bad_home"
+
+
+# ------------------------------------------------------------------ idempotency
+
+
+def test_idempotency_key_replays_and_detects_reuse(net: Net) -> None:
+    _, h = net.register()
+    hk = h | {"Idempotency-Key": "k1"}
+    r1 = net.c["acme"].post("/bookings", json=TRIP, headers=hk)
+    r2 = net.c["acme"].post("/bookings", json=TRIP, headers=hk)
+    assert r1.status_code == r2.status_code == 201
+    assert r1.json() == r2.json() and r2.headers["Idempotent-Replayed"] == "true"
+    assert len(net.svc("acme").host.coordinator.trip_ids()) == 1
+    other = {"stops": TRIP["stops"][:1]}
+    r3 = net.c["acme"].post("/bookings", json=other, headers=hk)
+    assert r3.status_code == 422 and r3.json()["reason"] == "idempotency_key_reused"
+    # keys are per vehicle: another vehicle's k1 is a fresh request
+    _, h2 = net.register()
+    r4 = net.c["acme"].post("/bookings", json=other, headers=h2 | {"Idempotency-Key": "k1"})
+    assert r4.status_code == 201 and r4.json()["trip_id"] != r1.json()["trip_id"]
+    a = net.c["acme"].post("/vehicles", json={}, headers={"Idempotency-Key": "reg"}).json()
+    b = net.c["acme"].post("/vehicles", json={}, headers={"Idempotency-Key": "reg"}).json()
+    assert a == b
+
+
+# ------------------------------------------------------------------ bus input robustness
+
+
+def test_garbage_protocol_payloads_are_ignored(net: Net) -> None:
+    _, h = net.register()
+    book_trip(net, h)
+    acme = net.svc("acme").host
+    before = (acme.participant.durable_state(), acme.coordinator.durable_state())
+    vote = Vote("zap:VOTE:x/0:yes", "zap", "x", "x/0", True, "", "zap_bravo/1", 1.0)
+    for payload in [b"garbage", b"\xff\xfe", b"[1,2]", b'{"type":"VOTE"}',
+                    b'{"type":"NOPE","msg_id":"a","src":"b"}', b"{" * 100_000,
+                    encode(vote).encode()]:
+        net.bus.publish(topics.protocol_topic("acme.coord"), payload)
+        net.bus.publish(topics.protocol_topic("acme"), payload)
+    net.bus.publish(topics.status_topic("zap", "zap_bravo"), b"not json")
+    net.bus.publish(topics.status_topic("acme", "zap_bravo"), b'{"online": false}')
+    net.bus.publish(topics.events_topic("acme", "acme_alpha"), b'{"event":"session_finished"}')
+    after = (acme.participant.durable_state(), acme.coordinator.durable_state())
+    assert before == after
+    assert acme.dropped == 12
+    assert net.c["acme"].get("/health").json()["dropped_messages"] == 12
+    assert net.svc("acme").status.is_online("zap_bravo")
+
+
+def test_offline_station_is_not_recommended_nor_booked(net: Net) -> None:
+    _, h = net.register()
+    req = {"city": "bravo", "destination": "bravo", "soc": 0.5, "battery_kwh": 60,
+           "consumption_kwh_per_km": 0.18, "limit": 4}
+    first = net.c["acme"].post("/recommendations", json=req, headers=h).json()["choices"]
+    assert first[0]["station_id"] == "zap_bravo"
+    net.bus.publish(topics.status_topic("zap", "zap_bravo"),
+                    encode_json({"station_id": "zap_bravo", "company_id": "zap",
+                                 "online": False}), retain=True)
+    got = net.c["acme"].post("/recommendations", json=req, headers=h).json()["choices"]
+    assert "zap_bravo" not in [c["station_id"] for c in got]
+    net_st = {s["station_id"]: s for s in net.c["acme"].get("/network/stations").json()}
+    assert net_st["zap_bravo"]["online"] is False and net_st["zap_bravo"]["reported"]
+    r = net.c["acme"].post("/bookings", json=TRIP, headers=h)
+    assert r.status_code == 409 and r.json()["reason"] == "station_offline"
+    # a server started later sees the retained offline status too
+    late = net.make("acme", net.bus)
+    assert not late.state.service.status.is_online("zap_bravo")
+    net.bus.publish(topics.status_topic("zap", "zap_bravo"), encode_json({
+        "station_id": "zap_bravo", "company_id": "zap", "online": True, "t_min": 101.0,
+        "busy": 1, "queued": 0, "connectors": [
+            {"connector_id": "zap_bravo/1", "power_kw": 150, "type": "DC",
+             "status": "CHARGING"}]}), retain=True)
+    st = {s["station_id"]: s for s in net.c["acme"].get("/network/stations").json()}
+    assert st["zap_bravo"]["online"] and st["zap_bravo"]["busy"] == 1
+    assert st["zap_bravo"]["connectors"][0]["status"] == "CHARGING"
+
+
+def test_trip_waits_for_remote_votes_then_polls(tmp_path: Path) -> None:
+    """zap is not on acme's bus yet: 202 with the trip id, BOOKED once it joins."""
+    net = Net(tmp_path, wait_s=0.0)
+    lonely = InMemoryBus()
+    acme = net.make("acme", lonely)
+    ca = TestClient(acme)
+    r = ca.post("/vehicles", json={})
+    h = {"Authorization": f"Bearer {r.json()['token']}"}
+    r = ca.post("/bookings", json=TRIP, headers=h)
+    assert r.status_code == 202 and r.json()["outcome"] == "PENDING"
+    trip_id = r.json()["trip_id"]
+    net.make("zap", lonely)  # zap joins; the coordinator's retry re-sends PREPARE
+    net.clock.t = 101.0
+    acme.state.service.host.tick()
+    assert ca.get(f"/bookings/{trip_id}", headers=h).json()["outcome"] == "BOOKED"
