@@ -1,0 +1,379 @@
+"""Start a whole live network on one machine, run a scenario through it, collect the trace.
+
+Topology (the same as ``docker-compose.yml``, one OS process per container):
+
+* a Mosquitto broker (:class:`live.broker.MosquittoBroker`), unless ``broker_url`` is given;
+* per company: a server (``python -m live server``: uvicorn + :func:`live.server.create_app`)
+  on a free loopback port with its own SQLite database ``db/{company}.db`` in the run dir,
+  and a station agent (``python -m live station-agent``) for its stations;
+* one vehicle agent (``python -m live vehicle-agent``) driving the scenario's trips.
+
+Every process gets the same ``EVSIM_EPOCH`` (Unix time of ``start_min``) and time scale, so
+they share one scenario clock. Each runs in its own process group with its output in
+``logs/{name}.log``; :meth:`LiveNetwork.stop` sends SIGTERM to every group, then SIGKILL to
+what is left after a grace period, so nothing outlives the run (also on Ctrl-C or an error).
+
+After the run :func:`collect_trace` merges the trace rows of every company database and the
+vehicle agent's JSON-lines part into ``trace.parquet`` (evsim.trace schema, run info
+``source: "live"``), adding the ``connector_status`` rows at t=0 the simulation also writes;
+``metrics.json`` and the PNG plots come from :mod:`evsim.metrics` / :mod:`evsim.plots`, so a
+live run is read exactly like a simulated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from evsim.scenario import Scenario, load_scenario
+from live.broker import MosquittoBroker, free_port
+
+__all__ = ["LiveNetwork", "Proc", "collect_trace", "run_scenario"]
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class LiveNetwork:
+    """Processes of one live run. Use as a context manager so everything is stopped."""
+
+    scenario_path: Path
+    out: Path
+    time_scale: float = 120.0
+    broker_url: str | None = None
+    policy: str | None = None
+    start_min: float = 0.0
+    mqtt_user: str | None = None
+    mqtt_password: str | None = None
+    python: str = sys.executable
+    epoch: float = 0.0
+    broker: MosquittoBroker | None = None
+    procs: list[Proc] = field(default_factory=list)
+    servers: dict[str, str] = field(default_factory=dict)  # company -> base URL
+
+    def __post_init__(self) -> None:
+        self.scenario_path = Path(self.scenario_path).resolve()
+        self.scenario: Scenario = load_scenario(self.scenario_path)
+        self.out = Path(self.out).resolve()
+        for d in ("db", "logs", "parts"):
+            (self.out / d).mkdir(parents=True, exist_ok=True)
+
+    # -- environment ---------------------------------------------------------------------
+
+    @property
+    def mqtt_url(self) -> str:
+        assert self.broker_url is not None
+        return self.broker_url
+
+    def env(self, **extra: str) -> dict[str, str]:
+        e = dict(os.environ)
+        e.update({
+            "EVSIM_SCENARIO": str(self.scenario_path),
+            "EVSIM_MQTT_URL": self.mqtt_url,
+            "EVSIM_TIME_SCALE": repr(self.time_scale),
+            "EVSIM_START_MIN": repr(self.start_min),
+            "EVSIM_EPOCH": repr(self.epoch),
+            "EVSIM_TRACE_DIR": str(self.out / "parts"),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), *[p for p in [e.get("PYTHONPATH")] if p]]
+            ),
+            "PYTHONUNBUFFERED": "1",
+            # protocol timers: about half a scenario minute, within [20 ms, 200 ms] wall
+            "EVSIM_TICK_S": repr(min(max(30.0 / self.time_scale, 0.02), 0.2)),
+        })
+        if self.policy:
+            e["EVSIM_POLICY"] = self.policy
+        if self.mqtt_user:
+            e["EVSIM_MQTT_USER"] = self.mqtt_user
+        if self.mqtt_password:
+            e["EVSIM_MQTT_PASSWORD"] = self.mqtt_password
+        e.update(extra)
+        return e
+
+    def spawn(self, name: str, args: list[str], **env: str) -> Proc:
+        log_path = self.out / "logs" / f"{name}.log"
+        fh = log_path.open("ab")
+        try:
+            p = subprocess.Popen(
+                [self.python, "-m", "live", *args], env=self.env(**env), cwd=str(self.out),
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # own process group: stop() signals the whole group
+            )
+        finally:
+            fh.close()
+        proc = Proc(name, p, log_path)
+        self.procs.append(proc)
+        return proc
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, ready_timeout: float = 60.0) -> LiveNetwork:
+        """Broker, then servers and station agents; returns once every server is healthy."""
+        if self.broker_url is None:
+            self.broker = MosquittoBroker(workdir=self.out / "broker").start()
+            self.broker_url = self.broker.url
+        if not self.epoch:
+            self.epoch = time.time()
+        for c in self.scenario.companies:
+            port = free_port()
+            self.servers[c.id] = f"http://127.0.0.1:{port}"
+            self.spawn(f"server-{c.id}", ["server", "--host", "127.0.0.1", "--port", str(port)],
+                       EVSIM_COMPANY=c.id,
+                       EVSIM_DB_URL=f"sqlite:///{self.out / 'db' / f'{c.id}.db'}")
+        for c in self.scenario.companies:
+            if any(s.company == c.id for s in self.scenario.stations):
+                self.spawn(f"stations-{c.id}", ["station-agent"], EVSIM_COMPANY=c.id)
+        self.wait_healthy(ready_timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = dict(self.servers)
+        while pending:
+            for proc in self.procs:
+                if not proc.alive:
+                    raise RuntimeError(f"{proc.name} exited early:\n{tail(proc.log_path)}")
+            for company, url in list(pending.items()):
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                        del pending[company]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"servers not healthy after {timeout}s: {sorted(pending)}")
+            if pending:
+                time.sleep(0.1)
+
+    def start_vehicles(self, booking: str = "stop", until_min: float | None = None,
+                       max_trips: int | None = None) -> Proc:
+        args = ["vehicle-agent", "--booking", booking,
+                "--trace", str(self.out / "parts" / "vehicles.jsonl")]
+        for company, url in self.servers.items():
+            args += ["--server", f"{company}={url}"]
+        if until_min is not None:
+            args += ["--until-min", repr(until_min)]
+        if max_trips is not None:
+            args += ["--max-trips", str(max_trips)]
+        return self.spawn("vehicles", args)
+
+    def now(self) -> float:
+        return self.start_min + (time.time() - self.epoch) * self.time_scale / 60.0
+
+    def restart(self, name: str) -> Proc:
+        """Kill one process (SIGKILL, a crash) and start it again with the same arguments."""
+        old = next(p for p in self.procs if p.name == name)
+        _signal_group(old.popen, signal.SIGKILL)
+        old.popen.wait(10)
+        self.procs.remove(old)
+        args = list(old.popen.args)[3:]  # type: ignore[arg-type]  # after "python -m live"
+        company = name.split("-", 1)[1]
+        extra = {"EVSIM_COMPANY": company}
+        if name.startswith("server-"):
+            extra["EVSIM_DB_URL"] = f"sqlite:///{self.out / 'db' / f'{company}.db'}"
+        return self.spawn(name, args, **extra)
+
+    def stop(self, grace_s: float = 5.0) -> dict[str, int | None]:
+        """SIGTERM every process group, SIGKILL after ``grace_s``; then the broker."""
+        for p in self.procs:
+            if p.alive:
+                _signal_group(p.popen, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(max(deadline - time.monotonic(), 0.05))
+        codes: dict[str, int | None] = {}
+        for p in self.procs:
+            _signal_group(p.popen, signal.SIGKILL)  # stragglers and any children they left
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(5)
+            codes[p.name] = p.popen.returncode
+        if self.broker is not None:
+            self.broker.stop()
+        return codes
+
+    def __enter__(self) -> LiveNetwork:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, sig)
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace")[-n:]
+    return ""
+
+
+# -- trace ----------------------------------------------------------------------------------
+
+
+def _db_rows(db: Path) -> list[dict[str, Any]]:
+    from live.storage import Storage
+
+    st = Storage(f"sqlite:///{db}")
+    try:
+        out, seq = [], 0
+        while True:
+            page = st.trace_rows(after_seq=seq, limit=10_000)
+            if not page:
+                return out
+            seq = page[-1]["seq"]
+            out.extend({k: v for k, v in r.items() if k != "seq"} for r in page)
+    finally:
+        st.close()
+
+
+def _jsonl_rows(path: Path) -> Iterable[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+                yield json.loads(line)
+
+
+def collect_trace(scenario: Scenario, out: Path, run_info: dict[str, Any]) -> Path:
+    """Merge every part of a run dir into ``out/trace.parquet``; returns its path."""
+    from evsim.model.world import World
+    from evsim.trace import COLUMNS, TraceWriter
+
+    names = {n for n, _ in COLUMNS}
+    rows: list[dict[str, Any]] = []
+    for db in sorted((out / "db").glob("*.db")):
+        rows.extend(_db_rows(db))
+    for part in sorted((out / "parts").glob("*.jsonl")):
+        rows.extend(_jsonl_rows(part))
+    world = World.build(scenario)
+    have = {r.get("connector_id") for r in rows if r.get("kind") == "connector_status"
+            and r.get("t_min", 1) <= 0}
+    for i, sid in enumerate(world.stations.ids):
+        for spec in world.connectors[i]:
+            if spec.connector_id not in have:
+                rows.append({"t_min": 0.0, "kind": "connector_status", "station_id": sid,
+                             "company_id": world.stations.company_ids[i],
+                             "connector_id": spec.connector_id, "power_kw": spec.power_kw,
+                             "status": "Available", "detail": spec.type})
+    rows = [r for r in rows if isinstance(r.get("t_min"), int | float)
+            and math.isfinite(r["t_min"]) and r.get("kind")]
+    rows.sort(key=lambda r: r["t_min"])
+    # one arrive / session_start / session_end per session: keep the earliest report
+    seen: set[tuple[str, str]] = set()
+    merged = []
+    for r in rows:
+        if r["kind"] in ("arrive", "session_start", "session_end") and r.get("session_id"):
+            key = (r["kind"], r["session_id"])
+            if key in seen:
+                continue
+            seen.add(key)
+        merged.append({k: v for k, v in r.items() if k in names})
+    path = out / "trace.parquet"
+    with TraceWriter(path, run_info=run_info) as tw:
+        tw.extend(merged)
+    return path
+
+
+def write_report(out: Path, horizon_min: float, label: str, plots: bool = True) -> dict[str, Any]:
+    from evsim.metrics import compute_metrics, write_metrics
+    from evsim.trace import read_trace
+
+    df = read_trace(out)
+    metrics = compute_metrics(df, horizon_min=horizon_min)
+    write_metrics(metrics, out / "metrics.json")
+    if plots:
+        from evsim.plots import write_plots
+
+        write_plots(df, out, label=label)
+    return metrics
+
+
+def first_departure(scenario: Scenario, seed: int) -> float:
+    from evsim.model.demand import generate_trips
+    from evsim.model.world import World
+
+    t = generate_trips(World.build(scenario), seed).depart_t_min
+    return float(t[0]) if len(t) else 0.0
+
+
+def run_scenario(
+    scenario_path: str | Path,
+    out: str | Path,
+    *,
+    time_scale: float = 120.0,
+    broker_url: str | None = None,
+    booking: str = "stop",
+    policy: str | None = None,
+    skip_idle: bool = True,
+    max_trips: int | None = None,
+    plots: bool = True,
+    progress: Callable[[float], None] | None = None,
+    warmup_s: float = 10.0,
+) -> dict[str, Any]:
+    """Run a scenario on a live network to its end; returns run info + metrics.
+
+    The scenario clock starts ``warmup_s`` wall seconds after launch (processes import numpy,
+    scipy, FastAPI... first); with ``skip_idle`` it starts 5 minutes before the first trip.
+    """
+    t0 = time.time()
+    out = Path(out)
+    sc = load_scenario(scenario_path)
+    start = max(math.floor(first_departure(sc, sc.seed)) - 5.0, 0.0) if skip_idle else 0.0
+    net = LiveNetwork(Path(scenario_path), out, time_scale=time_scale, broker_url=broker_url,
+                      policy=policy, start_min=start)
+    codes: dict[str, int | None] = {}
+    try:
+        # the shared clock starts at start_min once the processes are (very likely) up; a
+        # slow start only eats into the first minutes before the first departure
+        net.epoch = time.time() + warmup_s
+        net.start()
+        if time.time() > net.epoch:
+            log.warning("live network took %.1f s to start (warmup_s=%.1f): the clock was "
+                        "already running", time.time() - net.epoch + warmup_s, warmup_s)
+        veh = net.start_vehicles(booking, until_min=sc.duration_min, max_trips=max_trips)
+        end_wall = net.epoch + (sc.duration_min - start) * 60.0 / time_scale
+        while veh.alive and time.time() < end_wall + 30.0:
+            time.sleep(0.2)
+            if progress is not None:
+                progress(min(net.now(), sc.duration_min))
+            dead = [p.name for p in net.procs if not p.alive and p is not veh]
+            if dead:
+                raise RuntimeError(f"{dead} died:\n" + "\n".join(
+                    tail(p.log_path) for p in net.procs if p.name in dead))
+    finally:
+        codes = net.stop()
+    info = {
+        "source": "live", "scenario": sc.name, "policy": policy or sc.policy.name,
+        "seed": sc.seed, "horizon_min": sc.duration_min, "start_min": start,
+        "time_scale": time_scale, "booking": booking, "servers": net.servers,
+        "broker": net.broker_url,
+    }
+    collect_trace(sc, out, info)
+    metrics = write_report(out, sc.duration_min, f"live {info['policy']}", plots=plots)
+    info.update({"wall_s": time.time() - t0, "exit_codes": codes})
+    (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    return {"info": info, "metrics": metrics}

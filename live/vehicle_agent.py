@@ -1,0 +1,587 @@
+"""Vehicle agent: the scenario's vehicles as REST clients of the company servers.
+
+One asyncio process drives the whole fleet (``python -m live vehicle-agent``). The trips are
+exactly the simulation's (:func:`evsim.model.demand.generate_trips`, same world and seed,
+vehicle ``v{k}`` for trip ``k``) and the driving follows the simulation's vehicle process
+(:mod:`evsim.model.vehicle`): shortest route, drain per km, the same "do I need to charge
+here" rule, the same target SoC. What differs is that every decision goes over HTTP:
+
+1. at a city where charging is needed: ``POST /recommendations`` to the home server (any
+   server sees the whole network through the replicated status);
+2. book: ``POST /bookings`` with one stop (``booking="stop"``); with ``booking="trip"`` the
+   whole trip's stops are planned at departure and booked in one cross-company 2PC request,
+   falling back to per-stop booking if that is rejected; ``booking="none"`` walks in;
+3. drive there on the scaled clock, ``POST /sessions`` at the station's company server
+   (retrying while the station is full, abandoning after ``max_wait_min``);
+4. wait for ``charging_finished`` on ``evsim/vehicles/{id}/notify`` (when an MQTT URL is
+   given), or for the CC-CV model's charge time, then ``POST /sessions/{id}/stop``;
+5. at the end, ``GET /vehicles/{id}/sessions`` on every company to read the history.
+
+Trace rows (evsim.trace schema) for what only the vehicle sees -- ``trip_start``,
+``station_chosen``, ``no_station``, ``arrive``, ``abandon``, ``trip_end``, ``stranded`` -- go
+to a JSON-lines part file (flushed per row, so a killed agent keeps what it wrote); the company
+servers record sessions and bookings, and the launcher merges all parts into one trace.
+Every POST carries an ``Idempotency-Key`` so retries after a server restart are safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.model.demand import generate_trips
+from evsim.model.vehicle import TOPUP_SLACK_SOC
+from evsim.model.world import World
+from evsim.scenario import Scenario
+from evsim.trace import Kind
+from live.station_agent import ScaledClock
+
+__all__ = ["ApiError", "Fleet", "TraceSink", "main"]
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(RuntimeError):
+    """A non-success HTTP answer (``status`` 0: the server could not be reached)."""
+
+    def __init__(self, status: int, detail: Any, url: str = "", reason: str | None = None):
+        super().__init__(f"{url}: HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.reason = reason
+
+
+class TraceSink:
+    """Trace rows as JSON lines (one ``{"t_min", "kind", ...}`` object per line)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._fh = None
+        if path is not None:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = p.open("a", encoding="utf-8")
+
+    def emit(self, t_min: float, kind: str, **cols: Any) -> None:
+        row = {"t_min": float(t_min), "kind": str(kind)}
+        row.update({k: v for k, v in cols.items() if v is not None})
+        with self._lock:
+            self.rows.append(row)
+            if self._fh is not None:
+                self._fh.write(json.dumps(row) + "\n")
+                self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class Server:
+    """One company server's REST API (async httpx), retrying through restarts."""
+
+    def __init__(self, company: str, base_url: str, retry_s: float = 20.0) -> None:
+        self.company = company
+        self.base_url = base_url.rstrip("/")
+        self.retry_s = retry_s
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=30.0,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    async def call(
+        self, method: str, path: str, *, token: str | None = None, json_body: Any = None,
+        ok: tuple[int, ...] = (200, 201), idempotent: bool = True,
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if method in ("POST", "DELETE"):
+            headers["Idempotency-Key"] = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_s
+        delay = 0.05
+        while True:
+            try:
+                r = await self.client.request(method, path, json=json_body, headers=headers)
+            except httpx.TransportError as exc:  # server down or restarting: same key again
+                if loop.time() > deadline:
+                    raise ApiError(0, str(exc), self.base_url + path) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if r.status_code in ok:
+                return r.json() if r.content else None
+            if r.status_code in (502, 503) and loop.time() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            try:
+                body = r.json()
+                detail, reason = body.get("detail"), body.get("reason")
+            except (ValueError, AttributeError):
+                detail, reason = r.text, None
+            raise ApiError(r.status_code, detail, self.base_url + path, reason)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass
+class PlannedStop:
+    node: int
+    station_id: str
+    company_id: str
+    start_min: float
+    end_min: float
+    booking_id: str | None = None
+    connector_id: str | None = None
+
+
+@dataclass
+class VehicleRun:
+    vid: str
+    home: str
+    tokens: dict[str, str] = field(default_factory=dict)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    outcome: str = ""
+
+
+class Fleet:
+    """Drives every trip of ``scenario`` against ``servers`` (company id -> base URL)."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        servers: Mapping[str, str],
+        clock: ScaledClock,
+        *,
+        trace: TraceSink | None = None,
+        mqtt_url: str | None = None,
+        booking: str = "stop",
+        seed: int | None = None,
+        trips_scale: float = 1.0,
+        max_trips: int | None = None,
+        trip_ids: list[int] | None = None,
+        poll_s: float = 0.5,
+        mqtt_user: str | None = None,
+        mqtt_password: str | None = None,
+    ) -> None:
+        if booking not in ("stop", "trip", "none"):
+            raise ValueError("booking must be 'stop', 'trip' or 'none'")
+        self.scenario = scenario
+        self.world = World.build(scenario)
+        self.clock = clock
+        self.trace = trace or TraceSink(None)
+        self.booking = booking
+        self.seed = scenario.seed if seed is None else seed
+        self.trips = generate_trips(self.world, self.seed, trips_scale)
+        ids = list(range(len(self.trips))) if trip_ids is None else list(trip_ids)
+        self.trip_ids = ids[:max_trips] if max_trips is not None else ids
+        self.server_urls = dict(servers)
+        self.companies = [c.id for c in scenario.companies if c.id in self.server_urls]
+        if not self.companies:
+            raise ValueError("no company server URL given")
+        self.poll_s = poll_s
+        self.mqtt_url = mqtt_url
+        self._mqtt_auth = (mqtt_user, mqtt_password)
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.servers: dict[str, Server] = {}
+        self.runs: dict[str, VehicleRun] = {}
+        self.errors: list[str] = []
+        st = self.world.stations
+        self._station = {sid: i for i, sid in enumerate(st.ids)}
+
+    # -- notifications ---------------------------------------------------------------------
+
+    def _on_notify(self, topic: str, payload: bytes) -> None:
+        from live.bus import decode_json
+
+        msg = decode_json(payload)
+        if msg.get("event") == "charging_finished" and self._loop is not None:
+            sid = str(msg.get("session_id"))
+            self._loop.call_soon_threadsafe(self._wake, sid)
+
+    def _wake(self, session_id: str) -> None:
+        self._waiters.setdefault(session_id, asyncio.Event()).set()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def sleep_until(self, t_min: float) -> None:
+        delay = self.clock.wall_at(t_min) - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def sleep_min(self, minutes: float) -> None:
+        if minutes > 0:
+            await asyncio.sleep(self.clock.wall_s(minutes))
+
+    def _station_power(self, station_id: str, max_dc: float, max_ac: float) -> float:
+        specs = self.world.connectors[self._station[station_id]]
+        return max(session_power_kw(c.power_kw, c.type, max_dc, max_ac) for c in specs)
+
+    async def _token(self, run: VehicleRun, company: str) -> str:
+        """Register the vehicle with ``company`` (roaming: same vehicle id) on first use."""
+        if company not in run.tokens:
+            body: dict[str, Any] = {"vehicle_id": run.vid, "home_company": run.home}
+            reg = await self.servers[company].call("POST", "/vehicles", json_body=body)
+            run.tokens[company] = reg["token"]
+        return run.tokens[company]
+
+    # -- the trip --------------------------------------------------------------------------
+
+    async def trip(self, k: int) -> VehicleRun:
+        trips, roads, world = self.trips, self.world.roads, self.world
+        ch = self.scenario.charging
+        vm = world.vehicle_models[int(trips.model[k])]
+        battery = vm.battery_kwh
+        per_km = vm.consumption_kwh_per_km * float(trips.drain[k]) / battery
+        vid = f"v{k}"
+        run = VehicleRun(vid, self.companies[k % len(self.companies)])
+        self.runs[vid] = run
+        pos, dest = int(trips.origin[k]), int(trips.destination[k])
+        await self.sleep_until(float(trips.depart_t_min[k]))
+        await self._token(run, run.home)
+        soc, driven_km, n_sessions = float(trips.soc0[k]), 0.0, 0
+        skip_at: set[int] = set()
+        tr = self.trace
+        tr.emit(self.clock(), Kind.TRIP_START, vehicle_id=vid, booking_id=vid, soc=soc,
+                detail=f"{roads.node_ids[pos]}->{roads.node_ids[dest]}")
+
+        def needs_charge(node: int, s: float, nxt: int | None) -> bool:
+            if s - roads.dist_km[node, dest] * per_km >= ch.reserve_soc or node in skip_at:
+                return False
+            if s <= ch.threshold_soc:
+                return True
+            margin = ch.reserve_soc + ch.safety_margin_soc
+            return nxt is not None and s - roads.dist_km[node, nxt] * per_km < margin
+
+        plan: dict[int, PlannedStop] = {}
+        trip_booking: str | None = None
+        if self.booking == "trip":
+            plan, trip_booking = await self._book_trip(run, k, pos, dest, soc, per_km, needs_charge)
+
+        while True:
+            route = roads.route(pos, dest)
+            j, s, t, km, stop_here, stranded = 0, soc, 0.0, 0.0, False, False
+            while j < len(route) - 1:
+                node, nxt = route[j], route[j + 1]
+                if needs_charge(node, s, nxt):
+                    stop_here = True
+                    break
+                leg = float(roads.dist_km[node, nxt])
+                if s - leg * per_km < 0:
+                    part = s / per_km
+                    t += float(roads.time_min[node, nxt]) * part / leg
+                    km, s, stranded = km + part, 0.0, True
+                    break
+                s -= leg * per_km
+                t += float(roads.time_min[node, nxt])
+                km += leg
+                j += 1
+            await self.sleep_min(t)
+            soc, driven_km, pos = s, driven_km + km, route[j]
+            if stranded or not stop_here:
+                kind = Kind.STRANDED if stranded else Kind.TRIP_END
+                tr.emit(self.clock(), kind, vehicle_id=vid, booking_id=vid, soc=soc,
+                        distance_km=driven_km, detail=roads.node_ids[pos] if stranded else None)
+                run.outcome = str(kind)
+                break
+            skip_at.add(pos)
+            stop = plan.pop(pos, None)
+            choice = None
+            if stop is None:
+                choice = await self._recommend(run, pos, dest, soc, per_km, battery, vm)
+                if choice is None:
+                    tr.emit(self.clock(), Kind.NO_STATION, vehicle_id=vid, soc=soc,
+                            detail=roads.node_ids[pos])
+                    continue
+            station_id = stop.station_id if stop else choice["station_id"]
+            company = stop.company_id if stop else choice["company_id"]
+            i = self._station[station_id]
+            st_node = int(world.stations.node[i])
+            access = float(world.stations.access_km[i])
+            go_km = float(roads.dist_km[pos, st_node]) + access
+            go_min = float(roads.time_min[pos, st_node]) + access / 50.0 * 60.0
+            detour = float(choice["detour_km"]) if choice else go_km
+            tr.emit(self.clock(), Kind.STATION_CHOSEN, vehicle_id=vid, station_id=station_id,
+                    company_id=company, soc=soc, distance_km=detour,
+                    detail="trip" if stop else str(choice.get("policy", "")))
+            if soc - go_km * per_km < 0:
+                await self.sleep_min(go_min * soc / (go_km * per_km))
+                tr.emit(self.clock(), Kind.STRANDED, vehicle_id=vid, booking_id=vid, soc=0.0,
+                        distance_km=driven_km + soc / per_km, detail=station_id)
+                run.outcome = "stranded"
+                break
+            route_on = roads.route(st_node, dest)
+            next_leg = float(roads.dist_km[st_node, route_on[1]]) if len(route_on) > 1 else 0.0
+            finish = (float(roads.dist_km[st_node, dest]) + access) * per_km + ch.reserve_soc + 0.01
+            target = max(ch.target_soc, (next_leg + access) * per_km + ch.reserve_soc + 0.01)
+            if target < finish <= min(target + TOPUP_SLACK_SOC, MAX_TARGET_SOC):
+                target = finish
+            target = min(target, MAX_TARGET_SOC)
+            booking_id = stop.booking_id if stop else None
+            if booking_id is None and self.booking != "none":
+                power = self._station_power(station_id, vm.max_charge_kw, vm.max_ac_kw)
+                soc_in = max(soc - go_km * per_km, 0.0)
+                dur = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
+                    soc_in, target)
+                booking_id = await self._book_stop(run, station_id, self.clock() + go_min, dur)
+            await self.sleep_min(go_min)
+            soc -= go_km * per_km
+            driven_km += go_km
+            pos = st_node
+            n_sessions += 1
+            soc = await self._charge(run, company, station_id, booking_id, soc, target, battery,
+                                     vm, f"{vid}-{n_sessions}")
+            if access > 0:
+                await self.sleep_min(access / 50.0 * 60.0)
+                soc = max(soc - access * per_km, 0.0)
+                driven_km += access
+        if trip_booking is not None and plan:  # unused booked stops
+            try:
+                await self.servers[run.home].call("DELETE", f"/bookings/{trip_booking}",
+                                                  token=run.tokens[run.home], ok=(200, 202, 204))
+            except ApiError as exc:
+                log.info("%s: cancelling trip %s: %s", vid, trip_booking, exc)
+        await self._read_history(run)
+        return run
+
+    async def _recommend(self, run: VehicleRun, pos: int, dest: int, soc: float, per_km: float,
+                         battery: float, vm: Any) -> dict[str, Any] | None:
+        ch, roads = self.scenario.charging, self.world.roads
+        body = {
+            "city": roads.node_ids[pos], "destination": roads.node_ids[dest], "soc": soc,
+            "battery_kwh": battery, "consumption_kwh_per_km": per_km * battery,
+            "max_dc_kw": vm.max_charge_kw, "max_ac_kw": vm.max_ac_kw,
+            "reserve_soc": ch.reserve_soc, "target_soc": ch.target_soc, "limit": 3,
+        }
+        token = await self._token(run, run.home)
+        for reserve in (ch.reserve_soc, 0.0):
+            body["reserve_soc"] = reserve
+            r = await self.servers[run.home].call("POST", "/recommendations", token=token,
+                                                  json_body=body)
+            if r.get("choices"):
+                return dict(r["choices"][0], policy=r.get("policy", ""))
+            if reserve == 0.0:
+                break
+        return None
+
+    async def _book(self, run: VehicleRun, stops: list[dict[str, Any]]) -> dict[str, Any] | None:
+        token = await self._token(run, run.home)
+        try:
+            trip = await self.servers[run.home].call("POST", "/bookings", token=token,
+                                                     json_body={"stops": stops},
+                                                     ok=(200, 201, 202, 409))
+        except ApiError as exc:
+            log.info("%s: booking failed: %s", run.vid, exc)
+            return None
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while trip.get("outcome") == "PENDING" and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(self.poll_s / 5)
+            trip = await self.servers[run.home].call("GET", f"/bookings/{trip['trip_id']}",
+                                                     token=token)
+        return trip if trip.get("outcome") == "BOOKED" else None
+
+    async def _book_stop(self, run: VehicleRun, station_id: str, start: float,
+                         dur: float) -> str | None:
+        trip = await self._book(run, [{"station_id": station_id, "start_min": start,
+                                       "end_min": start + max(dur, 1.0) + 15.0}])
+        if trip is None:
+            return None
+        return next((b["booking_id"] for b in trip.get("bookings", [])), None)
+
+    async def _book_trip(
+        self, run: VehicleRun, k: int, pos: int, dest: int, soc: float, per_km: float,
+        needs_charge: Any,
+    ) -> tuple[dict[int, PlannedStop], str | None]:
+        """Plan every stop of the trip now (projected SoC and times), book them in one go."""
+        roads, world, ch = self.world.roads, self.world, self.scenario.charging
+        vm = world.vehicle_models[int(self.trips.model[k])]
+        battery = vm.battery_kwh
+        t, s = self.clock(), soc
+        route = roads.route(pos, dest)
+        stops: list[PlannedStop] = []
+        for j in range(len(route) - 1):
+            node, nxt = route[j], route[j + 1]
+            if needs_charge(node, s, nxt) and len(stops) < 10:
+                choice = await self._recommend(run, node, dest, s, per_km, battery, vm)
+                if choice is None:
+                    break
+                sid = choice["station_id"]
+                power = self._station_power(sid, vm.max_charge_kw, vm.max_ac_kw)
+                arrive = t + float(choice.get("eta_min", 0.0))
+                target = max(ch.target_soc, s)
+                dur = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
+                    max(s - choice.get("detour_km", 0.0) * per_km / 2, 0.0), target)
+                stops.append(PlannedStop(node, sid, choice["company_id"], arrive,
+                                         arrive + max(dur, 1.0) + 20.0))
+                t, s = arrive + dur, target
+            s -= float(roads.dist_km[node, nxt]) * per_km
+            t += float(roads.time_min[node, nxt])
+        if not stops:
+            return {}, None
+        trip = await self._book(run, [{"station_id": p.station_id, "start_min": p.start_min,
+                                       "end_min": p.end_min} for p in stops])
+        if trip is None:
+            self.trace.emit(self.clock(), Kind.TRIP_BOOKING, vehicle_id=run.vid,
+                            booking_id=run.vid, status="REJECTED")
+            return {}, None
+        for p, b in zip(stops, trip.get("bookings", []), strict=False):
+            p.booking_id, p.connector_id = b["booking_id"], b.get("connector_id")
+        return {p.node: p for p in stops}, trip["trip_id"]
+
+    async def _charge(self, run: VehicleRun, company: str, station_id: str,
+                      booking_id: str | None, soc: float, target: float, battery: float,
+                      vm: Any, local_sid: str) -> float:
+        """Plug in (waiting while the station is full), charge, stop; returns the new SoC."""
+        ch, tr = self.scenario.charging, self.trace
+        srv = self.servers[company]
+        token = await self._token(run, company)
+        t_arrive = self.clock()
+        body: dict[str, Any] = {
+            "station_id": station_id, "soc": soc, "battery_kwh": battery,
+            "target_soc": max(target, soc + 0.01), "max_dc_kw": vm.max_charge_kw,
+            "max_ac_kw": vm.max_ac_kw,
+        }
+        if booking_id:
+            body["booking_id"] = booking_id
+        if body["target_soc"] > 1.0:
+            return soc
+        session = None
+        while session is None:
+            try:
+                session = await srv.call("POST", "/sessions", token=token, json_body=body)
+            except ApiError as exc:
+                gone = exc.status not in (409, 423, 429) or exc.reason == "station_offline"
+                if gone or self.clock() - t_arrive > ch.max_wait_min:
+                    tr.emit(t_arrive, Kind.ARRIVE, vehicle_id=run.vid, station_id=station_id,
+                            company_id=company, session_id=local_sid, soc=soc)
+                    tr.emit(self.clock(), Kind.ABANDON, vehicle_id=run.vid,
+                            station_id=station_id, company_id=company, session_id=local_sid,
+                            soc=soc, wait_min=self.clock() - t_arrive, detail=str(exc.detail))
+                    return soc
+                body.pop("booking_id", None)  # an expired booking: queue as a walk-in
+                await asyncio.sleep(self.poll_s)
+        sid = session["session_id"]
+        power = float(session.get("power_kw") or vm.max_charge_kw)
+        start = float(session.get("start_t_min", t_arrive))
+        if start > t_arrive + 1e-6:  # it queued: the server's own arrive row says t_start
+            tr.emit(t_arrive, Kind.ARRIVE, vehicle_id=run.vid, station_id=station_id,
+                    company_id=company, session_id=sid, soc=soc)
+        minutes = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
+            soc, target)
+        ev = self._waiters.setdefault(sid, asyncio.Event())
+        wait = self.clock.wall_at(start + minutes) - time.time()
+        # with notifications, wait a little past the model's end for the station's own report
+        slack = min(2.0, self.clock.wall_s(2.0)) + 0.1 if self.mqtt_url else 0.0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ev.wait(), timeout=max(wait, 0.0) + slack)
+        self._waiters.pop(sid, None)
+        done = await srv.call("POST", f"/sessions/{sid}/stop", token=token, json_body={})
+        run.sessions.append(done)
+        soc_end = done.get("soc_end")
+        if soc_end is None or not math.isfinite(float(soc_end)):
+            soc_end = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).soc_after(
+                soc, self.clock() - start)
+        return float(soc_end)
+
+    async def _read_history(self, run: VehicleRun) -> None:
+        for company, token in run.tokens.items():
+            try:
+                rows = await self.servers[company].call(
+                    "GET", f"/vehicles/{run.vid}/sessions", token=token)
+            except ApiError as exc:
+                log.info("%s: history at %s: %s", run.vid, company, exc)
+                continue
+            run.history.extend(rows if isinstance(rows, list) else rows.get("sessions", []))
+
+    # -- run -------------------------------------------------------------------------------
+
+    async def _guarded(self, k: int) -> None:
+        try:
+            await self.trip(k)
+        except Exception as exc:  # one vehicle's failure never stops the fleet
+            log.exception("trip v%d failed", k)
+            self.errors.append(f"v{k}: {exc}")
+
+    async def run(self, until_min: float | None = None) -> dict[str, VehicleRun]:
+        """Drive every trip (stops at ``until_min`` scenario minutes if given)."""
+        self._loop = asyncio.get_running_loop()
+        self.servers = {c: Server(c, self.server_urls[c]) for c in self.companies}
+        bus = None
+        if self.mqtt_url:
+            from live.mqtt import MqttBus
+
+            bus = MqttBus(self.mqtt_url, username=self._mqtt_auth[0],
+                          password=self._mqtt_auth[1], connect_timeout=10.0)
+            bus.subscribe("evsim/vehicles/+/notify", self._on_notify)
+        tasks = [asyncio.create_task(self._guarded(k)) for k in self.trip_ids]
+        try:
+            if until_min is None:
+                await asyncio.gather(*tasks)
+            else:
+                timeout = max(self.clock.wall_at(until_min) - time.time(), 0.0)
+                _, pending = await asyncio.wait(tasks, timeout=timeout)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            for s in self.servers.values():
+                await s.close()
+            if bus is not None:
+                bus.close()
+            self.trace.close()
+        return self.runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m live vehicle-agent``: drive the fleet against the servers, then exit."""
+    import argparse
+    import os
+
+    from evsim.scenario import load_scenario
+    from live.settings import Settings
+
+    p = argparse.ArgumentParser(prog="live vehicle-agent")
+    p.add_argument("--server", action="append", default=[], metavar="COMPANY=URL",
+                   help="company server base URL (repeat; or EVSIM_SERVERS='a=url,b=url')")
+    p.add_argument("--scenario")
+    p.add_argument("--mqtt", help="broker URL for notifications (EVSIM_MQTT_URL)")
+    p.add_argument("--time-scale", type=float)
+    p.add_argument("--booking", choices=["stop", "trip", "none"], default="stop")
+    p.add_argument("--trace", help="JSON-lines trace part (default EVSIM_TRACE_DIR/vehicles.jsonl)")
+    p.add_argument("--max-trips", type=int)
+    p.add_argument("--until-min", type=float)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("EVSIM_LOG", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    over = {k: v for k, v in {"scenario": a.scenario, "mqtt_url": a.mqtt,
+                              "time_scale": a.time_scale}.items() if v is not None}
+    s = Settings.from_env(**over)
+    pairs = a.server or [x for x in os.environ.get("EVSIM_SERVERS", "").split(",") if x]
+    servers = dict(x.split("=", 1) for x in pairs)
+    sc = load_scenario(s.scenario)
+    trace_path = a.trace or (Path(s.trace_dir) / "vehicles.jsonl" if s.trace_dir else None)
+    fleet = Fleet(sc, servers, ScaledClock(s.time_scale, s.start_min, s.epoch),
+                  trace=TraceSink(trace_path), mqtt_url=s.mqtt_url if a.mqtt or
+                  os.environ.get("EVSIM_MQTT_URL") else None, booking=a.booking,
+                  max_trips=a.max_trips, mqtt_user=s.mqtt_user, mqtt_password=s.mqtt_password)
+    runs = asyncio.run(fleet.run(until_min=a.until_min if a.until_min else sc.duration_min))
+    log.info("vehicle agent: %d trips, %d errors", len(runs), len(fleet.errors))
+    return 0

@@ -1,0 +1,108 @@
+"""docker-compose.yml: valid against the Compose spec schema, and the same topology as the
+launcher for the default scenario (broker, one server + station agent per company, vehicles).
+
+``tests/compose-spec.json`` is a strict *subset* of the official Compose Specification schema
+(the official file is not installed here; see its ``description``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def validator() -> Any:
+    schema = json.loads((Path(__file__).parent / "compose-spec.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _cmd(service: dict[str, Any]) -> list[str]:
+    c = service.get("command") or []
+    return c.split() if isinstance(c, str) else list(c)
+
+
+def test_compose_file_is_valid(compose: dict[str, Any], validator: Any) -> None:
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_schema_rejects_typos(compose: dict[str, Any], validator: Any) -> None:
+    bad = copy.deepcopy(compose)
+    bad["services"]["broker"]["restrat"] = "always"
+    assert not validator.is_valid(bad)
+    bad = copy.deepcopy(compose)
+    bad["services"]["vehicles"]["depends_on"]["stations-eletrovia"]["condition"] = "healthy"
+    assert not validator.is_valid(bad)
+
+
+def test_services_match_default_scenario(compose: dict[str, Any]) -> None:
+    from evsim.scenario import load_scenario
+
+    sc = load_scenario()
+    companies = {c.id for c in sc.companies}
+    services = compose["services"]
+    by_role: dict[str, dict[str, str]] = {"server": {}, "station-agent": {}}
+    for name, svc in services.items():
+        cmd = _cmd(svc)
+        if cmd and cmd[0] in by_role:
+            company = _env(svc)["EVSIM_COMPANY"]
+            assert company not in by_role[cmd[0]], f"two {cmd[0]} services for {company}"
+            by_role[cmd[0]][company] = name
+    assert set(by_role["server"]) == companies
+    assert set(by_role["station-agent"]) == {s.company for s in sc.stations}
+    assert "broker" in services and services["broker"]["image"].startswith("eclipse-mosquitto")
+
+    volumes = set(compose.get("volumes") or {})
+    for company, name in by_role["server"].items():
+        svc = services[name]
+        env = _env(svc)
+        assert company in env["EVSIM_DB_URL"]
+        mounts = {v.split(":", 1)[0] for v in svc["volumes"]}
+        assert mounts & volumes, f"{name}: database not on a named volume"
+        assert svc["depends_on"]["broker"]["condition"] == "service_healthy"
+        assert "healthcheck" in svc
+    # the vehicle agent talks to every server by its service name
+    servers = dict(pair.split("=", 1) for pair in
+                   _env(services["vehicles"])["EVSIM_SERVERS"].split(","))
+    assert set(servers) == companies
+    for company, url in servers.items():
+        assert url == f"http://{by_role['server'][company]}:8000"
+
+
+def test_no_secrets_committed(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        for key, value in _env(svc).items():
+            if re.search("PASSWORD|SECRET|TOKEN", key):
+                assert re.fullmatch(r"\$\{[A-Z_]+(:\?[^}]*)?\}", value), f"{name}.{key}={value}"
+    conf = compose["configs"]["mosquitto_conf"]["content"]
+    assert "allow_anonymous false" in conf and "set_tcp_nodelay true" in conf
+
+
+def test_dockerfile_installs_live_extra() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    assert '.[live]' in text and 'ENTRYPOINT ["python", "-m", "live"]' in text
