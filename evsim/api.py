@@ -16,9 +16,23 @@ import pandas as pd
 
 from evsim.metrics import compute_metrics, metrics_frame, write_metrics
 from evsim.model import SimResult, Simulation
+from evsim.model.simulation import BOOKING_MODES
 from evsim.scenario import Scenario, load_scenario
 
-__all__ = ["CompareResult", "as_scenario", "compare", "simulate"]
+__all__ = ["BOOKING_MODES", "CompareResult", "as_scenario", "compare", "simulate", "split_label"]
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """``"least_wait+trip"`` -> ``("least_wait", "trip")``; a plain policy name -> ``(name,
+    None)``. The suffix must be a booking mode (:data:`BOOKING_MODES`)."""
+    name, plus, mode = label.rpartition("+")
+    if not plus:
+        return label, None
+    if mode not in BOOKING_MODES:
+        raise ValueError(
+            f"{label!r}: unknown booking mode {mode!r}; known: {', '.join(BOOKING_MODES)}"
+        )
+    return name, mode
 
 
 def as_scenario(scenario: Scenario | str | Path | None) -> Scenario:
@@ -36,13 +50,28 @@ def simulate(
     out: str | Path | None = None,
     plots: bool = True,
     progress: Callable[[float], None] | None = None,
+    booking_mode: str | None = None,
 ) -> SimResult:
     """Run one simulation. With ``out`` the run directory gets ``trace.parquet``,
-    ``metrics.json``, ``run.json`` and the PNG plots; otherwise the trace stays in memory."""
+    ``metrics.json``, ``run.json`` and the PNG plots; otherwise the trace stays in memory.
+
+    ``booking_mode`` (``"on_arrival"`` or ``"trip"``; default: the scenario's
+    ``booking.mode``) overrides how vehicles get a charger; a policy label such as
+    ``"least_wait+trip"`` does the same (see :func:`split_label`)."""
     sc = as_scenario(scenario)
+    if policy is not None:
+        policy, label_mode = split_label(policy)
+        booking_mode = booking_mode or label_mode
     out_dir = Path(out) if out is not None else None
     trace_path = out_dir / "trace.parquet" if out_dir is not None else None
-    sim = Simulation(sc, policy=policy, params=params, seed=seed, trace_path=trace_path)
+    sim = Simulation(
+        sc,
+        policy=policy,
+        params=params,
+        seed=seed,
+        trace_path=trace_path,
+        booking_mode=booking_mode,
+    )
     result = sim.run(progress=progress)
     df = result.trace
     result.metrics = compute_metrics(df, horizon_min=result.horizon_min)
@@ -52,6 +81,7 @@ def simulate(
             "source": "sim",
             "scenario": sc.name,
             "policy": result.policy,
+            "booking": result.booking,
             "params": sim.params,
             "seed": result.seed,
             "horizon_min": result.horizon_min,
@@ -94,12 +124,22 @@ def compare(
     policies: Sequence[str],
     seeds: int | Sequence[int] = 3,
     on_run: Callable[[str, int], None] | None = None,
+    booking_modes: Sequence[str] | None = None,
 ) -> CompareResult:
-    """Run every policy on the same seeds (common random numbers) and summarise."""
+    """Run every policy on the same seeds (common random numbers) and summarise.
+
+    A policy may carry a booking mode (``"least_wait+trip"``); ``booking_modes`` runs every
+    policy in each mode instead, labelled ``"<policy>+<mode>"`` in ``runs`` and ``summary``
+    (the same seed draws the same trips in every mode)."""
     sc = as_scenario(scenario)
     seed_list = list(range(sc.seed, sc.seed + seeds)) if isinstance(seeds, int) else list(seeds)
+    labels = list(policies)
+    if booking_modes:
+        labels = [f"{split_label(p)[0]}+{m}" for p in policies for m in booking_modes]
+    for label in labels:
+        split_label(label)  # fail before running anything
     rows, traces = [], {}
-    for pol in policies:
+    for pol in labels:
         for s in seed_list:
             res = simulate(sc, policy=pol, seed=s)
             row = metrics_frame(res.metrics)

@@ -31,7 +31,13 @@ class CompanyServer:
         self.up = True
 
     def report(self, station: SimStation) -> None:
-        """Publish a station's state; it lands on the board after the status delay."""
+        """Publish a station's state; it lands on the board after the status delay.
+
+        Nothing is published while the server is down (an outage, see
+        :mod:`evsim.model.protocol_bus`): the board keeps the last status it heard.
+        """
+        if not self.up:
+            return
         values = {
             "busy": station.busy,
             "queued": station.waiting,

@@ -3,6 +3,13 @@
 The environment only schedules. A source process releases each trip's vehicle process at its
 departure time; stations, company servers and the status board hold the state; the policy is
 the pure function resolved from the registry. Events stream into a :class:`TraceWriter`.
+
+``booking_mode`` (default: the scenario's ``booking.mode``) picks how vehicles get a charger:
+``"on_arrival"`` (:func:`~evsim.model.vehicle.trip_process`) or ``"trip"``
+(:func:`~evsim.model.booking.booked_trip_process`: book every stop through the reservation
+protocol, run by :class:`~evsim.model.protocol_bus.ProtocolBus`). The bus also runs whenever
+the scenario has server outages; without outages the ``on_arrival`` mode never builds it, so
+its runs are event for event what they were before the protocol existed.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from typing import Any
 import pandas as pd
 import simpy
 
+from evsim.model.booking import booked_trip_process
 from evsim.model.company import CompanyServer
 from evsim.model.demand import Trips, generate_trips
+from evsim.model.protocol_bus import ProtocolBus
 from evsim.model.station import SimStation
 from evsim.model.vehicle import trip_process
 from evsim.model.world import World
@@ -25,7 +34,9 @@ from evsim.scenario import Scenario
 from evsim.snapshot import NetworkSnapshot, StatusBoard
 from evsim.trace import Kind, TraceWriter
 
-__all__ = ["SimResult", "Simulation"]
+__all__ = ["BOOKING_MODES", "SimResult", "Simulation"]
+
+BOOKING_MODES = ("on_arrival", "trip")
 
 
 @dataclass
@@ -40,6 +51,7 @@ class SimResult:
     wall_s: float = 0.0
     events: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    booking: str = "on_arrival"
     _frame: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
@@ -63,8 +75,14 @@ class Simulation:
         trace_path: str | Path | None = None,
         trips_scale: float = 1.0,
         world: World | None = None,
+        booking_mode: str | None = None,
     ) -> None:
         self.scenario = scenario
+        self.booking_mode = booking_mode or scenario.booking.mode
+        if self.booking_mode not in BOOKING_MODES:
+            raise ValueError(
+                f"unknown booking mode {self.booking_mode!r}; known: {', '.join(BOOKING_MODES)}"
+            )
         self.world = world or World.build(scenario)
         self.seed = scenario.seed if seed is None else int(seed)
         self.policy_name = policy or scenario.policy.name
@@ -83,6 +101,7 @@ class Simulation:
                 "params": self.params,
                 "seed": self.seed,
                 "horizon_min": self.horizon_min,
+                "booking": self.booking_mode,
             },
         )
         st = self.world.stations
@@ -112,13 +131,21 @@ class Simulation:
                     detail=spec.type,
                 )
         self.trips: Trips = generate_trips(self.world, self.seed, trips_scale)
+        self.bus: ProtocolBus | None = None
+        if self.booking_mode == "trip" or scenario.network.outages:
+            self.bus = ProtocolBus(self)
+        if self.booking_mode == "trip":
+            assert self.bus is not None
+            for s in self.stations:
+                s.attach_desk(self.bus.desks[s.index])
+        self._vehicle = booked_trip_process if self.booking_mode == "trip" else trip_process
 
     def _source(self) -> Generator[simpy.Event, Any, None]:
         env = self.env
         for k, t in enumerate(self.trips.depart_t_min):
             if t > env.now:
                 yield env.timeout(t - env.now)
-            env.process(trip_process(self, k))
+            env.process(self._vehicle(self, k))
 
     def run(self, progress: Callable[[float], None] | None = None, steps: int = 100) -> SimResult:
         """Run to the horizon. ``progress(t_min)`` is called ``steps`` times along the way."""
@@ -145,5 +172,6 @@ class Simulation:
             trips=len(self.trips),
             wall_s=wall,
             events=next(self.env._eid),  # SimPy's event counter: events scheduled so far
+            booking=self.booking_mode,
             _frame=frame,
         )

@@ -5,13 +5,21 @@ handed out first). A vehicle that waits longer than its patience leaves (``aband
 session does once plugged in (how long, how much energy, what it costs) is the caller's
 ``plan`` function, so the same station serves the EV model and the queueing-theory checks.
 Every change is reported to the owning company server, which publishes it with a delay.
+
+With a :class:`ConnectorDesk` attached (``attach_desk``, the ``trip`` booking mode) the
+station also honours reservations: a walk-in only gets a free connector on which its whole
+planned session fits before the next reservation (PENDING hold or RESERVED window, see
+:meth:`ConnectorDesk.blocked_until`), walk-ins that do not fit anywhere may be overtaken by
+later ones that do, and a booked vehicle waits for *its* connector, which it gets before any
+walk-in as soon as it frees (:meth:`SimStation.visit_booked`). Without a desk the station is
+the plain FIFO above, event for event.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import simpy
 
@@ -21,7 +29,28 @@ from evsim.trace import Kind, TraceWriter
 if TYPE_CHECKING:
     from evsim.model.company import CompanyServer
 
-__all__ = ["SessionPlan", "SessionResult", "SimStation"]
+__all__ = ["ConnectorDesk", "SessionPlan", "SessionResult", "SimStation"]
+
+
+class ConnectorDesk(Protocol):
+    """The station's view of its owner's reservations (see :mod:`evsim.model.protocol_bus`)."""
+
+    def blocked_until(self, connector_id: str, start_min: float, end_min: float) -> float | None:
+        """None if a walk-in session ``[start_min, end_min)`` fits on the connector, else
+        when the reservation in the way stops blocking it."""
+        ...
+
+    def walkin_started(
+        self, session_id: str, connector_id: str, start_min: float, end_min: float
+    ) -> None: ...
+
+    def walkin_ended(self, session_id: str, now_min: float) -> None: ...
+
+    def authorize(self, booking_id: str, now_min: float) -> str:
+        """Start a session against a booking: "" if accepted, else why not."""
+        ...
+
+    def session_ended(self, booking_id: str, now_min: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +100,15 @@ class SimStation:
         self.online = True
         self.mean_session_min = default_session_min
         self._alpha = ewma_alpha
+        self._desk: ConnectorDesk | None = None
+
+    def attach_desk(self, desk: ConnectorDesk) -> None:
+        """Honour reservations from now on (call before the run starts)."""
+        self._desk = desk
+        self._free_now: dict[int, ConnectorSpec] = dict(enumerate(self.connectors))
+        self._walkins: list[_Waiter] = []
+        self._booked: dict[str, list[_Waiter]] = {}
+        self._retry_at = float("inf")
 
     @property
     def n_connectors(self) -> int:
@@ -89,6 +127,8 @@ class SimStation:
         patience_min: float = float("inf"),
     ) -> Generator[simpy.Event, Any, SessionResult]:
         """Queue, charge and leave. ``plan(connector, t_start)`` sizes the session."""
+        if self._desk is not None:
+            return (yield from self._visit_managed(vehicle_id, session_id, soc, plan, patience_min))
         env, tr = self.env, self.trace
         t_arrive = env.now
         self.waiting += 1
@@ -168,3 +208,225 @@ class SimStation:
         )
         self._changed()
         return SessionResult(spec, wait, p)
+
+    # ------------------------------------------------------------------ reservations (desk)
+
+    def _arrive(self, vehicle_id: str, session_id: str, soc: float | None) -> None:
+        self.waiting += 1
+        self.trace.emit(
+            self.env.now,
+            Kind.ARRIVE,
+            vehicle_id=vehicle_id,
+            station_id=self.station_id,
+            company_id=self.company_id,
+            session_id=session_id,
+            soc=soc,
+            queue_len=self.waiting,
+        )
+        self._changed()
+
+    def _visit_managed(
+        self,
+        vehicle_id: str,
+        session_id: str,
+        soc: float | None,
+        plan: Callable[[ConnectorSpec, float], SessionPlan],
+        patience_min: float,
+    ) -> Generator[simpy.Event, Any, SessionResult]:
+        self._arrive(vehicle_id, session_id, soc)
+        return (
+            yield from self._queue_walkin(
+                vehicle_id, session_id, soc, plan, patience_min, self.env.now
+            )
+        )
+
+    def _queue_walkin(
+        self,
+        vehicle_id: str,
+        session_id: str,
+        soc: float | None,
+        plan: Callable[[ConnectorSpec, float], SessionPlan],
+        patience_min: float,
+        t_arrive: float,
+    ) -> Generator[simpy.Event, Any, SessionResult]:
+        """Wait (already counted in ``waiting``) for a connector the session fits on."""
+        env = self.env
+        w = _Waiter(env.event(), plan)
+        self._walkins.append(w)
+        self._dispatch()
+        left = patience_min - (env.now - t_arrive)
+        if not w.event.triggered:
+            if left == float("inf"):
+                yield w.event
+            else:
+                yield w.event | env.timeout(max(left, 0.0))
+        if not w.event.triggered:
+            self._walkins.remove(w)
+            self.waiting -= 1
+            self.trace.emit(
+                env.now,
+                Kind.ABANDON,
+                vehicle_id=vehicle_id,
+                station_id=self.station_id,
+                company_id=self.company_id,
+                session_id=session_id,
+                soc=soc,
+                wait_min=env.now - t_arrive,
+                queue_len=self.waiting,
+            )
+            self._changed()
+            return SessionResult(None, env.now - t_arrive, None)
+        spec, p = w.event.value
+        assert self._desk is not None
+        self._desk.walkin_started(session_id, spec.connector_id, env.now, env.now + p.charge_min)
+        result = yield from self._session(vehicle_id, session_id, soc, spec, p, t_arrive)
+        self._desk.walkin_ended(session_id, env.now)
+        return result
+
+    def visit_booked(
+        self,
+        vehicle_id: str,
+        session_id: str,
+        soc: float | None,
+        plan: Callable[[ConnectorSpec, float], SessionPlan],
+        booking_id: str,
+        connector_id: str,
+        start_min: float,
+        patience_min: float = float("inf"),
+    ) -> Generator[simpy.Event, Any, tuple[SessionResult, str]]:
+        """Charge against a reservation on ``connector_id``; returns the session and ""
+        or, when the booking could not be used (e.g. ``no_show``, ``server_down``), the
+        reason, after charging as a walk-in at this station instead (same session)."""
+        env = self.env
+        assert self._desk is not None
+        t_arrive = env.now
+        self._arrive(vehicle_id, session_id, soc)
+        if env.now < start_min:  # early: the reservation starts later
+            yield env.timeout(start_min - env.now)
+        spec = self.connectors[self._order[connector_id]]
+        w = _Waiter(env.event(), plan)
+        self._booked.setdefault(connector_id, []).append(w)
+        self._dispatch()
+        left = patience_min - (env.now - t_arrive)
+        if not w.event.triggered:
+            if left == float("inf"):
+                yield w.event
+            else:
+                yield w.event | env.timeout(max(left, 0.0))
+        why = ""
+        if not w.event.triggered:
+            self._booked[connector_id].remove(w)
+            why = "connector_busy"
+        else:
+            why = self._desk.authorize(booking_id, env.now)
+            if not why:
+                p = plan(spec, env.now)
+                result = yield from self._session(vehicle_id, session_id, soc, spec, p, t_arrive)
+                self._desk.session_ended(booking_id, env.now)
+                return result, ""
+            self._release(spec)  # give the connector back, then queue like anyone else
+        result = yield from self._queue_walkin(
+            vehicle_id, session_id, soc, plan, patience_min, t_arrive
+        )
+        return result, why
+
+    def _session(
+        self,
+        vehicle_id: str,
+        session_id: str,
+        soc: float | None,
+        spec: ConnectorSpec,
+        p: SessionPlan,
+        t_arrive: float,
+    ) -> Generator[simpy.Event, Any, SessionResult]:
+        env, tr = self.env, self.trace
+        self.waiting -= 1
+        self.busy += 1
+        wait = env.now - t_arrive
+        tr.emit(
+            env.now,
+            Kind.SESSION_START,
+            vehicle_id=vehicle_id,
+            station_id=self.station_id,
+            company_id=self.company_id,
+            connector_id=spec.connector_id,
+            session_id=session_id,
+            soc=soc,
+            wait_min=wait,
+            queue_len=self.waiting,
+        )
+        self._changed()
+        try:
+            yield env.timeout(p.charge_min)
+        finally:
+            self.busy -= 1
+            self._release(spec)
+        self.mean_session_min += self._alpha * (p.charge_min - self.mean_session_min)
+        tr.emit(
+            env.now,
+            Kind.SESSION_END,
+            vehicle_id=vehicle_id,
+            station_id=self.station_id,
+            company_id=self.company_id,
+            connector_id=spec.connector_id,
+            session_id=session_id,
+            soc=p.soc_after,
+            energy_kwh=p.energy_kwh,
+            price=p.price,
+            power_kw=p.power_kw,
+            queue_len=self.waiting,
+        )
+        self._changed()
+        return SessionResult(spec, wait, p)
+
+    def _release(self, spec: ConnectorSpec) -> None:
+        self._free_now[self._order[spec.connector_id]] = spec
+        self._dispatch()
+
+    def refresh(self) -> None:
+        """Reservations changed (released, expired, ended): hand out connectors again."""
+        if self._desk is not None:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand free connectors to booked vehicles first, then to walk-ins that fit."""
+        desk, free, now = self._desk, self._free_now, self.env.now
+        assert desk is not None
+        if not free:
+            return
+        for cid, waiters in self._booked.items():
+            k = self._order[cid]
+            if waiters and k in free:
+                waiters.pop(0).event.succeed((free.pop(k), None))
+        if not self._walkins or not free:
+            return
+        retry = float("inf")
+        for w in list(self._walkins):
+            if not free:
+                break
+            for k in sorted(free, key=lambda k: (-free[k].power_kw, k)):
+                spec = free[k]
+                p = w.plan(spec, now)
+                until = desk.blocked_until(spec.connector_id, now, now + p.charge_min)
+                if until is None:
+                    del free[k]
+                    self._walkins.remove(w)
+                    w.event.succeed((spec, p))
+                    break
+                retry = min(retry, until)
+        if retry < self._retry_at and retry > now:
+            # nothing else may announce that a reservation stopped blocking: look again then
+            self._retry_at = retry
+            ev = self.env.timeout(retry - now)
+            ev.callbacks.append(lambda _ev, t=retry: self._retry(t))
+
+    def _retry(self, t: float) -> None:
+        if self._retry_at == t:
+            self._retry_at = float("inf")
+        self._dispatch()
+
+
+@dataclass(slots=True)
+class _Waiter:
+    event: simpy.Event  # succeeds with (connector, plan or None)
+    plan: Callable[[ConnectorSpec, float], SessionPlan]

@@ -75,7 +75,13 @@ def start_trip(sim: Simulation, k: int) -> Drive:
     vm = world.vehicle_models[int(trips.model[k])]
     per_km = vm.consumption_kwh_per_km * float(trips.drain[k]) / vm.battery_kwh
     d = Drive(
-        k, f"v{k}", vm, per_km, int(trips.origin[k]), int(trips.destination[k]), float(trips.soc0[k])
+        k,
+        f"v{k}",
+        vm,
+        per_km,
+        int(trips.origin[k]),
+        int(trips.destination[k]),
+        float(trips.soc0[k]),
     )
     trace.emit(
         env.now,
@@ -139,7 +145,7 @@ def drive(
             return
         stop = booked.take(pos) if booked is not None else None
         if stop is not None:
-            index, detour_km = stop.station_index, stop.detour_km
+            index, detour_km = stop[0].station_index, stop[0].detour_km
         else:
             request = charge_request(roads, ch, d.params, pos, dest, d.soc)
             choice = choose_station(sim.policy, request, sim.snapshot, env.now)

@@ -1,0 +1,294 @@
+"""Trip planning: where a vehicle will charge on its way, worked out before it leaves.
+
+Pure functions (no SimPy, no I/O, no clock reads). The driving rules are the ones the
+charge-on-arrival vehicle follows (:mod:`evsim.model.vehicle` calls the same helpers), so a
+plan predicts exactly what the vehicle will do on a deterministic road: it walks the shortest
+route, decides to charge where :func:`needs_charge` says so, asks the configured policy for a
+station (a :class:`~evsim.snapshot.ChargeRequest` at the planned node, SoC and time), drives
+there, charges to :func:`charge_target` and carries on from the station.
+
+What a plan cannot know: the policy is asked with *today's* snapshot for a decision that
+lies in the future (nobody knows the queues of tomorrow), and every booked stop's charging
+time is estimated on the connector class the vehicle will book (:func:`booking_class`: the
+station's connectors with the highest power this vehicle can draw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.geo import RoadNetwork
+from evsim.scenario import ChargingBehaviour
+from evsim.snapshot import ChargeRequest, Choice, NetworkSnapshot
+
+__all__ = [
+    "TOPUP_SLACK_SOC",
+    "ConnectorLike",
+    "PlannedStop",
+    "TripPlan",
+    "VehicleParams",
+    "access_min",
+    "booking_class",
+    "charge_request",
+    "charge_target",
+    "needs_charge",
+    "plan_trip",
+    "walk_route",
+]
+
+TOPUP_SLACK_SOC = 0.15  # charge past the target by up to this much to finish without a stop
+ACCESS_SPEED_KMH = 50.0  # speed on a station's access road
+
+
+class ConnectorLike(Protocol):
+    @property
+    def power_kw(self) -> float: ...
+
+    @property
+    def type(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class VehicleParams:
+    vehicle_id: str
+    battery_kwh: float
+    per_km: float  # SoC per km (model consumption x drain profile / battery)
+    max_dc_kw: float
+    max_ac_kw: float
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedStop:
+    """One charging stop of a plan; times are absolute minutes."""
+
+    decision_node: int  # road node where the vehicle decides to charge
+    station_index: int
+    station_id: str
+    arrive_min: float  # at the station
+    soc_in: float
+    soc_out: float
+    charge_min: float  # estimated on the booked connector class
+    power_kw: float  # session power on that class
+    connector_power_kw: float  # the class: rated power ...
+    connector_type: str  # ... and type
+    detour_km: float
+
+
+@dataclass(frozen=True, slots=True)
+class TripPlan:
+    stops: tuple[PlannedStop, ...]
+    feasible: bool  # False: the plan runs dry on the way (book nothing, drive on arrival)
+    end_min: float
+    end_soc: float
+
+
+def access_min(access_km: float) -> float:
+    return access_km / ACCESS_SPEED_KMH * 60.0
+
+
+def needs_charge(
+    roads: RoadNetwork,
+    ch: ChargingBehaviour,
+    per_km: float,
+    dest: int,
+    skip_at: set[int],
+    node: int,
+    s: float,
+    nxt: int | None,
+) -> bool:
+    """Charge here? Only if the rest of the trip is out of reach, and either SoC is at or
+    below the threshold or the next leg would end below reserve + safety margin."""
+    if s - roads.dist_km[node, dest] * per_km >= ch.reserve_soc:
+        return False
+    if node in skip_at:
+        return False
+    if s <= ch.threshold_soc:
+        return True
+    margin = ch.reserve_soc + ch.safety_margin_soc
+    return nxt is not None and s - roads.dist_km[node, nxt] * per_km < margin
+
+
+@dataclass(frozen=True, slots=True)
+class Walk:
+    j: int  # index in the route where the walk stopped
+    soc: float
+    minutes: float
+    km: float
+    stop_here: bool  # a charging decision is due at route[j]
+    stranded_km: float | None  # ran dry after this many km of the last leg's start
+
+
+def walk_route(
+    roads: RoadNetwork,
+    route: Sequence[int],
+    soc: float,
+    per_km: float,
+    decide: Callable[[int, float, int | None], bool],
+) -> Walk:
+    """Walk the route until a decision is due, the battery runs out, or the trip ends."""
+    j, s, t, km = 0, soc, 0.0, 0.0
+    stop_here = False
+    stranded_km = None
+    while j < len(route) - 1:
+        node, nxt = route[j], route[j + 1]
+        if decide(node, s, nxt):
+            stop_here = True
+            break
+        leg = float(roads.dist_km[node, nxt])
+        if s - leg * per_km < 0:
+            stranded_km = s / per_km
+            t += float(roads.time_min[node, nxt]) * stranded_km / leg
+            km += stranded_km
+            s = 0.0
+            break
+        s -= leg * per_km
+        t += float(roads.time_min[node, nxt])
+        km += leg
+        j += 1
+    return Walk(j, s, t, km, stop_here, stranded_km)
+
+
+def charge_request(
+    roads: RoadNetwork,
+    ch: ChargingBehaviour,
+    v: VehicleParams,
+    pos: int,
+    dest: int,
+    soc: float,
+) -> ChargeRequest:
+    return ChargeRequest(
+        vehicle_id=v.vehicle_id,
+        node=pos,
+        lat=float(roads.lat[pos]),
+        lon=float(roads.lon[pos]),
+        dest_node=dest,
+        soc=soc,
+        battery_kwh=v.battery_kwh,
+        consumption_kwh_per_km=v.per_km * v.battery_kwh,
+        max_dc_kw=v.max_dc_kw,
+        max_ac_kw=v.max_ac_kw,
+        reserve_soc=ch.reserve_soc,
+        target_soc=ch.target_soc,
+    )
+
+
+def choose_station(
+    policy: Callable[[ChargeRequest, NetworkSnapshot, float], Choice | None],
+    request: ChargeRequest,
+    snapshot: NetworkSnapshot,
+    now: float,
+) -> Choice | None:
+    """The policy's choice; if none, an emergency choice that dips into the reserve."""
+    choice = policy(request, snapshot, now)
+    if choice is None and request.reserve_soc > 0:
+        choice = policy(replace(request, reserve_soc=0.0), snapshot, now)
+    return choice
+
+
+def charge_target(
+    roads: RoadNetwork, ch: ChargingBehaviour, per_km: float, pos: int, dest: int, access: float
+) -> float:
+    """SoC to charge to at a station hanging off node ``pos``: the configured target, raised
+    to reach the next city, or to the destination if that costs at most TOPUP_SLACK_SOC more."""
+    route_on = roads.route(pos, dest)
+    next_leg = float(roads.dist_km[pos, route_on[1]]) if len(route_on) > 1 else 0.0
+    finish = (float(roads.dist_km[pos, dest]) + access) * per_km + ch.reserve_soc + 0.01
+    target = max(ch.target_soc, (next_leg + access) * per_km + ch.reserve_soc + 0.01)
+    if target < finish <= min(target + TOPUP_SLACK_SOC, MAX_TARGET_SOC):
+        target = finish
+    return target
+
+
+def booking_class(
+    connectors: Sequence[ConnectorLike], max_dc_kw: float, max_ac_kw: float
+) -> tuple[float, str, float]:
+    """The connector class a vehicle books at a station: ``(rated kW, type, session kW)``
+    with the highest session power for this vehicle; ties: more connectors, then the lower
+    rating (leave the fastest connectors to the vehicles that can use them)."""
+    counts: dict[tuple[float, str], int] = {}
+    for c in connectors:
+        counts[(c.power_kw, c.type)] = counts.get((c.power_kw, c.type), 0) + 1
+    best = max(
+        counts,
+        key=lambda k: (session_power_kw(k[0], k[1], max_dc_kw, max_ac_kw), counts[k], -k[0], k[1]),
+    )
+    return best[0], best[1], session_power_kw(best[0], best[1], max_dc_kw, max_ac_kw)
+
+
+def plan_trip(
+    roads: RoadNetwork,
+    snapshot: NetworkSnapshot,
+    connectors: Sequence[Sequence[ConnectorLike]],
+    policy: Callable[[ChargeRequest, NetworkSnapshot, float], Choice | None],
+    ch: ChargingBehaviour,
+    vehicle: VehicleParams,
+    origin: int,
+    dest: int,
+    soc: float,
+    now: float,
+    max_stops: int = 16,
+) -> TripPlan:
+    """Predict the charging stops of a trip leaving ``origin`` at ``now`` with ``soc``."""
+    st = snapshot.stations
+    per_km = vehicle.per_km
+    pos, t = origin, now
+    skip_at: set[int] = set()
+    stops: list[PlannedStop] = []
+
+    def decide(node: int, s: float, nxt: int | None) -> bool:
+        return needs_charge(roads, ch, per_km, dest, skip_at, node, s, nxt)
+
+    for _ in range(4 * max_stops):
+        route = roads.route(pos, dest)
+        w = walk_route(roads, route, soc, per_km, decide)
+        t += w.minutes
+        soc, pos = w.soc, route[w.j]
+        if w.stranded_km is not None:
+            return TripPlan(tuple(stops), False, t, 0.0)
+        if not w.stop_here:
+            return TripPlan(tuple(stops), True, t, soc)
+        request = charge_request(roads, ch, vehicle, pos, dest, soc)
+        choice = choose_station(policy, request, snapshot, t)
+        skip_at.add(pos)
+        if choice is None:
+            continue
+        i = choice.station_index
+        st_node = int(st.node[i])
+        access = float(st.access_km[i])
+        go_km = float(roads.dist_km[pos, st_node]) + access
+        if soc - go_km * per_km < 0:
+            return TripPlan(tuple(stops), False, t, 0.0)
+        t += float(roads.time_min[pos, st_node]) + access_min(access)
+        soc -= go_km * per_km
+        decision = pos
+        pos = st_node
+        target = charge_target(roads, ch, per_km, pos, dest, access)
+        rated, ctype, power = booking_class(connectors[i], vehicle.max_dc_kw, vehicle.max_ac_kw)
+        curve = ChargeCurve(vehicle.battery_kwh, power, ch.taper_soc, ch.efficiency)
+        soc_out = max(min(target, MAX_TARGET_SOC), soc)
+        minutes = curve.minutes_to(soc, soc_out)
+        stops.append(
+            PlannedStop(
+                decision,
+                i,
+                st.ids[i],
+                t,
+                soc,
+                soc_out,
+                minutes,
+                power,
+                rated,
+                ctype,
+                choice.detour_km,
+            )
+        )
+        if len(stops) > max_stops:
+            return TripPlan(tuple(stops), False, t, soc)
+        t += minutes + (access_min(access) if access > 0 else 0.0)
+        soc = soc_out
+        if access > 0:
+            soc = max(soc - access * per_km, 0.0)
+    return TripPlan(tuple(stops), False, t, soc)
