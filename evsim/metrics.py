@@ -72,6 +72,7 @@ _SESSION_COLUMNS = [
     "station_id",
     "company_id",
     "connector_id",
+    "booking_id",
     "t_arrive",
     "t_start",
     "t_end",
@@ -201,7 +202,7 @@ def sessions_table(df: pd.DataFrame, horizon_min: float | None = None) -> pd.Dat
     """
     if horizon_min is not None:
         df = _window(df, float(horizon_min))
-    ids = ["vehicle_id", "station_id", "company_id", "connector_id"]
+    ids = ["vehicle_id", "station_id", "company_id", "connector_id", "booking_id"]
     rows = df.loc[
         df["kind"].isin(_SESSION_KINDS) & df["session_id"].notna(),
         ["t_min", "kind", "session_id", *ids, "energy_kwh", "price"],
@@ -411,6 +412,9 @@ def compute_metrics(df: pd.DataFrame, horizon_min: float | None = None) -> dict[
         trips               {started, completed}
         detour_km           {total, mean}  over station_chosen rows
         queue               {mean_len, max_len}  vehicles waiting network-wide
+        bookings            {trips_requested, trips_booked, trips_rejected, trips_failed,
+                             final: {OCPI status: bookings}, wait_booked_mean,
+                             wait_walkin_mean, sessions_booked}  (empty trips when none)
         horizon_min         the horizon used
     """
     horizon = resolve_horizon(df, horizon_min)
@@ -481,9 +485,35 @@ def compute_metrics(df: pd.DataFrame, horizon_min: float | None = None) -> dict[
             "mean_len": area / horizon if horizon > 0 else math.nan,
             "max_len": max_len,
         },
+        "bookings": _booking_metrics(w, started),
         "horizon_min": horizon,
     }
     return _plain(metrics)
+
+
+def _booking_metrics(w: pd.DataFrame, started: pd.DataFrame) -> dict[str, Any]:
+    """Trip outcomes, final booking states, and waits of booked vs walk-in sessions."""
+    trips = w[w["kind"] == Kind.TRIP_BOOKING]
+    ever = trips.groupby("booking_id")["status"].agg(set) if len(trips) else pd.Series(dtype=object)
+
+    def n_with(status: str) -> int:
+        return int(sum(status in v for v in ever))
+
+    books = w[w["kind"] == Kind.BOOKING].sort_values("t_min", kind="stable")
+    final = books.groupby("booking_id")["status"].last().value_counts() if len(books) else {}
+    booked = started["booking_id"].notna() if "booking_id" in started else pd.Series(False)
+    wb = started.loc[booked, "wait_min"].dropna()
+    ww = started.loc[~booked, "wait_min"].dropna()
+    return {
+        "trips_requested": len(ever),
+        "trips_booked": n_with("BOOKED"),
+        "trips_rejected": n_with("REJECTED"),
+        "trips_failed": n_with("FAILED"),
+        "final": {str(k): int(v) for k, v in dict(final).items()},
+        "sessions_booked": int(booked.sum()),
+        "wait_booked_mean": float(wb.mean()) if len(wb) else math.nan,
+        "wait_walkin_mean": float(ww.mean()) if len(ww) else math.nan,
+    }
 
 
 # --------------------------------------------------------------------------------------------

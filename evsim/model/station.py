@@ -211,7 +211,9 @@ class SimStation:
 
     # ------------------------------------------------------------------ reservations (desk)
 
-    def _arrive(self, vehicle_id: str, session_id: str, soc: float | None) -> None:
+    def _arrive(
+        self, vehicle_id: str, session_id: str, soc: float | None, booking_id: str | None = None
+    ) -> None:
         self.waiting += 1
         self.trace.emit(
             self.env.now,
@@ -220,6 +222,7 @@ class SimStation:
             station_id=self.station_id,
             company_id=self.company_id,
             session_id=session_id,
+            booking_id=booking_id,
             soc=soc,
             queue_len=self.waiting,
         )
@@ -300,7 +303,7 @@ class SimStation:
         env = self.env
         assert self._desk is not None
         t_arrive = env.now
-        self._arrive(vehicle_id, session_id, soc)
+        self._arrive(vehicle_id, session_id, soc, booking_id)
         if env.now < start_min:  # early: the reservation starts later
             yield env.timeout(start_min - env.now)
         spec = self.connectors[self._order[connector_id]]
@@ -321,7 +324,9 @@ class SimStation:
             why = self._desk.authorize(booking_id, env.now)
             if not why:
                 p = plan(spec, env.now)
-                result = yield from self._session(vehicle_id, session_id, soc, spec, p, t_arrive)
+                result = yield from self._session(
+                    vehicle_id, session_id, soc, spec, p, t_arrive, booking_id
+                )
                 self._desk.session_ended(booking_id, env.now)
                 return result, ""
             self._release(spec)  # give the connector back, then queue like anyone else
@@ -338,6 +343,7 @@ class SimStation:
         spec: ConnectorSpec,
         p: SessionPlan,
         t_arrive: float,
+        booking_id: str | None = None,
     ) -> Generator[simpy.Event, Any, SessionResult]:
         env, tr = self.env, self.trace
         self.waiting -= 1
@@ -351,6 +357,7 @@ class SimStation:
             company_id=self.company_id,
             connector_id=spec.connector_id,
             session_id=session_id,
+            booking_id=booking_id,
             soc=soc,
             wait_min=wait,
             queue_len=self.waiting,
@@ -370,6 +377,7 @@ class SimStation:
             company_id=self.company_id,
             connector_id=spec.connector_id,
             session_id=session_id,
+            booking_id=booking_id,
             soc=p.soc_after,
             energy_kwh=p.energy_kwh,
             price=p.price,
