@@ -284,6 +284,146 @@ def metrics(
         (run_dir / "metrics.json").write_text(json.dumps(m, indent=2))
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories with trace.parquet (sim or live); first = reference."),
+    ],
+    out: Annotated[Path, typer.Option(help="Directory for report.html, report.md, figures/.")] = (
+        Path("report")
+    ),
+    label: Annotated[
+        list[str] | None, typer.Option(help="Label per run, in order (repeat; default dir name).")
+    ] = None,
+) -> None:
+    """Compare runs side by side: wait ECDFs, utilisation, queues, balance, energy, revenue,
+    and agreement of every run with the first (bootstrap CI, KS test, tolerance verdicts)."""
+    from evsim.report import write_report
+
+    with err_console.status("report") as status:
+        try:
+            path = write_report(
+                run_dirs,
+                out,
+                labels=label or None,
+                on_step=lambda msg: status.update(f"report: {msg}"),
+            )
+        except (FileNotFoundError, ValueError) as err:
+            _fail(str(err))
+    agree_csv = path.parent / "agreement.csv"
+    if agree_csv.exists():  # the agreement table, as a quick answer on the terminal
+        import pandas as pd
+
+        agree = pd.read_csv(agree_csv, keep_default_na=False, na_values=[""])
+        verdicts = list(agree.columns[-3:])  # mean wait, KS, utilisation
+        t = Table(title=f"agreement with {run_dirs[0]}", header_style="bold")
+        for c in ("run", "Δ mean wait (min) [95% CI]", "KS D (p)", "util |Δ| max/mean (pp)"):
+            t.add_column(c, justify="left" if c == "run" else "right")
+        for c in verdicts:
+            t.add_column(c, justify="center")
+        colour = {"PASS": "[green]PASS[/]", "FAIL": "[red]FAIL[/]"}
+        for _, r in agree.iterrows():
+            t.add_row(
+                str(r["run"]),
+                f"{_fmt(r['diff (min)'])} {r['95% CI']} ({_fmt(r['diff (%)'], 1)}%)",
+                f"{_fmt(r['KS D'], 3)} ({_fmt(r['KS p'], 3)})",
+                f"{_fmt(r['util max |Δ| (pp)'], 1)} / {_fmt(r['util mean |Δ| (pp)'], 1)}",
+                *(colour.get(str(r[c]), str(r[c])) for c in verdicts),
+            )
+        console.print(t)
+    console.print(f"-> [bold]{path}[/] (and report.md, figures/, agreement.csv in {path.parent})")
+
+
+def _param_cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def sweep(
+    scenario: ScenarioArg = None,
+    policy: Annotated[
+        list[str] | None, typer.Option("--policy", "-p", help="Policy (repeat for several).")
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=V1,V2,... (repeatable): a policy parameter (w_price) or a scenario field "
+            "by dotted path (network.status_delay_min, charging.threshold_soc)."
+        ),
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per grid point (from the scenario's).")] = 3,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Results Parquet; runs already in it are skipped (resume)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Local worker processes (default: all cores).")
+    ] = None,
+    dask: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler address (tcp://host:8786) instead of local processes."),
+    ] = None,
+) -> None:
+    """Run a grid of policies x parameters x seeds; one row per run with its flat metrics."""
+    from evsim.api import summarise
+    from evsim.sweep import parse_values, run_sweep
+
+    sc = _load(scenario)
+    grid: dict[str, list[Any]] = {}
+    for item in param or []:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--param {item!r}: expected KEY=V1,V2,...")
+        try:
+            grid[key.strip()] = parse_values(values)
+        except ValueError as err:
+            _fail(f"--param {item!r}: {err}")
+    if seeds < 1:
+        _fail("--seeds must be at least 1")
+    if workers is not None and workers < 1:
+        _fail("--workers must be at least 1")
+    out_path = out or Path("runs") / f"{sc.name}-sweep.parquet"
+    try:
+        df = run_sweep(
+            sc,
+            policy or [sc.policy.name],
+            grid,
+            seeds,
+            out=out_path,
+            workers=workers,
+            dask=dask,
+            progress=True,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    keys = ["policy", *grid]
+    t = Table(title=f"{sc.name}: {len(df)} run(s), mean ± 95% CI over seeds", header_style="bold")
+    shown = [
+        ("wait_min.mean", "wait mean (min)", 1),
+        ("wait_min.p95", "wait p95 (min)", 1),
+        ("balance.stations.jain", "Jain stations", 3),
+        ("stranded", "stranded", 1),
+    ]
+    for k in keys:
+        t.add_column(k, no_wrap=True)
+    for _, label, _ in shown:
+        t.add_column(label, justify="right")
+    for _, g in df.groupby(keys, dropna=False, sort=False):
+        s = summarise(g.assign(policy="x")).iloc[0]
+        cells = []
+        for key, _, d in shown:
+            v, ci = s.get(key), s.get(f"{key} ±")
+            cells.append(
+                _fmt(float(v), d) + (f" ± {ci:.{d}f}" if ci is not None and ci == ci else "")
+            )
+        t.add_row(*(_param_cell(g.iloc[0][k]) for k in keys), *cells)
+    console.print(t)
+    console.print(f"-> [bold]{out_path}[/] ({len(df)} rows x {df.shape[1]} columns)")
+
+
 def _load_plugins() -> None:
     for ep in entry_points(group="evsim.cli"):
         try:
