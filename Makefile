@@ -45,3 +45,7 @@ lab:
 
 clean:
 	rm -rf runs .pytest_cache
+
+.PHONY: reliability
+reliability: $(STAMP)
+	$(BIN)/python bench/reliability.py --runs 3

@@ -10,7 +10,8 @@ free loopback port, waits until the port accepts TCP connections, and stops it w
   to 20 in flight per client or dropped after 1000 queued;
 * ``persistence false``: every run starts from an empty broker (retained status is rebuilt by
   the station agents when they connect);
-* optional ``password_file`` (created with ``mosquitto_passwd -b``) and ``acl_file``.
+* optional ``password_file`` (PBKDF2 ``$7$`` hashes, :func:`live.acl.write_passwd`) and
+  ``acl_file`` (:func:`live.acl.acl_lines`); with users, anonymous clients are refused.
 
 The broker can be stopped and started again on the same port (``restart``), which the
 reconnect tests use.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -123,6 +125,9 @@ class MosquittoBroker:
             f"max_queued_messages {self.max_queued}",
             "max_queued_bytes 0",
             "persistence false",
+            # as root, mosquitto would switch to user "mosquitto", which cannot read our 0600
+            # password file: stay the user who wrote it
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             "log_dest stderr",
             *(f"log_type {t}" for t in self.log_types),
         ]
@@ -136,17 +141,10 @@ class MosquittoBroker:
 
     def _write_files(self) -> None:
         self.config_path.write_text(self.config_text())
-        if self.users:
-            pw = self.workdir / "passwd"
-            pw.write_text("")
-            tool = shutil.which("mosquitto_passwd") or str(
-                Path(self.binary or "").with_name("mosquitto_passwd")
-            )
-            for user, password in self.users.items():
-                subprocess.run(
-                    [tool, "-b", str(pw), user, password], check=True, capture_output=True
-                )
-            pw.chmod(0o600)
+        if self.users:  # Mosquitto $7$ hashes computed in Python (live.acl), mode 0600
+            from live.acl import write_passwd
+
+            write_passwd(self.workdir / "passwd", self.users)
         if self.acl:
             (self.workdir / "acl").write_text("\n".join(self.acl) + "\n")
 

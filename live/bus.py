@@ -62,6 +62,8 @@ def decode_json(payload: bytes | bytearray | str) -> dict[str, Any]:
         raise BadPayload(f"payload is not UTF-8: {exc}") from None
     except json.JSONDecodeError as exc:
         raise BadPayload(f"payload is not JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise BadPayload("payload is nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadPayload(f"payload must be a JSON object, got {type(obj).__name__}")
     return obj

@@ -9,6 +9,7 @@ point group (``live = "live.cli:app"``); ``python -m live ...`` runs it directly
   the plots to DIR.
 * ``evsim live up [SCENARIO]``: the same network without an end (vehicles optional), until
   Ctrl-C; then the trace is collected like ``run``.
+* ``acl --scenario S --out deploy/mosquitto``: MQTT credentials + ACL for docker-compose.
 * ``server``, ``station-agent``, ``vehicle-agent``, ``broker``: the single components (what the
   launcher and the Docker Compose services run), configured by ``EVSIM_*`` variables.
 """
@@ -166,6 +167,21 @@ def vehicle_agent(ctx: typer.Context) -> None:
     from live.vehicle_agent import main
 
     raise typer.Exit(main(list(ctx.args)))
+
+
+@app.command()
+def acl(
+    scenario: Annotated[Path | None, typer.Option(help="Scenario TOML.")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("deploy/mosquitto"),
+) -> None:
+    """MQTT users, passwords and ACL for SCENARIO: passwd + acl (for the broker) and
+    secrets.env (mode 0600, for `docker compose --env-file`). Never commit them."""
+    from evsim.scenario import load_scenario
+    from live.acl import write_deploy
+
+    creds, files = write_deploy(load_scenario(_scenario_path(scenario)), out)
+    typer.echo(f"{len(creds.users())} MQTT users; wrote " + ", ".join(str(f) for f in
+                                                               files.values()))
 
 
 @app.command()

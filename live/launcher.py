@@ -13,6 +13,12 @@ they share one scenario clock. Each runs in its own process group with its outpu
 ``logs/{name}.log``; :meth:`LiveNetwork.stop` sends SIGTERM to every group, then SIGKILL to
 what is left after a grace period, so nothing outlives the run (also on Ctrl-C or an error).
 
+Faults (:mod:`live.faults`): with ``faults=True`` every server watches a fault file
+``faults/{company}`` in the run dir; :meth:`LiveNetwork.arm` writes a spec there (crash,
+pause or cut the server at a protocol step), :meth:`LiveNetwork.fired` tells whether it fired,
+:meth:`LiveNetwork.kill` / :meth:`LiveNetwork.restart` / :meth:`LiveNetwork.pause` /
+:meth:`LiveNetwork.resume` act on a process from outside (SIGKILL, SIGSTOP, SIGCONT).
+
 After the run :func:`collect_trace` merges the trace rows of every company database and the
 vehicle agent's JSON-lines part into ``trace.parquet`` (evsim.trace schema, run info
 ``source: "live"``), adding the ``connector_status`` rows at t=0 the simulation also writes;
@@ -39,6 +45,7 @@ from typing import Any
 import httpx
 
 from evsim.scenario import Scenario, load_scenario
+from live.acl import Credentials, acl_lines, write_secrets
 from live.broker import MosquittoBroker, free_port
 
 __all__ = ["LiveNetwork", "Proc", "collect_trace", "run_scenario"]
@@ -71,8 +78,11 @@ class LiveNetwork:
     mqtt_user: str | None = None
     mqtt_password: str | None = None
     python: str = sys.executable
+    faults: bool = False  # servers watch faults/{company} (live.faults)
     epoch: float = 0.0
     broker: MosquittoBroker | None = None
+    auth: bool = True  # [access] own broker: per-run credentials + ACL, no anonymous clients
+    creds: Credentials | None = None
     procs: list[Proc] = field(default_factory=list)
     servers: dict[str, str] = field(default_factory=dict)  # company -> base URL
 
@@ -80,7 +90,7 @@ class LiveNetwork:
         self.scenario_path = Path(self.scenario_path).resolve()
         self.scenario: Scenario = load_scenario(self.scenario_path)
         self.out = Path(self.out).resolve()
-        for d in ("db", "logs", "parts"):
+        for d in ("db", "logs", "parts", "faults"):
             (self.out / d).mkdir(parents=True, exist_ok=True)
 
     # -- environment ---------------------------------------------------------------------
@@ -115,7 +125,19 @@ class LiveNetwork:
         e.update(extra)
         return e
 
+    def auth_env(self, name: str) -> dict[str, str]:
+        """[access] MQTT credentials of process ``name`` (server-c / stations-c / vehicles)."""
+        if self.creds is None:
+            return {}
+        role, _, company = name.partition("-")
+        if role == "server":
+            return self.creds.server_env(company)
+        if role == "stations":
+            return self.creds.station_agent_env(company)
+        return self.creds.vehicles_env() if name == "vehicles" else {}
+
     def spawn(self, name: str, args: list[str], **env: str) -> Proc:
+        env = {**self.auth_env(name), **env}  # [access]
         log_path = self.out / "logs" / f"{name}.log"
         fh = log_path.open("ab")
         try:
@@ -135,7 +157,13 @@ class LiveNetwork:
     def start(self, ready_timeout: float = 60.0) -> LiveNetwork:
         """Broker, then servers and station agents; returns once every server is healthy."""
         if self.broker_url is None:
-            self.broker = MosquittoBroker(workdir=self.out / "broker").start()
+            users, acl = None, None
+            if self.auth:  # [access] random per run; secrets.env is 0600 in the run dir
+                self.creds = Credentials.generate(self.scenario)
+                write_secrets(self.creds, self.out / "broker" / "secrets.env")
+                users, acl = self.creds.users(), acl_lines(self.scenario)
+            self.broker = MosquittoBroker(workdir=self.out / "broker", users=users,
+                                          acl=acl).start()
             self.broker_url = self.broker.url
         if not self.epoch:
             self.epoch = time.time()
@@ -143,8 +171,7 @@ class LiveNetwork:
             port = free_port()
             self.servers[c.id] = f"http://127.0.0.1:{port}"
             self.spawn(f"server-{c.id}", ["server", "--host", "127.0.0.1", "--port", str(port)],
-                       EVSIM_COMPANY=c.id,
-                       EVSIM_DB_URL=f"sqlite:///{self.out / 'db' / f'{c.id}.db'}")
+                       **self._server_env(c.id))
         for c in self.scenario.companies:
             if any(s.company == c.id for s in self.scenario.stations):
                 self.spawn(f"stations-{c.id}", ["station-agent"], EVSIM_COMPANY=c.id)
@@ -192,13 +219,75 @@ class LiveNetwork:
         company = name.split("-", 1)[1]
         extra = {"EVSIM_COMPANY": company}
         if name.startswith("server-"):
-            extra["EVSIM_DB_URL"] = f"sqlite:///{self.out / 'db' / f'{company}.db'}"
+            extra = self._server_env(company)
         return self.spawn(name, args, **extra)
+
+    def _server_env(self, company: str) -> dict[str, str]:
+        env = {"EVSIM_COMPANY": company,
+               "EVSIM_DB_URL": f"sqlite:///{self.db_path(company)}"}
+        if self.faults:
+            env["EVSIM_FAULT_FILE"] = str(self.fault_file(company))
+        return env
+
+    # -- faults (live.faults) ------------------------------------------------------------
+
+    def db_path(self, company: str) -> Path:
+        return self.out / "db" / f"{company}.db"
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def fault_file(self, company: str) -> Path:
+        return self.out / "faults" / company
+
+    def arm(self, company: str, spec: str) -> None:
+        """Arm ``company``'s server with a fault spec (replaces the previous one)."""
+        path = self.fault_file(company)
+        with contextlib.suppress(FileNotFoundError):
+            path.with_name(path.name + ".fired").unlink()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(spec + "\n")
+        os.replace(tmp, path)  # a new inode: the server sees the change at its next step
+
+    def disarm(self, company: str) -> None:
+        """Remove the fault spec (heals an injected partition)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fault_file(company).unlink()
+
+    def fired(self, company: str) -> dict[str, Any] | None:
+        """What the last armed spec did (``{spec, pid, t}``) once it fired, else None."""
+        path = self.fault_file(company)
+        try:
+            return dict(json.loads(path.with_name(path.name + ".fired").read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process group (it stays dead until :meth:`restart`)."""
+        p = self.proc(name)
+        _signal_group(p.popen, signal.SIGKILL)
+        p.popen.wait(10)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP a process group (frozen: no timers, no I/O; the broker keeps its socket)."""
+        _signal_group(self.proc(name).popen, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        _signal_group(self.proc(name).popen, signal.SIGCONT)
+
+    def stopped(self, name: str) -> bool:
+        """True if the process is stopped (SIGSTOP, e.g. by an injected ``pause``)."""
+        try:
+            stat = Path(f"/proc/{self.proc(name).popen.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[-1].split()[0] in ("T", "t")
 
     def stop(self, grace_s: float = 5.0) -> dict[str, int | None]:
         """SIGTERM every process group, SIGKILL after ``grace_s``; then the broker."""
         for p in self.procs:
             if p.alive:
+                _signal_group(p.popen, signal.SIGCONT)  # a paused process cannot exit
                 _signal_group(p.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for p in self.procs:

@@ -12,6 +12,17 @@ variable                    default                               meaning
 ``EVSIM_MQTT_URL``          ``mqtt://127.0.0.1:1883``             broker (mqtt:// or mqtts://)
 ``EVSIM_MQTT_USER``         unset                                 broker user name
 ``EVSIM_MQTT_PASSWORD``     unset                                 broker password
+``EVSIM_MQTT_STATION_KEY``  unset                                 station agent: per-station
+                                                                  passwords (live.acl)
+``EVSIM_MQTT_KEEPALIVE``    ``10``                                MQTT keep-alive (s); a
+                                                                  silent station is offline
+                                                                  after 1.5 x this
+``EVSIM_OUTAGE_MIN``        ``15``                                scenario min an offline
+                                                                  station is assumed to stay
+                                                                  down: reservations due
+                                                                  sooner are cancelled
+``EVSIM_OUTAGE_SOC``        scenario's ``charging.threshold_soc``  SoC of the vehicle model
+                                                                  alternatives are ranked for
 ``EVSIM_TIME_SCALE``        ``60``                                sim seconds per wall second
 ``EVSIM_START_MIN``         ``0``                                 scenario minute at the epoch
 ``EVSIM_EPOCH``             process start                         unix time (s) of ``start_min``
@@ -52,6 +63,11 @@ class Settings(BaseModel):
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_user: str | None = None
     mqtt_password: str | None = None
+    mqtt_station_key: str | None = None
+    mqtt_keepalive: int = Field(default=10, ge=1, le=65535)
+    outage_min: float = Field(default=15.0, ge=0, description="assumed station outage")
+    outage_soc: float | None = Field(default=None, ge=0, le=1,
+                                     description="SoC alternatives are ranked for")
     time_scale: float = Field(default=60.0, gt=0, description="sim seconds per wall second")
     start_min: float = Field(default=0.0, ge=0)
     epoch: float | None = Field(default=None, description="unix time of start_min")
@@ -90,6 +106,10 @@ class Settings(BaseModel):
             ("mqtt_url", "MQTT_URL"),
             ("mqtt_user", "MQTT_USER"),
             ("mqtt_password", "MQTT_PASSWORD"),
+            ("mqtt_station_key", "MQTT_STATION_KEY"),
+            ("mqtt_keepalive", "MQTT_KEEPALIVE"),
+            ("outage_min", "OUTAGE_MIN"),
+            ("outage_soc", "OUTAGE_SOC"),
             ("time_scale", "TIME_SCALE"),
             ("start_min", "START_MIN"),
             ("epoch", "EPOCH"),

@@ -44,6 +44,7 @@ from typing import Any
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
 from evsim.model.world import ConnectorSpec, World
 from evsim.scenario import Scenario, load_scenario
+from live.acl import station_password, station_user
 from live.bus import BadPayload, Bus, decode_json, encode_json
 from live.mqtt import Dispatcher, MqttBus, Will
 from live.topics import (
@@ -222,6 +223,9 @@ class StationAgent:
     ``bus_factory(station_id, will)`` makes a station's bus (tests pass in-memory buses);
     by default it is an :class:`MqttBus` to ``mqtt_url`` sharing this agent's dispatcher.
     ``meter_period_s`` is the wall interval between meter readings of a running session.
+    ``station_key`` (the company's station key, :mod:`live.acl`): each station connects as
+    user ``station-{station_id}`` with its derived password instead of ``username``.
+    ``keepalive`` (s): the broker publishes a silent station's last will after 1.5x this.
     """
 
     def __init__(
@@ -236,6 +240,8 @@ class StationAgent:
         meter_period_s: float = 1.0,
         stations: list[str] | None = None,
         bus_factory: Callable[[str, Will], Bus] | None = None,
+        station_key: str | None = None,
+        keepalive: int = 10,
     ) -> None:
         self.scenario = scenario
         self.company = company
@@ -264,12 +270,17 @@ class StationAgent:
             if bus_factory is not None:
                 st.bus = bus_factory(st.station_id, will)
             else:
+                user, pw = username, password
+                if station_key is not None:  # each station is its own MQTT user (live.acl)
+                    user = station_user(st.station_id)
+                    pw = station_password(station_key, st.station_id)
                 st.bus = MqttBus(
                     mqtt_url,
                     client_id=f"evsim-station-{company}-{st.station_id}-{os.getpid()}",
-                    username=username,
-                    password=password,
+                    username=user,
+                    password=pw,
                     will=will,
+                    keepalive=keepalive,
                     connect_timeout=None,
                     dispatcher=self.dispatcher,
                 )
@@ -475,11 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mqtt", help="broker URL (default EVSIM_MQTT_URL)")
     p.add_argument("--time-scale", type=float, help="sim s per wall s (EVSIM_TIME_SCALE)")
     p.add_argument("--meter-period", type=float, default=1.0, help="wall s between meter msgs")
+    p.add_argument("--keepalive", type=int, help="MQTT keep-alive s (EVSIM_MQTT_KEEPALIVE)")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("EVSIM_LOG", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = {k: v for k, v in {"company": a.company, "scenario": a.scenario,
-                                   "mqtt_url": a.mqtt, "time_scale": a.time_scale}.items()
+                                   "mqtt_url": a.mqtt, "time_scale": a.time_scale,
+                                   "mqtt_keepalive": a.keepalive}.items()
                  if v is not None}
     s = Settings.from_env(**overrides)
     if not s.company:
@@ -487,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = ScaledClock(s.time_scale, s.start_min, s.epoch)
     agent = StationAgent(load_scenario(s.scenario), s.company, s.mqtt_url, clock=clock,
                          username=s.mqtt_user, password=s.mqtt_password,
-                         meter_period_s=a.meter_period)
+                         meter_period_s=a.meter_period, station_key=s.mqtt_station_key,
+                         keepalive=s.mqtt_keepalive)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

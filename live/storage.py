@@ -177,6 +177,10 @@ class Storage:
         self.url = url
         self.engine = make_engine(url)
         self._write = threading.Lock()  # SQLite has one writer; serialise to avoid busy errors
+        # token hash -> vehicle row: vehicles are never deleted nor re-keyed, so a hit stays
+        # valid; saves a query on every authenticated request
+        self._by_token: dict[str, dict[str, Any]] = {}
+        self._trips: dict[str, dict[str, Any]] = {}  # trips rows are insert-only: cache hits
         metadata.create_all(self.engine)
         with self.begin() as conn:
             row = conn.execute(
@@ -255,9 +259,17 @@ class Storage:
         return None if row is None else dict(row._mapping)
 
     def vehicle_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
+        hit = self._by_token.get(token_hash)
+        if hit is not None:
+            return dict(hit)
         with self.engine.connect() as conn:
             row = conn.execute(select(vehicles).where(vehicles.c.token_hash == token_hash)).first()
-        return None if row is None else dict(row._mapping)
+        if row is None:
+            return None
+        if len(self._by_token) >= 100_000:
+            self._by_token.clear()
+        self._by_token[token_hash] = d = dict(row._mapping)
+        return dict(d)
 
     # ------------------------------------------------------------------ trips
 
@@ -273,11 +285,17 @@ class Storage:
         )
 
     def trip(self, trip_id: str) -> dict[str, Any] | None:
+        hit = self._trips.get(trip_id)
+        if hit is not None:
+            return {**hit, "request": json.loads(hit["request"])}
         with self.engine.connect() as conn:
             row = conn.execute(select(trips).where(trips.c.trip_id == trip_id)).first()
         if row is None:
             return None
         d = dict(row._mapping)
+        if len(self._trips) >= 100_000:
+            self._trips.clear()
+        self._trips[trip_id] = dict(d)  # committed (read back), so safe to serve again
         d["request"] = json.loads(d["request"])
         return d
 

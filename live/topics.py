@@ -13,7 +13,7 @@ evsim/{company}/stations/{station_id}/status  st->all   yes     STATUS (LWT: off
 evsim/{company}/stations/{station_id}/meter   st->srv   no      METER
 evsim/{company}/stations/{station_id}/cmd     srv->st   no      CMD (start/stop)
 evsim/{company}/stations/{station_id}/events  st->srv   no      EVENT
-evsim/protocol/{node_id}                      srv->srv  no      evsim.protocol message
+evsim/protocol/{node_id}/{src_company}        srv->srv  no      evsim.protocol message
 evsim/vehicles/{vehicle_id}/notify            srv->veh  no      NOTIFY
 ============================================  ========  ======  ===========================
 
@@ -89,8 +89,17 @@ def events_topic(company: str, station_id: str) -> str:
     return station_topic(company, station_id, "events")
 
 
-def protocol_topic(node_id: str) -> str:
-    return f"{ROOT}/protocol/{_check(node_id, 'node_id')}"
+def protocol_topic(node_id: str, src: str) -> str:
+    """Where company ``src`` sends protocol messages for node ``node_id``.
+
+    The sender's company is the last level so the broker ACL can pin it to the sender's
+    credentials (``server-{src}`` may publish only on ``evsim/protocol/+/{src}``)."""
+    return f"{ROOT}/protocol/{_check(node_id, 'node_id')}/{_check(src, 'src company')}"
+
+
+def protocol_filter(node_id: str) -> str:
+    """Every protocol message for ``node_id``, from any company (``evsim/protocol/{node}/+``)."""
+    return f"{ROOT}/protocol/{_check(node_id, 'node_id')}/+"
 
 
 def vehicle_notify_topic(vehicle_id: str) -> str:
@@ -125,6 +134,7 @@ class TopicInfo:
     station_id: str | None = None
     node_id: str | None = None
     vehicle_id: str | None = None
+    src: str | None = None  # protocol: the sending company
 
 
 def parse(topic: str) -> TopicInfo | None:
@@ -132,8 +142,8 @@ def parse(topic: str) -> TopicInfo | None:
     parts = topic.split("/")
     if len(parts) < 3 or parts[0] != ROOT or any(not p for p in parts):
         return None
-    if len(parts) == 3 and parts[1] == "protocol":
-        return TopicInfo(kind="protocol", node_id=parts[2])
+    if len(parts) == 4 and parts[1] == "protocol":
+        return TopicInfo(kind="protocol", node_id=parts[2], src=parts[3])
     if len(parts) == 4 and parts[1] == "vehicles" and parts[3] == "notify":
         return TopicInfo(kind="notify", vehicle_id=parts[2])
     if len(parts) == 5 and parts[2] == "stations" and parts[4] in STATION_CHANNELS:

@@ -96,10 +96,37 @@ def test_services_match_default_scenario(compose: dict[str, Any]) -> None:
 def test_no_secrets_committed(compose: dict[str, Any]) -> None:
     for name, svc in compose["services"].items():
         for key, value in _env(svc).items():
-            if re.search("PASSWORD|SECRET|TOKEN", key):
-                assert re.fullmatch(r"\$\{[A-Z_]+(:\?[^}]*)?\}", value), f"{name}.{key}={value}"
+            if re.search("PASSWORD|SECRET|TOKEN|KEY", key):
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", value), f"{name}.{key}={value}"
     conf = compose["configs"]["mosquitto_conf"]["content"]
     assert "allow_anonymous false" in conf and "set_tcp_nodelay true" in conf
+    assert "acl_file /mosquitto/auth/acl" in conf and "password_file /mosquitto/auth/passwd" in conf
+    assert "./deploy/mosquitto:/mosquitto/auth:ro" in compose["services"]["broker"]["volumes"]
+
+
+def test_compose_credentials_match_live_acl(compose: dict[str, Any]) -> None:
+    """Every service authenticates as the user live.acl generates for it, with the secret
+    `python -m live acl` writes to secrets.env under the variable compose reads."""
+    from evsim.scenario import load_scenario
+    from live.acl import Credentials
+
+    sc = load_scenario()
+    names = set(Credentials.generate(sc).secrets_env())
+    used = set()
+    for svc in compose["services"].values():
+        env = _env(svc)
+        cmd = _cmd(svc)
+        for key, value in env.items():
+            m = re.fullmatch(r"\$\{([A-Z_]+):\?[^}]*\}", value)
+            if m and re.search("PASSWORD|KEY", key):
+                used.add(m.group(1))
+        if cmd and cmd[0] == "server":
+            assert env["EVSIM_MQTT_USER"] == f"server-{env['EVSIM_COMPANY']}"
+        if cmd and cmd[0] == "station-agent":
+            assert "EVSIM_MQTT_STATION_KEY" in env and "EVSIM_MQTT_USER" not in env
+        if cmd and cmd[0] == "vehicle-agent":
+            assert env["EVSIM_MQTT_USER"] == "vehicles"
+    assert used == names
 
 
 def test_dockerfile_installs_live_extra() -> None:

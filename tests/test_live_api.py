@@ -124,7 +124,8 @@ def test_bus_and_topics_contracts() -> None:
         topics.status_topic("a/b", "s")
     info = topics.parse(topics.cmd_topic("acme", "acme_alpha"))
     assert (info.kind, info.company, info.station_id) == ("cmd", "acme", "acme_alpha")
-    assert topics.parse(topics.protocol_topic("acme.coord")).node_id == "acme.coord"
+    info = topics.parse(topics.protocol_topic("acme.coord", "zap"))
+    assert (info.kind, info.node_id, info.src) == ("protocol", "acme.coord", "zap")
     assert topics.parse(topics.vehicle_notify_topic("v1")).vehicle_id == "v1"
     assert topics.parse("evsim/acme/stations/x/bogus") is None
     assert decode_json(encode_json({"a": 1})) == {"a": 1}
@@ -437,8 +438,8 @@ def test_garbage_protocol_payloads_are_ignored(net: Net) -> None:
     for payload in [b"garbage", b"\xff\xfe", b"[1,2]", b'{"type":"VOTE"}',
                     b'{"type":"NOPE","msg_id":"a","src":"b"}', b"{" * 100_000,
                     encode(vote).encode()]:
-        net.bus.publish(topics.protocol_topic("acme.coord"), payload)
-        net.bus.publish(topics.protocol_topic("acme"), payload)
+        net.bus.publish(topics.protocol_topic("acme.coord", "zap"), payload)
+        net.bus.publish(topics.protocol_topic("acme", "zap"), payload)
     net.bus.publish(topics.status_topic("zap", "zap_bravo"), b"not json")
     net.bus.publish(topics.status_topic("acme", "zap_bravo"), b'{"online": false}')
     net.bus.publish(topics.events_topic("acme", "acme_alpha"), b'{"event":"session_finished"}')

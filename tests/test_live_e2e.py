@@ -183,13 +183,20 @@ def _malformed_mqtt(net: Any) -> None:
 
     garbage = [b"\xff\xfe", b"[]", b'{"cmd": "start"}', b'{"event": "session_finished"}',
                b'{"online": "yes"}', b"x" * 70_000]
-    with MqttBus(net.mqtt_url) as bus:
-        for topic in ("evsim/acme/stations/acme_alpha/cmd", "evsim/acme/stations/acme_alpha/events",
-                      "evsim/acme/stations/acme_alpha/meter", "evsim/protocol/acme",
-                      "evsim/protocol/zap.coord"):
-            for g in garbage:
-                bus.publish(topic, g)
-        assert bus.flush(5)
+    # each topic from a client the ACL lets publish there (anonymous clients are refused)
+    users = net.creds.users()
+    senders = {"server-acme": ["evsim/acme/stations/acme_alpha/cmd",
+                               "evsim/protocol/zap.coord/acme"],
+               "station-acme_alpha": ["evsim/acme/stations/acme_alpha/events",
+                                      "evsim/acme/stations/acme_alpha/meter"],
+               "server-zap": ["evsim/protocol/acme/zap"]}
+    for user, topics_ in senders.items():
+        with MqttBus(net.mqtt_url, username=user, password=users[user],
+                     client_id=f"garbage-{user}") as bus:
+            for topic in topics_:
+                for g in garbage:
+                    bus.publish(topic, g)
+            assert bus.flush(5)
     time.sleep(0.5)
     for url in net.servers.values():
         assert httpx.get(f"{url}/health").json()["status"] == "ok"

@@ -416,7 +416,7 @@ def decode_tagged(text: str | bytes, registry: dict[str, type], what: str) -> An
     """Parse tagged JSON into the registered dataclass; raise ProtocolError if bad."""
     try:
         data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"{what}: invalid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(data).__name__}")

@@ -18,7 +18,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from live.bus import Bus
 from live.server.deps import error_body
@@ -66,7 +69,8 @@ def create_app(
 
     app = FastAPI(
         title=f"evsim company server: {settings.company}",
-        description="Bookings (atomic multi-company trips), sessions, recommendations.",
+        description="Bookings (atomic multi-company trips), sessions, recommendations. "
+        "Every 4xx body is a Problem: ``detail`` and a machine-readable ``reason``.",
         version="1",
         lifespan=lifespan,
     )
@@ -77,6 +81,18 @@ def create_app(
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the documented Problem body: ``detail`` lists the offending fields
+        return JSONResponse({"detail": jsonable_encoder(exc.errors()),
+                             "reason": "validation_error"}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        reason = "bad_body" if exc.status_code == 400 else None
+        return JSONResponse({"detail": exc.detail, "reason": reason},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:

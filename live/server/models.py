@@ -29,6 +29,22 @@ class Problem(BaseModel):
     reason: str | None = None
 
 
+_ERRORS = {
+    400: "the body could not be read (not UTF-8 JSON; reason ``bad_body``)",
+    401: "missing or invalid bearer token (reason ``unauthenticated``)",
+    403: "not the caller's resource (reason ``forbidden``)",
+    404: "no such resource of the caller (reason ``not_found``)",
+    409: "conflicts with the current state (see ``reason``)",
+    422: "invalid input: the offending fields (reason ``validation_error``) or a semantic "
+         "problem (see ``reason``)",
+}
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting ``codes`` with the :class:`Problem` body."""
+    return {c: {"model": Problem, "description": _ERRORS[c]} for c in codes}
+
+
 # ------------------------------------------------------------------ vehicles
 
 

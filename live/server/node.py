@@ -10,13 +10,17 @@ and the ticker alike).  Every call follows the same steps (:meth:`ProtocolHost.e
 2. persist both nodes' ``new_records()`` -- plus whatever the caller adds in the same
    transaction (the trips row, trace rows) -- and commit (write-ahead rule);
 3. release the lock, publish the messages for other companies on
-   ``evsim/protocol/{dst}`` (QoS 1), then run the post-commit hooks (vehicle
+   ``evsim/protocol/{dst}/{company}`` (QoS 1), then run the post-commit hooks (vehicle
    notifications).  Publishing outside the lock means a synchronous bus (tests) or a slow
    broker can never deadlock two servers.
 
 Node ids: the participant is ``{company}``, the coordinator ``{company}.coord`` and the API
 front end (the "vehicle node" TripResults go to) ``{company}.api``.  Garbage on the protocol
 topics is logged and dropped; it never reaches the state machines.
+
+Fault injection (:mod:`live.faults`, only when ``EVSIM_FAULT`` / ``EVSIM_FAULT_FILE`` is set):
+the host calls the injector right after each commit (step 2) and before / after each publish
+(step 3), and drops protocol traffic in and out while an injected partition lasts.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from evsim.protocol import (
 )
 from live import topics
 from live.bus import MAX_PAYLOAD_BYTES, Bus
+from live.faults import FaultInjector
 from live.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,7 @@ class ProtocolHost:
         *,
         participant_config: Mapping[str, Any] | None = None,
         coordinator_config: Mapping[str, Any] | None = None,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.company = company
         self.pid, self.cid, self.api = node_ids(company)
@@ -93,6 +99,9 @@ class ProtocolHost:
         self.clock = clock
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
+        # trip id -> Event of each request waiting for its TripResult (set after the commit
+        # that stores the result; waking only that waiter, not every waiting request)
+        self._waiters: dict[str, threading.Event] = {}
         self.participant = Participant.from_log(
             self.pid, stations, storage.load_records(self.pid), **(participant_config or {})
         )
@@ -105,17 +114,21 @@ class ProtocolHost:
         self.dropped = 0  # garbage / misaddressed protocol payloads ignored
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
+        # fault injection (live.faults): None unless EVSIM_FAULT / EVSIM_FAULT_FILE is set
+        self.faults = faults if faults is not None else FaultInjector.from_env()
 
     # ------------------------------------------------------------------ bus
 
     def attach(self, bus: Bus) -> None:
         """Subscribe this company's protocol topics on ``bus`` and send through it."""
         self.bus = bus
-        bus.subscribe(topics.protocol_topic(self.pid), self.on_payload)
-        bus.subscribe(topics.protocol_topic(self.cid), self.on_payload)
+        bus.subscribe(topics.protocol_filter(self.pid), self.on_payload)  # [access] {dst}/+
+        bus.subscribe(topics.protocol_filter(self.cid), self.on_payload)
 
     def on_payload(self, topic: str, payload: bytes) -> None:
-        """Bus handler for ``evsim/protocol/{node}``; never raises."""
+        """Bus handler for ``evsim/protocol/{node}/{src}``; never raises."""
+        if self.faults is not None and self.faults.partitioned():
+            return  # injected partition (live.faults): this company is cut off the bus
         info = topics.parse(topic)
         if info is None or info.kind != "protocol" or info.node_id not in (self.pid, self.cid):
             self.dropped += 1
@@ -130,6 +143,11 @@ class ProtocolHost:
         except (ProtocolError, UnicodeDecodeError, ValueError, TypeError) as exc:
             self.dropped += 1
             log.warning("malformed protocol payload on %s ignored: %s", topic, exc)
+            return
+        if info.src is not None and msg.src not in node_ids(info.src):  # [access] no spoofing
+            self.dropped += 1
+            log.warning("protocol message from %r on %s (sender %r) ignored", msg.src, topic,
+                        info.src)
             return
         try:
             self.deliver(info.node_id or "", msg)
@@ -181,8 +199,13 @@ class ProtocolHost:
                     Storage.append_records(conn, self.cid, fx.coordinator_records)
                     if extra is not None:
                         extra(conn, value, fx)
+                if self.faults is not None:  # injected crash right after the commit
+                    self.faults.after_commit(fx.participant_records + fx.coordinator_records)
             if fx.results or fx.participant_records or fx.coordinator_records:
                 self.changed.notify_all()
+                for tid, ev in self._waiters.items():
+                    if not ev.is_set() and self.result(tid) is not None:
+                        ev.set()
         self._send(remote)
         if fx.results or fx.participant_records or fx.coordinator_records:
             for hook in self.hooks:
@@ -193,15 +216,22 @@ class ProtocolHost:
         return value
 
     def _send(self, outs: list[Outgoing]) -> None:
-        bus = self.bus
+        bus, faults = self.bus, self.faults
         for o in outs:
             if bus is None:
                 log.warning("no bus attached; %s to %s not sent", type(o.msg).__name__, o.dst)
                 continue
+            if faults is not None:  # live.faults: partition, crash before a publish
+                if faults.partitioned():
+                    continue
+                faults.before_send(o.msg)
             try:
-                bus.publish(topics.protocol_topic(o.dst), encode(o.msg).encode(), qos=1)
+                bus.publish(topics.protocol_topic(o.dst, self.company),  # [access]
+                            encode(o.msg).encode(), qos=1)
             except Exception:  # retries are the protocol's business (tick re-sends)
                 log.exception("publishing %s to %s failed", type(o.msg).__name__, o.dst)
+            if faults is not None:  # crash / pause / cut right after the broker has it
+                faults.after_send(o.msg, bus)
 
     # ------------------------------------------------------------------ timers
 
@@ -241,6 +271,14 @@ class ProtocolHost:
 
     def wait_result(self, trip_id: str, timeout_s: float) -> TripResult | None:
         """Block up to ``timeout_s`` wall seconds for a trip's definitive result."""
-        with self.changed:
-            self.changed.wait_for(lambda: self.result(trip_id) is not None, timeout=timeout_s)
-            return self.result(trip_id)
+        with self.lock:
+            res = self.result(trip_id)
+            if res is not None:
+                return res
+            ev = self._waiters.setdefault(trip_id, threading.Event())
+        try:
+            ev.wait(timeout_s)
+        finally:
+            with self.lock:
+                self._waiters.pop(trip_id, None)
+        return self.result(trip_id)

@@ -104,6 +104,11 @@ def session_public(row: dict[str, Any]) -> m.SessionPublic:
     )
 
 
+_EVENT_NUMBERS = (("energy_kwh", 0.0, 1000.0), ("soc", 0.0, 1.0), ("t_min", 0.0, 1e7),
+                  ("power_kw", 0.0, 2000.0))
+_EVENTS = (topics.EV_SESSION_STARTED, topics.EV_SESSION_FINISHED, topics.EV_FAULT)
+
+
 class SessionManager:
     def __init__(self, svc: CompanyService) -> None:
         self.svc = svc
@@ -285,10 +290,23 @@ class SessionManager:
         row = self.svc.storage.session(sid) if isinstance(sid, str) else None
         if row is None or row["station_id"] != info.station_id:
             raise BadPayload(f"unknown session {sid!r} at {info.station_id!r}")
-        e = d.get("energy_kwh")
-        if e is not None and (isinstance(e, bool) or not isinstance(e, int | float)
-                              or not math.isfinite(e) or e < 0 or e > 1000):
-            raise BadPayload(f"bad energy_kwh {e!r}")
+        # every field present must have the documented type and range: a payload with one
+        # bad field is dropped whole (it never half-applies)
+        for key, lo, hi in _EVENT_NUMBERS:
+            v = d.get(key)
+            if v is None:
+                if key in d and key != "energy_kwh":
+                    raise BadPayload(f"{key} must be a number, got null")
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                    or not lo <= v <= hi:
+                raise BadPayload(f"bad {key} {v!r} (a number in [{lo}, {hi}])")
+        if "connector_id" in d and d["connector_id"] != row["connector_id"]:
+            raise BadPayload(f"connector_id {d['connector_id']!r} is not the session's")
+        if "station_id" in d and d["station_id"] != row["station_id"]:
+            raise BadPayload(f"station_id {d['station_id']!r} is not the session's")
+        if info.kind == "events" and d.get("event") not in _EVENTS:
+            raise BadPayload(f"unknown station event {d.get('event')!r}")
         return d, row
 
     def on_meter(self, topic: str, payload: bytes) -> None:

@@ -6,6 +6,10 @@ same kind of snapshot as in the simulation.  A station agent's last will
 (``{station_id, company_id, online: false}``) marks the station offline; offline stations
 are never recommended (the candidate filter of every policy drops them) nor booked.
 
+Listeners (:attr:`StatusReplica.listeners`) hear every applied status with the station's
+previous and new ``online`` flag; the company service uses them to handle the bookings of its
+own stations that go offline and to reconcile a station that comes back.
+
 Stations that have not reported yet count as online (as in the simulation, whose board starts
 online); ``reported`` tells them apart for the API.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +64,10 @@ class StatusReplica:
         self.reported: dict[str, bool] = {}
         self.connectors: dict[str, tuple[dict[str, Any], ...]] = {}
         self.rejected = 0
+        # listener(station_id, was_online, online, t_min): after every applied status (on the
+        # bus worker, outside the lock); the service reacts to its own stations going
+        # offline and coming back
+        self.listeners: list[Callable[[str, bool, bool, float], None]] = []
 
     def on_status(self, topic: str, payload: bytes) -> None:
         """Bus handler for ``evsim/+/stations/+/status``; never raises."""
@@ -84,10 +93,13 @@ class StatusReplica:
         owner = self.world.table.company_ids[i]
         if info.company != owner or d.get("company_id", owner) != owner:
             raise BadPayload(f"station {sid!r} belongs to {owner!r}")
+        if "station_id" not in d or "online" not in d:  # every status and will carries both
+            raise BadPayload("a status needs 'station_id' and 'online'")
         online = d.get("online", True)
         if not isinstance(online, bool):
             raise BadPayload("'online' must be a boolean")
         with self.lock:
+            was_online = bool(self.board.online[i])
             busy = _num(d, "busy", float(self.board.busy[i]))
             queued = _num(d, "queued", float(self.board.queued[i]))
             t = _num(d, "t_min", float(self.board.observed_t_min[i]))
@@ -102,6 +114,11 @@ class StatusReplica:
                 i, busy=int(busy), queued=int(queued), online=online, t_min=t or 0.0
             )
             self.reported[sid] = True
+        for listener in list(self.listeners):
+            try:
+                listener(sid, was_online, online, t or 0.0)
+            except Exception:
+                log.exception("status listener %r failed", listener)
 
     def set_online(self, station_id: str, online: bool) -> None:
         with self.lock:

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/bookings", tags=["bookings"])
     "", status_code=201, response_model=m.TripPublic,
     responses={202: {"model": m.TripPublic, "description": "still booking; poll the trip"},
                409: {"model": m.TripPublic, "description": "REJECTED / FAILED, with reason"},
-               422: {"model": m.Problem}},
+               **m.problems(400, 401, 422)},
 )
 def book(
     body: m.BookingCreate, svc: ServiceDep, me: VehicleDep, request: Request,
@@ -26,14 +26,14 @@ def book(
 
 
 @router.get("/{booking_id:path}", response_model=m.TripPublic | m.BookingPublic,
-            responses={404: {"model": m.Problem}})
+            responses=m.problems(401, 404, 422))
 def get_booking(booking_id: str, svc: ServiceDep, me: VehicleDep) -> m.TripPublic | m.BookingPublic:
     """A trip (coordinated here) or a booking (held here) of the caller."""
     return svc.get_booking(me, booking_id)
 
 
 @router.delete("/{booking_id:path}", response_model=m.TripPublic,
-               responses={404: {"model": m.Problem}, 409: {"model": m.Problem}})
+               responses=m.problems(401, 404, 409, 422))
 def cancel_booking(booking_id: str, svc: ServiceDep, me: VehicleDep) -> m.TripPublic:
     """Cancel a booked trip (all its stops, through the protocol)."""
     return svc.cancel(me, booking_id)

@@ -23,10 +23,12 @@ def health(svc: ServiceDep) -> m.Health:
     )
 
 
-@router.get("/trace", response_model=m.TracePage)
+@router.get("/trace", response_model=m.TracePage, responses=m.problems(422))
 def trace(
     svc: ServiceDep,
-    after: Annotated[int, Query(ge=0, description="return rows with seq > after")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=2**62, description="return rows with seq > after")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
 ) -> m.TracePage:
     """Trace rows (evsim.trace schema plus ``seq``), oldest first; page with ``after``."""

@@ -11,7 +11,7 @@ from live.server.deps import IdempotencyKey, ServiceDep, VehicleDep, idempotent
 router = APIRouter(prefix="/recommendations", tags=["recommendations"])
 
 
-@router.post("", response_model=m.Recommendations, responses={422: {"model": m.Problem}})
+@router.post("", response_model=m.Recommendations, responses=m.problems(400, 401, 422))
 def recommend(
     body: m.RecommendationCreate, svc: ServiceDep, me: VehicleDep, request: Request,
     key: IdempotencyKey = None,

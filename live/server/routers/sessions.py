@@ -12,8 +12,7 @@ router = APIRouter(prefix="/sessions", tags=["sessions"])
 
 
 @router.post("", status_code=201, response_model=m.SessionPublic,
-             responses={404: {"model": m.Problem}, 409: {"model": m.Problem},
-                        422: {"model": m.Problem}})
+             responses=m.problems(400, 401, 404, 409, 422))
 def start(
     body: m.SessionCreate, svc: ServiceDep, me: VehicleDep, request: Request,
     key: IdempotencyKey = None,
@@ -23,7 +22,7 @@ def start(
 
 
 @router.get("/{session_id}", response_model=m.SessionPublic,
-            responses={404: {"model": m.Problem}})
+            responses=m.problems(401, 404, 422))
 def get_session(session_id: str, svc: ServiceDep, me: VehicleDep) -> m.SessionPublic:
     from live.server.sessions import session_public
 
@@ -31,7 +30,7 @@ def get_session(session_id: str, svc: ServiceDep, me: VehicleDep) -> m.SessionPu
 
 
 @router.post("/{session_id}/stop", response_model=m.SessionPublic,
-             responses={404: {"model": m.Problem}})
+             responses=m.problems(400, 401, 404, 409, 422))
 def stop(
     session_id: str, svc: ServiceDep, me: VehicleDep, request: Request,
     body: m.SessionStop | None = None, key: IdempotencyKey = None,

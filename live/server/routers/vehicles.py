@@ -13,7 +13,7 @@ router = APIRouter(prefix="/vehicles", tags=["vehicles"])
 
 
 @router.post("", status_code=201, response_model=m.VehicleRegistered,
-             responses={409: {"model": m.Problem}})
+             responses=m.problems(400, 409, 422))
 def register(
     body: m.VehicleCreate, svc: ServiceDep, request: Request,
     key: IdempotencyKey = None,
@@ -23,7 +23,7 @@ def register(
 
 
 @router.get("/{vehicle_id}/sessions", response_model=list[m.SessionPublic],
-            responses={403: {"model": m.Problem}})
+            responses=m.problems(401, 403, 422))
 def sessions(vehicle_id: str, svc: ServiceDep, me: VehicleDep) -> list[m.SessionPublic]:
     """The caller's charging sessions at this company (CDR-like price breakdown)."""
     if vehicle_id != me:
