@@ -433,7 +433,10 @@ def _load_plugins() -> None:
         except Exception as err:  # a broken plugin must not break evsim
             err_console.print(f"[yellow]warning:[/] plugin {ep.name!r} not loaded: {err}")
             continue
-        app.add_typer(sub, name=ep.name)
+        if isinstance(sub, typer.Typer):
+            app.add_typer(sub, name=ep.name)
+        elif callable(sub):
+            app.command(name=ep.name)(sub)
 
 
 _load_plugins()
