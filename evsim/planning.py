@@ -15,6 +15,7 @@ station's connectors with the highest power this vehicle can draw).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -22,7 +23,7 @@ from typing import Protocol
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
 from evsim.geo import RoadNetwork
 from evsim.scenario import ChargingBehaviour
-from evsim.snapshot import ChargeRequest, Choice, NetworkSnapshot
+from evsim.snapshot import ACCESS_SPEED_KMH, ChargeRequest, Choice, NetworkSnapshot
 
 __all__ = [
     "TOPUP_SLACK_SOC",
@@ -36,11 +37,11 @@ __all__ = [
     "charge_target",
     "needs_charge",
     "plan_trip",
+    "route_of",
     "walk_route",
 ]
 
 TOPUP_SLACK_SOC = 0.15  # charge past the target by up to this much to finish without a stop
-ACCESS_SPEED_KMH = 50.0  # speed on a station's access road
 
 
 class ConnectorLike(Protocol):
@@ -89,6 +90,23 @@ def access_min(access_km: float) -> float:
     return access_km / ACCESS_SPEED_KMH * 60.0
 
 
+_ROUTES: weakref.WeakKeyDictionary[RoadNetwork, dict[tuple[int, int], list[int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def route_of(roads: RoadNetwork, src: int, dst: int) -> list[int]:
+    """``roads.route(src, dst)``, remembered per road network (the tables never change).
+    The list is shared: do not modify it."""
+    cache = _ROUTES.get(roads)
+    if cache is None:
+        cache = _ROUTES[roads] = {}
+    route = cache.get((src, dst))
+    if route is None:
+        route = cache[(src, dst)] = roads.route(src, dst)
+    return route
+
+
 def needs_charge(
     roads: RoadNetwork,
     ch: ChargingBehaviour,
@@ -101,14 +119,15 @@ def needs_charge(
 ) -> bool:
     """Charge here? Only if the rest of the trip is out of reach, and either SoC is at or
     below the threshold or the next leg would end below reserve + safety margin."""
-    if s - roads.dist_km[node, dest] * per_km >= ch.reserve_soc:
+    dist = roads.dist_km
+    if s - dist.item(node, dest) * per_km >= ch.reserve_soc:
         return False
     if node in skip_at:
         return False
     if s <= ch.threshold_soc:
         return True
     margin = ch.reserve_soc + ch.safety_margin_soc
-    return nxt is not None and s - roads.dist_km[node, nxt] * per_km < margin
+    return nxt is not None and s - dist.item(node, nxt) * per_km < margin
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,20 +151,21 @@ def walk_route(
     j, s, t, km = 0, soc, 0.0, 0.0
     stop_here = False
     stranded_km = None
+    dist, time_min = roads.dist_km, roads.time_min
     while j < len(route) - 1:
         node, nxt = route[j], route[j + 1]
         if decide(node, s, nxt):
             stop_here = True
             break
-        leg = float(roads.dist_km[node, nxt])
+        leg = dist.item(node, nxt)
         if s - leg * per_km < 0:
             stranded_km = s / per_km
-            t += float(roads.time_min[node, nxt]) * stranded_km / leg
+            t += time_min.item(node, nxt) * stranded_km / leg
             km += stranded_km
             s = 0.0
             break
         s -= leg * per_km
-        t += float(roads.time_min[node, nxt])
+        t += time_min.item(node, nxt)
         km += leg
         j += 1
     return Walk(j, s, t, km, stop_here, stranded_km)
@@ -162,8 +182,8 @@ def charge_request(
     return ChargeRequest(
         vehicle_id=v.vehicle_id,
         node=pos,
-        lat=float(roads.lat[pos]),
-        lon=float(roads.lon[pos]),
+        lat=roads.lat.item(pos),
+        lon=roads.lon.item(pos),
         dest_node=dest,
         soc=soc,
         battery_kwh=v.battery_kwh,
@@ -193,9 +213,9 @@ def charge_target(
 ) -> float:
     """SoC to charge to at a station hanging off node ``pos``: the configured target, raised
     to reach the next city, or to the destination if that costs at most TOPUP_SLACK_SOC more."""
-    route_on = roads.route(pos, dest)
-    next_leg = float(roads.dist_km[pos, route_on[1]]) if len(route_on) > 1 else 0.0
-    finish = (float(roads.dist_km[pos, dest]) + access) * per_km + ch.reserve_soc + 0.01
+    route_on = route_of(roads, pos, dest)
+    next_leg = roads.dist_km.item(pos, route_on[1]) if len(route_on) > 1 else 0.0
+    finish = (roads.dist_km.item(pos, dest) + access) * per_km + ch.reserve_soc + 0.01
     target = max(ch.target_soc, (next_leg + access) * per_km + ch.reserve_soc + 0.01)
     if target < finish <= min(target + TOPUP_SLACK_SOC, MAX_TARGET_SOC):
         target = finish
@@ -242,7 +262,7 @@ def plan_trip(
         return needs_charge(roads, ch, per_km, dest, skip_at, node, s, nxt)
 
     for _ in range(4 * max_stops):
-        route = roads.route(pos, dest)
+        route = route_of(roads, pos, dest)
         w = walk_route(roads, route, soc, per_km, decide)
         t += w.minutes
         soc, pos = w.soc, route[w.j]
@@ -256,12 +276,12 @@ def plan_trip(
         if choice is None:
             continue
         i = choice.station_index
-        st_node = int(st.node[i])
-        access = float(st.access_km[i])
-        go_km = float(roads.dist_km[pos, st_node]) + access
+        st_node = st.node_list[i]
+        access = st.access_km_list[i]
+        go_km = roads.dist_km.item(pos, st_node) + access
         if soc - go_km * per_km < 0:
             return TripPlan(tuple(stops), False, t, 0.0)
-        t += float(roads.time_min[pos, st_node]) + access_min(access)
+        t += roads.time_min.item(pos, st_node) + access_min(access)
         soc -= go_km * per_km
         decision = pos
         pos = st_node

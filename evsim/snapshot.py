@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,9 @@ from evsim.scenario import Scenario
 from evsim.tariff import active_element
 
 __all__ = ["ChargeRequest", "Choice", "NetworkSnapshot", "StationTable", "StatusBoard"]
+
+ACCESS_SPEED_KMH = 50.0  # speed on a station's access road (evsim.planning re-exports it)
+_CHORD_SLACK = 1e-12  # on the unit sphere: about 6 micrometres on the ground
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -50,6 +54,42 @@ class StationTable:
     flat_by_hour: np.ndarray  # (n, 24) FLAT fee
     tree: cKDTree = field(repr=False)
     index: dict[str, int] = field(default_factory=dict, repr=False)
+    # derived, precomputed once (read-only) so a policy decision does less work per call
+    access_min: np.ndarray = field(init=False, repr=False)  # access road time, 50 km/h
+    n_connectors_div: np.ndarray = field(init=False, repr=False)  # max(n, 1) as float
+    energy_price_by_hour_t: np.ndarray = field(init=False, repr=False)  # (24, n) contiguous
+    time_price_by_hour_t: np.ndarray = field(init=False, repr=False)
+    flat_by_hour_t: np.ndarray = field(init=False, repr=False)
+    company_connectors: np.ndarray = field(init=False, repr=False)  # float, per company
+    total_connectors: float = field(init=False, repr=False)
+    # the same static columns as Python lists, for per-candidate loops over a few stations
+    node_list: list[int] = field(init=False, repr=False)
+    access_km_list: list[float] = field(init=False, repr=False)
+    access_min_list: list[float] = field(init=False, repr=False)
+    n_connectors_list: list[int] = field(init=False, repr=False)
+    n_connectors_div_list: list[float] = field(init=False, repr=False)
+    _power: dict[tuple[float, float], np.ndarray] = field(
+        init=False, repr=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        derived = {
+            "access_min": self.access_km / ACCESS_SPEED_KMH * 60.0,
+            "n_connectors_div": np.maximum(self.n_connectors, 1).astype(float),
+            "energy_price_by_hour_t": np.ascontiguousarray(self.energy_price_by_hour.T),
+            "time_price_by_hour_t": np.ascontiguousarray(self.time_price_by_hour.T),
+            "flat_by_hour_t": np.ascontiguousarray(self.flat_by_hour.T),
+            "company_connectors": np.bincount(
+                self.company_index,
+                weights=self.n_connectors.astype(float),
+                minlength=len(self.companies),
+            ),
+        }
+        for k, v in derived.items():
+            object.__setattr__(self, k, _readonly(np.asarray(v)))
+        object.__setattr__(self, "total_connectors", float(self.n_connectors.astype(float).sum()))
+        for k in ("node", "access_km", "access_min", "n_connectors", "n_connectors_div"):
+            object.__setattr__(self, f"{k}_list", getattr(self, k).tolist())
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -142,14 +182,36 @@ class StationTable:
             flat,
         )
 
+    def session_power_kw(self, max_dc_kw: float, max_ac_kw: float) -> np.ndarray:
+        """Per station: the power a vehicle drawing at most ``max_dc_kw`` (DC) or
+        ``max_ac_kw`` (AC) gets, at least 1e-9 (a divisor). Cached per vehicle class."""
+        key = (max_dc_kw, max_ac_kw)
+        p = self._power.get(key)
+        if p is None:
+            cap = np.where(self.has_dc, max_dc_kw, max_ac_kw)
+            p = _readonly(np.maximum(np.minimum(self.max_power_kw, cap), 1e-9))
+            if len(self._power) >= 256:  # many distinct vehicles (live requests): stay small
+                self._power.clear()
+            self._power[key] = p
+        return p
+
     def within_km(self, lat: float, lon: float, radius_km: float) -> np.ndarray:
-        """Indices of stations within ``radius_km`` great-circle distance (k-d tree query)."""
-        if radius_km <= 0:
+        """Indices of stations within ``radius_km`` great-circle distance (k-d tree query),
+        sorted ascending. A radius of 0 still finds a station at the query point itself;
+        a negative (or NaN) radius finds nothing."""
+        if not radius_km >= 0:
             return np.empty(0, dtype=np.int64)
-        ang = min(radius_km / EARTH_RADIUS_KM, np.pi)
-        chord = 2.0 * np.sin(ang / 2.0)
-        idx = self.tree.query_ball_point(to_unit_xyz(lat, lon)[0], r=chord * (1 + 1e-9))
-        return np.asarray(sorted(idx), dtype=np.int64)
+        ang = min(radius_km / EARTH_RADIUS_KM, math.pi)
+        # chord length of the arc, widened a little (relative, plus an absolute ~6 um so that
+        # radius 0 and last-bit differences between math and numpy trig err on the inside);
+        # the pre-filter may only ever be a superset: callers filter on road distance after
+        chord = 2.0 * math.sin(ang / 2.0) * (1 + 1e-9) + _CHORD_SLACK
+        la, lo = math.radians(lat), math.radians(lon)
+        cla = math.cos(la)
+        q = np.array((cla * math.cos(lo), cla * math.sin(lo), math.sin(la)))
+        idx = np.array(self.tree.query_ball_point(q, r=chord), dtype=np.int64)
+        idx.sort()
+        return idx
 
 
 class StatusBoard:
@@ -178,6 +240,16 @@ class StatusBoard:
         self.observed_t_min[i] = t_min
         if mean_session_min is not None:
             self.mean_session_min[i] = mean_session_min
+
+    def set(
+        self, i: int, busy: int, queued: int, online: bool, t_min: float, mean_session_min: float
+    ) -> None:
+        """:meth:`update` with every field, positionally (the simulation's hot path)."""
+        self.busy[i] = busy
+        self.queued[i] = queued
+        self.online[i] = online
+        self.observed_t_min[i] = t_min
+        self.mean_session_min[i] = mean_session_min
 
 
 @dataclass(frozen=True, eq=False)

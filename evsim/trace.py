@@ -38,7 +38,7 @@ of sessions never holds its rows as Python objects.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,10 @@ class TraceWriter:
         self.path = Path(path) if path is not None else None
         self.batch_rows = batch_rows
         self.rows_written = 0
+        # the column lists live as long as the writer (flush empties them in place), so the
+        # per-signature emitters below can hold their bound ``append`` methods
         self._cols: dict[str, list[Any]] = {name: [] for name in _NAMES}
+        self._emitters: dict[tuple[str, ...], Callable[..., None]] = {}
         self._n = 0
         self._batches: list[pa.RecordBatch] = []
         meta = {b"evsim": json.dumps(dict(run_info or {}), default=str).encode()}
@@ -119,17 +122,32 @@ class TraceWriter:
             self._writer = pq.ParquetWriter(self.path, self._schema, compression="zstd")
 
     def emit(self, t_min: float, kind: str, **cols: Any) -> None:
-        unknown = cols.keys() - self._cols.keys()
-        if unknown:
-            raise TypeError(f"unknown trace column(s): {sorted(unknown)}")
-        c = self._cols
-        c["t_min"].append(float(t_min))
-        c["kind"].append(str(kind))
-        for name in _NAMES[2:]:
-            c[name].append(cols.get(name))
+        # one emitter per distinct set (and order) of keyword columns, checked once
+        key = tuple(cols)
+        fn = self._emitters.get(key)
+        if fn is None:
+            fn = self._emitters[key] = self._emitter(key)
+        fn(float(t_min), str(kind), *cols.values())
         self._n += 1
         if self._n >= self.batch_rows:
             self.flush()
+
+    def _emitter(self, key: tuple[str, ...]) -> Callable[..., None]:
+        """A function ``(t_min, kind, *values)`` appending one row whose given columns are
+        ``key`` (in that order) and whose other columns are null."""
+        unknown = set(key) - set(_NAMES[2:])
+        if unknown:
+            raise TypeError(f"unknown trace column(s): {sorted(unknown)}")
+        given = [self._cols[name].append for name in ("t_min", "kind", *key)]
+        missing = tuple(self._cols[name].append for name in _NAMES[2:] if name not in key)
+
+        def emit_row(*values: Any) -> None:
+            for append, v in zip(given, values, strict=False):  # same length by construction
+                append(v)
+            for append in missing:
+                append(None)
+
+        return emit_row
 
     def extend(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append already-formed rows (for example events gathered by the live network)."""
@@ -149,7 +167,8 @@ class TraceWriter:
         else:
             self._batches.append(batch)
         self.rows_written += self._n
-        self._cols = {name: [] for name in _NAMES}
+        for col in self._cols.values():
+            col.clear()
         self._n = 0
 
     def close(self) -> None:

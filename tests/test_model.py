@@ -118,10 +118,9 @@ def test_chosen_station_is_reachable_and_none_only_when_nothing_is(
     for name in BUILTINS:
         choice = resolve(name)(request, snap, now)
         if choice is None:
-            # known edge: with a range of exactly 0 km (soc == reserve_soc) the k-d tree query
-            # (StationTable.within_km, radius <= 0 -> empty) drops a station at distance 0
-            if request.range_km > 0:
-                assert not reachable.any(), (name, np.flatnonzero(reachable))
+            # also with a range of exactly 0 km (soc == reserve_soc): a station at distance 0
+            # is reachable and must be found
+            assert not reachable.any(), (name, np.flatnonzero(reachable))
             continue
         i = choice.station_index
         assert stt.ids[i] == choice.station_id
@@ -183,7 +182,13 @@ def test_within_km_is_the_brute_force_set(
     outside = set(np.flatnonzero((d > radius) & ~edge).tolist())
     assert inside <= got
     assert not (got & outside)
-    assert table.within_km(q_lat, q_lon, 0.0).size == 0
+    # radius 0 finds only what stands at the query point (a station's own position), and
+    # a negative radius finds nothing
+    at_point = set(table.within_km(q_lat, q_lon, 0.0).tolist())
+    assert at_point <= set(np.flatnonzero(d <= 1e-6).tolist())
+    if near_station:
+        assert seed % n in at_point
+    assert table.within_km(q_lat, q_lon, -1.0).size == 0
 
 
 def test_within_km_returns_sorted_int_indices() -> None:

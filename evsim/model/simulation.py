@@ -142,7 +142,9 @@ class Simulation:
 
     def _source(self) -> Generator[simpy.Event, Any, None]:
         env = self.env
-        for k, t in enumerate(self.trips.depart_t_min):
+        # Python floats, not numpy scalars: the same values, but SimPy's clock (and every
+        # time computed from it) would otherwise become np.float64, which is slow arithmetic
+        for k, t in enumerate(self.trips.depart_t_min.tolist()):
             if t > env.now:
                 yield env.timeout(t - env.now)
             env.process(self._vehicle(self, k))

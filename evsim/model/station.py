@@ -1,7 +1,10 @@
 """A charging station in the SimPy model: connectors, a FIFO queue, sessions.
 
 Vehicles queue first-come first-served for any free connector (the most powerful free one is
-handed out first). A vehicle that waits longer than its patience leaves (``abandon``). What a
+handed out first: :func:`evsim.queueing.assign_walkins`, the rule the live company servers
+apply to their walk-in queues; the plain FIFO below gets the same order from a
+``PriorityStore`` keyed ``(-power_kw, index)`` served to ``get`` requests in arrival order).
+A vehicle that waits longer than its patience leaves (``abandon``). What a
 session does once plugged in (how long, how much energy, what it costs) is the caller's
 ``plan`` function, so the same station serves the EV model and the queueing-theory checks.
 Every change is reported to the owning company server, which publishes it with a delay.
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import simpy
 
 from evsim.model.world import ConnectorSpec
+from evsim.queueing import assign_walkins
 from evsim.trace import Kind, TraceWriter
 
 if TYPE_CHECKING:
@@ -409,19 +413,22 @@ class SimStation:
         if not self._walkins or not free:
             return
         retry = float("inf")
-        for w in list(self._walkins):
-            if not free:
-                break
-            for k in sorted(free, key=lambda k: (-free[k].power_kw, k)):
-                spec = free[k]
-                p = w.plan(spec, now)
-                until = desk.blocked_until(spec.connector_id, now, now + p.charge_min)
-                if until is None:
-                    del free[k]
-                    self._walkins.remove(w)
-                    w.event.succeed((spec, p))
-                    break
-                retry = min(retry, until)
+        plans: dict[int, SessionPlan] = {}
+
+        def fits(w: _Waiter, k: int, spec: ConnectorSpec) -> bool:
+            nonlocal retry
+            p = w.plan(spec, now)
+            until = desk.blocked_until(spec.connector_id, now, now + p.charge_min)
+            if until is None:
+                plans[id(w)] = p
+                return True
+            retry = min(retry, until)
+            return False
+
+        # the rule the live company servers use too (evsim.queueing)
+        for w, k in assign_walkins(self._walkins, free, fits):
+            self._walkins.remove(w)
+            w.event.succeed((free.pop(k), plans[id(w)]))
         if retry < self._retry_at and retry > now:
             # nothing else may announce that a reservation stopped blocking: look again then
             self._retry_at = retry

@@ -33,6 +33,7 @@ from evsim.planning import (
     charge_target,
     choose_station,
     needs_charge,
+    route_of,
     walk_route,
 )
 from evsim.scenario import VehicleModelConfig
@@ -112,7 +113,7 @@ def drive(
         return needs_charge(roads, ch, per_km, dest, d.skip_at, node, s, nxt)
 
     while True:
-        route = roads.route(d.pos, dest)
+        route = route_of(roads, d.pos, dest)
         w = walk_route(roads, route, d.soc, per_km, decide)
         if w.minutes > 0:
             yield env.timeout(w.minutes)
@@ -168,10 +169,10 @@ def drive(
             distance_km=detour_km,
             detail=sim.policy_name,
         )
-        st_node = int(world.stations.node[index])
-        access = float(world.stations.access_km[index])
-        go_km = float(roads.dist_km[pos, st_node]) + access
-        go_min = float(roads.time_min[pos, st_node]) + access_min(access)
+        st_node = world.stations.node_list[index]
+        access = world.stations.access_km_list[index]
+        go_km = roads.dist_km.item(pos, st_node) + access
+        go_min = roads.time_min.item(pos, st_node) + access_min(access)
         soc = d.soc
         if soc - go_km * per_km < 0:  # a stale or optimistic choice: run dry on the way
             yield env.timeout(go_min * (soc / per_km) / go_km)

@@ -52,19 +52,22 @@ def balanced(
     if len(c) == 0:
         return None
     st = snapshot.stations
-    n_all = st.n_connectors.astype(float)
-    occ_all = (snapshot.busy + snapshot.queued) / np.maximum(n_all, 1.0)
-    n_comp = np.bincount(st.company_index, weights=n_all, minlength=len(st.companies))
-    load_comp = np.bincount(
-        st.company_index, weights=snapshot.busy + snapshot.queued, minlength=len(st.companies)
-    ) / np.maximum(n_comp, 1.0)
-    mean_load = float((snapshot.busy + snapshot.queued).sum() / max(n_all.sum(), 1.0))
+    # per-station connector counts and per-company totals are static (precomputed on the
+    # table); the arithmetic is the one of the plain form, element for element:
+    #   occ_all   = (busy + queued) / max(n, 1)
+    #   load_comp = bincount(company, weights=busy + queued) / max(company connectors, 1)
+    #   mean_load = sum(busy + queued) / max(sum(n), 1)
+    load = snapshot.busy + snapshot.queued
+    occ = load[c.index] / st.n_connectors_div[c.index]
+    load_comp = np.bincount(st.company_index, weights=load, minlength=len(st.companies))
+    load_comp /= np.maximum(st.company_connectors, 1.0)
+    mean_load = float(load.sum() / max(st.total_connectors, 1.0))
     detour_min = c.eta_min + c.onward_min - snapshot.time_min[request.node, request.dest_node]
     score = (
         w_detour * detour_min
         + w_wait * c.expected_wait_min
         + w_price * c.price
-        + w_station_load * occ_all[c.index]
+        + w_station_load * occ
         + w_company_load * (load_comp[st.company_index[c.index]] - mean_load)
     )
     return choose(c, snapshot, score)
