@@ -135,18 +135,7 @@ class SimStation:
             return (yield from self._visit_managed(vehicle_id, session_id, soc, plan, patience_min))
         env, tr = self.env, self.trace
         t_arrive = env.now
-        self.waiting += 1
-        tr.emit(
-            t_arrive,
-            Kind.ARRIVE,
-            vehicle_id=vehicle_id,
-            station_id=self.station_id,
-            company_id=self.company_id,
-            session_id=session_id,
-            soc=soc,
-            queue_len=self.waiting,
-        )
-        self._changed()
+        self._arrive(vehicle_id, session_id, soc)
         get = self._free.get()
         if patience_min == float("inf"):
             item = yield get
@@ -171,47 +160,8 @@ class SimStation:
                 return SessionResult(None, env.now - t_arrive, None)
             item = fired[get]
         spec: ConnectorSpec = item.item
-        self.waiting -= 1
-        self.busy += 1
-        wait = env.now - t_arrive
-        tr.emit(
-            env.now,
-            Kind.SESSION_START,
-            vehicle_id=vehicle_id,
-            station_id=self.station_id,
-            company_id=self.company_id,
-            connector_id=spec.connector_id,
-            session_id=session_id,
-            soc=soc,
-            wait_min=wait,
-            queue_len=self.waiting,
-        )
-        self._changed()
-        p = plan(spec, env.now)
-        try:
-            yield env.timeout(p.charge_min)
-        finally:
-            self.busy -= 1
-            self._free.put(
-                simpy.PriorityItem((-spec.power_kw, self._order[spec.connector_id]), spec)
-            )
-        self.mean_session_min += self._alpha * (p.charge_min - self.mean_session_min)
-        tr.emit(
-            env.now,
-            Kind.SESSION_END,
-            vehicle_id=vehicle_id,
-            station_id=self.station_id,
-            company_id=self.company_id,
-            connector_id=spec.connector_id,
-            session_id=session_id,
-            soc=p.soc_after,
-            energy_kwh=p.energy_kwh,
-            price=p.price,
-            power_kw=p.power_kw,
-            queue_len=self.waiting,
-        )
-        self._changed()
-        return SessionResult(spec, wait, p)
+        p = plan(spec, env.now)  # pure: sizing before or after the start row is the same
+        return (yield from self._session(vehicle_id, session_id, soc, spec, p, t_arrive))
 
     # ------------------------------------------------------------------ reservations (desk)
 
@@ -392,7 +342,11 @@ class SimStation:
         return SessionResult(spec, wait, p)
 
     def _release(self, spec: ConnectorSpec) -> None:
-        self._free_now[self._order[spec.connector_id]] = spec
+        k = self._order[spec.connector_id]
+        if self._desk is None:  # plain FIFO: the store hands out the most powerful first
+            self._free.put(simpy.PriorityItem((-spec.power_kw, k), spec))
+            return
+        self._free_now[k] = spec
         self._dispatch()
 
     def refresh(self) -> None:
