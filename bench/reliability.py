@@ -12,8 +12,11 @@ Columns: trips (logged by the coordinator), booked (every stop RESERVED), releas
 released: REJECTED or compensated), failed (neither, or no final outcome: must be 0), lost
 (log records, trip rows, completed sessions or vehicle-acknowledged bookings missing after
 recovery: must be 0), not logged (requests cut by a coordinator crash before the trip was
-logged: nothing held), unaware (logged trips whose vehicle never got the trip id: its POST was
-cut and the notification was lost with the process), max recovery (wall seconds from restart /
+logged: nothing held; the vehicle's retry -- same ``Idempotency-Key`` -- books it afresh),
+recovered (logged trips whose POST was cut: the retried POST, same key hence same trip id,
+returned the trip and its outcome), unaware (logged trips whose vehicle never got the trip
+id: POST cut, notification lost with the process, and the retry did not find it either --
+0 now that trip ids derive from the key), max recovery (wall seconds from restart /
 heal until every trip of the run is final and every invariant holds), problems (anything
 the checker reported, plus faults that never fired).
 

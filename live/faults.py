@@ -518,6 +518,8 @@ class Ticket:
     body: dict[str, Any] | None = None
     error: str = ""
     trip_id: str = ""
+    key: str = field(default_factory=lambda: os.urandom(8).hex())  # Idempotency-Key
+    retried: bool = False  # the POST was cut and sent again with the same key
 
     @property
     def answered(self) -> str:
@@ -535,7 +537,9 @@ class CaseRun:
     problems: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     recovery_s: float = float("nan")
-    unaware: int = 0  # trips whose vehicle never learned the trip id (POST cut, no notify)
+    unaware: int = 0  # trips whose vehicle never learned the trip id (POST cut, no notify,
+    # and the retried POST did not find it either)
+    recovered: int = 0  # logged trips whose POST was cut, found by the retried POST
     not_logged: int = 0  # requests cut by a crash before the coordinator logged a trip
     max_hold_overstay_min: float = 0.0
 
@@ -632,6 +636,7 @@ class Harness:
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers.update(kw.pop("headers", {}))
         return httpx.request(method, self.net.servers[company] + path, headers=headers,
                              timeout=kw.pop("timeout", 30.0), **kw)
 
@@ -672,7 +677,8 @@ class Harness:
         def post(t: Ticket) -> None:
             try:
                 r = self._call(self.coord, "POST", "/bookings", t.token,
-                               json={"stops": t.stops}, timeout=60.0)
+                               json={"stops": t.stops}, timeout=60.0,
+                               headers={"Idempotency-Key": t.key})
                 t.code, t.body = r.status_code, r.json()
                 t.trip_id = str(t.body.get("trip_id", ""))
                 if t.body.get("outcome") == "BOOKED":
@@ -756,6 +762,20 @@ class Harness:
         for t in tickets:
             if t.thread is not None:
                 t.thread.join(timeout=recovery_timeout_s)
+        logged_at_fault = set(before[self.coord].trips.values()) if self.coord in before \
+            else set()
+        for t in tickets:  # a cut POST is retried with the same Idempotency-Key
+            if t.error and not t.trip_id:
+                t.retried = True
+                was_logged = t.vehicle_id in logged_at_fault
+                t.error = ""
+                t.thread = threading.Thread(target=self._retry, args=(t,), daemon=True)
+                t.thread.start()
+                t.thread.join(timeout=recovery_timeout_s)
+                if was_logged:
+                    cr.recovered += bool(t.trip_id)
+                else:  # died before the trip was logged: the retry booked it afresh
+                    cr.not_logged += 1
         deadline = time.monotonic() + recovery_timeout_s
         while True:
             snaps, chk = self.check()
@@ -774,7 +794,7 @@ class Harness:
             tid = mine.get(t.vehicle_id, "")
             if not tid:
                 if t.error or t.code == 409:  # the request died with the coordinator,
-                    cr.not_logged += 1  # or was refused, before a trip was logged:
+                    cr.not_logged += not t.retried  # or was refused, before a trip was logged:
                     continue  # nothing was held for it (checked above: no orphan holds)
                 cr.problems.append(f"{t.vehicle_id}: no trip logged ({t.code}: {t.body})")
                 continue
@@ -797,6 +817,22 @@ class Harness:
                 cr.lost.append(f"trip {tid} was BOOKED for its vehicle, now "
                                f"{tc.state if tc else 'unknown'}")
         return cr
+
+    def _retry(self, t: Ticket, attempts: int = 20) -> None:
+        for _ in range(attempts):
+            try:
+                r = self._call(self.coord, "POST", "/bookings", t.token,
+                               json={"stops": t.stops}, timeout=60.0,
+                               headers={"Idempotency-Key": t.key})
+            except Exception as exc:  # still restarting
+                t.error = f"{type(exc).__name__}: {exc}"
+                time.sleep(0.5)
+                continue
+            t.code, t.body, t.error = r.status_code, r.json(), ""
+            t.trip_id = str(t.body.get("trip_id", ""))
+            if t.body.get("outcome") == "BOOKED":
+                self.acked[t.trip_id] = "BOOKED"
+            return
 
     def _trips_of(self, tickets: Sequence[Ticket],
                   snaps: Mapping[str, DbSnapshot]) -> dict[str, str]:
@@ -826,8 +862,8 @@ def table(results: Sequence[CaseRun]) -> str:
     for r in results:
         by.setdefault(r.case, []).append(r)
     lines = ["| case | runs | trips | booked | released | failed | lost | not logged | "
-             "unaware | max recovery (s) | problems |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "recovered | unaware | max recovery (s) | problems |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in by.items():
         trips = sum(len(r.outcomes) for r in rs)
         probs = sum(len(r.problems) for r in rs) + sum(not r.fired for r in rs)
@@ -835,6 +871,6 @@ def table(results: Sequence[CaseRun]) -> str:
             f"| {name} | {len(rs)} | {trips} | {sum(r.count('booked') for r in rs)} | "
             f"{sum(r.count('released') for r in rs)} | {sum(r.failed for r in rs)} | "
             f"{sum(len(r.lost) for r in rs)} | {sum(r.not_logged for r in rs)} | "
-            f"{sum(r.unaware for r in rs)} | "
+            f"{sum(r.recovered for r in rs)} | {sum(r.unaware for r in rs)} | "
             f"{max(r.recovery_s for r in rs):.1f} | {probs} |")
     return "\n".join(lines)

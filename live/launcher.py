@@ -368,8 +368,11 @@ def collect_trace(scenario: Scenario, out: Path, run_info: dict[str, Any]) -> Pa
                              "company_id": world.stations.company_ids[i],
                              "connector_id": spec.connector_id, "power_kw": spec.power_kw,
                              "status": "Available", "detail": spec.type})
+    # the horizon cuts the run as it cuts the simulation (SimPy's ``run(until=...)`` does not
+    # process events at or after it): servers and stations keep reporting until stopped
+    horizon = float(run_info.get("horizon_min") or math.inf)
     rows = [r for r in rows if isinstance(r.get("t_min"), int | float)
-            and math.isfinite(r["t_min"]) and r.get("kind")]
+            and math.isfinite(r["t_min"]) and r["t_min"] < horizon and r.get("kind")]
     rows.sort(key=lambda r: r["t_min"])
     # one arrive / session_start / session_end per session: keep the earliest report
     seen: set[tuple[str, str]] = set()

@@ -19,6 +19,10 @@ Per station the agent
   readings, then ``session_finished`` with the energy when the target SoC is reached. The
   connector stays ``Finishing`` (plugged in) until ``stop``; a ``stop`` while charging ends the
   session early (``session_finished`` with ``reason: "stopped"``);
+* re-publishes every station's status every ``heartbeat_s`` wall seconds (an application
+  heartbeat, announced in the status as ``heartbeat_s``): servers mark a station offline after
+  1.5 silent periods (:mod:`live.server.status`), much sooner than the broker publishes the
+  last will of a frozen (SIGSTOPped) client, which takes up to ~4x the keep-alive;
 * reports ``fault`` events: a command it cannot execute (unknown or busy connector, missing
   fields) and injected connector faults (:meth:`StationAgent.inject_fault`), which also end a
   running session.
@@ -48,6 +52,7 @@ from live.acl import station_password, station_user
 from live.bus import BadPayload, Bus, decode_json, encode_json
 from live.mqtt import Dispatcher, MqttBus, Will
 from live.topics import (
+    CMD_QUEUE,
     CMD_START,
     CMD_STOP,
     EV_FAULT,
@@ -60,6 +65,9 @@ from live.topics import (
 )
 
 __all__ = ["ScaledClock", "Scheduler", "StationAgent", "StationState", "main"]
+
+SESSION_MIN_DEFAULT = 45.0  # evsim.model.station.SimStation's default_session_min
+SESSION_EWMA_ALPHA = 0.1  # ... and its ewma_alpha
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +179,9 @@ class StationState:
     sessions: dict[str, Session] = field(default_factory=dict)  # connector_id -> session
     faulted: set[str] = field(default_factory=set)
     by_id: dict[str, ConnectorSpec] = field(default_factory=dict)
+    queued: int = 0  # walk-ins waiting in the company server's queue (``queue`` command)
+    # EWMA of charge minutes per session, as the simulation's station keeps it
+    mean_session_min: float = SESSION_MIN_DEFAULT
 
     def __post_init__(self) -> None:
         self.by_id = {c.connector_id: c for c in self.connectors}
@@ -183,14 +194,16 @@ class StationState:
             return "Available"
         return "Finishing" if s.finished else "Charging"
 
-    def status(self, t_min: float, online: bool = True) -> dict[str, Any]:
-        return {
+    def status(self, t_min: float, online: bool = True,
+               heartbeat_s: float | None = None) -> dict[str, Any]:
+        out = {
             "station_id": self.station_id,
             "company_id": self.company_id,
             "online": online,
             "t_min": t_min,
             "busy": len(self.sessions),
-            "queued": 0,
+            "queued": self.queued,
+            "mean_session_min": self.mean_session_min,
             "connectors": [
                 {
                     "connector_id": c.connector_id,
@@ -201,6 +214,9 @@ class StationState:
                 for c in self.connectors
             ],
         }
+        if online and heartbeat_s:
+            out["heartbeat_s"] = heartbeat_s
+        return out
 
 
 def _num(d: dict[str, Any], key: str, default: float | None = None) -> float:
@@ -226,6 +242,7 @@ class StationAgent:
     ``station_key`` (the company's station key, :mod:`live.acl`): each station connects as
     user ``station-{station_id}`` with its derived password instead of ``username``.
     ``keepalive`` (s): the broker publishes a silent station's last will after 1.5x this.
+    ``heartbeat_s``: wall seconds between status re-publications (None: no heartbeat).
     """
 
     def __init__(
@@ -242,11 +259,15 @@ class StationAgent:
         bus_factory: Callable[[str, Will], Bus] | None = None,
         station_key: str | None = None,
         keepalive: int = 10,
+        heartbeat_s: float | None = 2.0,
     ) -> None:
         self.scenario = scenario
         self.company = company
         self.clock = clock or ScaledClock()
         self.meter_period_s = meter_period_s
+        if heartbeat_s is not None and not heartbeat_s > 0:
+            raise ValueError("heartbeat_s must be positive")
+        self.heartbeat_s = heartbeat_s
         ch = scenario.charging
         self._taper, self._eff = ch.taper_soc, ch.efficiency
         world = World.build(scenario)
@@ -290,6 +311,8 @@ class StationAgent:
             else:
                 self.dispatcher.submit(self._publish_status, st)
         self.scheduler.call_later(self.meter_period_s, self._meter_tick)
+        if self.heartbeat_s is not None:
+            self.scheduler.call_later(self.heartbeat_s, self._heartbeat)
 
     # -- publishing (worker thread) ----------------------------------------------------------
 
@@ -298,7 +321,17 @@ class StationAgent:
             st.bus.publish(topic, encode_json(obj), qos=1, retain=retain)
 
     def _publish_status(self, st: StationState) -> None:
-        self._pub(st, status_topic(self.company, st.station_id), st.status(self.clock()), True)
+        self._pub(st, status_topic(self.company, st.station_id),
+                  st.status(self.clock(), heartbeat_s=self.heartbeat_s), True)
+
+    def _heartbeat(self) -> None:
+        """Re-publish every station's status (worker thread), then again in ``heartbeat_s``."""
+        if self._closed or self.heartbeat_s is None:
+            return
+        for st in self.stations.values():
+            if not isinstance(st.bus, MqttBus) or st.bus.connected:
+                self._publish_status(st)
+        self.scheduler.call_later(self.heartbeat_s, self._heartbeat)
 
     def _event(self, st: StationState, event: str, **fields: Any) -> None:
         body = {"event": event, "station_id": st.station_id, "company_id": self.company}
@@ -317,6 +350,12 @@ class StationAgent:
                     self._start(st, cmd)
                 elif kind == CMD_STOP:
                     self._stop(st, cmd)
+                elif kind == CMD_QUEUE:
+                    n = _num(cmd, "queued")
+                    if n < 0:
+                        raise BadPayload("'queued' must be non-negative")
+                    st.queued = int(n)
+                    self._publish_status(st)
                 else:
                     raise BadPayload(f"unknown cmd {kind!r}")
             except BadPayload as exc:
@@ -375,6 +414,7 @@ class StationAgent:
         s.finished = True
         t = s.t_start + s.charge_min if t_end is None else min(t_end, s.t_start + s.charge_min)
         t = max(t, s.t_start)
+        st.mean_session_min += SESSION_EWMA_ALPHA * ((t - s.t_start) - st.mean_session_min)
         self._event(st, EV_SESSION_FINISHED, session_id=s.session_id,
                     connector_id=s.connector.connector_id, vehicle_id=s.vehicle_id,
                     energy_kwh=s.energy_at(t), soc=s.soc_at(t), power_kw=s.power_kw,
@@ -487,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-scale", type=float, help="sim s per wall s (EVSIM_TIME_SCALE)")
     p.add_argument("--meter-period", type=float, default=1.0, help="wall s between meter msgs")
     p.add_argument("--keepalive", type=int, help="MQTT keep-alive s (EVSIM_MQTT_KEEPALIVE)")
+    p.add_argument("--heartbeat", type=float,
+                   default=float(os.environ.get("EVSIM_HEARTBEAT_S", "2.0")),
+                   help="wall s between status heartbeats, 0: none (EVSIM_HEARTBEAT_S)")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("EVSIM_LOG", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -501,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = StationAgent(load_scenario(s.scenario), s.company, s.mqtt_url, clock=clock,
                          username=s.mqtt_user, password=s.mqtt_password,
                          meter_period_s=a.meter_period, station_key=s.mqtt_station_key,
-                         keepalive=s.mqtt_keepalive)
+                         keepalive=s.mqtt_keepalive, heartbeat_s=a.heartbeat or None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -299,6 +299,13 @@ class Storage:
         d["request"] = json.loads(d["request"])
         return d
 
+    def cache_trip(self, trip_id: str, vehicle_id: str, t_min: float, request: Any) -> None:
+        """Remember a trips row the caller has just committed (saves the read-back)."""
+        if len(self._trips) >= 100_000:
+            self._trips.clear()
+        self._trips[trip_id] = {"trip_id": trip_id, "vehicle_id": vehicle_id,
+                                "created_t_min": t_min, "request": json.dumps(request)}
+
     def trips_of(self, vehicle_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(

@@ -18,9 +18,10 @@ evsim/vehicles/{vehicle_id}/notify            srv->veh  no      NOTIFY
 ============================================  ========  ======  ===========================
 
 STATUS  ``{station_id, company_id, online, t_min, busy, queued,
-connectors: [{connector_id, power_kw, type, status}]}``; the station agent's
+connectors: [{connector_id, power_kw, type, status}], heartbeat_s}``; the station agent's
 MQTT last will is ``{station_id, company_id, online: false}`` retained on the
-same topic.
+same topic.  The agent re-publishes the status every ``heartbeat_s`` wall seconds; servers
+mark a station offline after 1.5 silent periods (:mod:`live.server.status`).
 
 METER  ``{station_id, connector_id, session_id, energy_kwh, power_kw, soc, t_min}``.
 
@@ -51,6 +52,7 @@ STATION_CHANNELS: tuple[str, ...] = ("status", "meter", "cmd", "events")
 
 CMD_START = "start"
 CMD_STOP = "stop"
+CMD_QUEUE = "queue"  # server -> station: walk-in queue length (published in its status)
 EV_SESSION_STARTED = "session_started"
 EV_SESSION_FINISHED = "session_finished"
 EV_FAULT = "fault"

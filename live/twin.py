@@ -6,20 +6,105 @@ seed) and use the same policy; ``--booking on_arrival`` maps to the live vehicle
 walk-in mode (``none``) and ``--booking trip`` to booked trips in both. The report's agreement
 table says whether the live network reproduces the simulation within the tolerances of
 :data:`evsim.stats.TOLERANCES` (mean wait within 10%, KS D < 0.1, per-station utilisation
-within 5 points). Where they differ, the causes are real-system effects the simulation leaves
-out or idealises: REST and MQTT latency, status staleness that is not a fixed delay, the
-scaled clock's granularity and process scheduling on a loaded machine (see README).
+within 5 points). Both runs take every decision with the same code: the vehicle agent drives
+with :mod:`evsim.planning` and the company servers queue walk-ins FIFO and hand out connectors
+with :func:`evsim.queueing.assign_walkins`, as the simulated stations do. Where they differ,
+the causes are real-system effects the simulation leaves out or idealises: REST and MQTT
+latency, status staleness that is not a fixed delay, the scaled clock's granularity and
+process scheduling on a loaded machine (the vehicle agent's lag behind the scaled clock is
+measured and printed; see README, "Sim vs live: why they differ").
+
+Python: :func:`run_twin` (the CLI is :func:`twin`).
 """
 
 from __future__ import annotations
 
 import csv
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+__all__ = ["LIVE_BOOKING", "TwinResult", "run_twin", "twin"]
+
 LIVE_BOOKING = {"on_arrival": "none", "trip": "trip"}
+
+
+@dataclass
+class TwinResult:
+    """What :func:`run_twin` wrote: run dirs, the report and its agreement rows."""
+
+    out: Path
+    html: Path
+    agreement: list[dict[str, str]] = field(default_factory=list)
+    lag: dict[str, float] = field(default_factory=dict)  # vehicle agent's clock lag
+    live: dict[str, Any] = field(default_factory=dict)  # run_scenario's info + metrics
+
+    @property
+    def sim_dir(self) -> Path:
+        return self.out / "sim"
+
+    @property
+    def live_dir(self) -> Path:
+        return self.out / "live"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out / "report"
+
+
+def run_twin(
+    scenario: str | Path | None = None,
+    out: str | Path = "runs/twin",
+    *,
+    policy: str | None = None,
+    time_scale: float = 120.0,
+    booking: str = "on_arrival",
+    warmup_s: float = 10.0,
+    echo: Any = None,
+) -> TwinResult:
+    """Simulate ``scenario`` and run it live (same seed, demand and policy), then write the
+    report to ``out/report``. Raises ValueError on bad arguments; needs ``mosquitto``."""
+    from evsim.api import simulate
+    from evsim.report import write_report
+    from evsim.scenario import DEFAULT_SCENARIO, load_scenario
+    from live.launcher import run_scenario
+
+    say = echo or (lambda _msg: None)
+    if booking not in LIVE_BOOKING:
+        raise ValueError(f"booking must be one of {sorted(LIVE_BOOKING)}")
+    if time_scale <= 0:
+        raise ValueError("time_scale must be positive")
+    out = Path(out)
+    path = Path(scenario) if scenario is not None else DEFAULT_SCENARIO
+    sc = load_scenario(path)
+    pol = policy or sc.policy.name
+    say(f"[1/3] simulating {sc.name} / {pol} / {booking} / seed {sc.seed}")
+    simulate(sc, policy=pol, booking_mode=booking, out=out / "sim")
+    wall_min = sc.duration_min / time_scale
+    say(f"[2/3] live run at x{time_scale:g} (about {wall_min:.1f} wall minutes + start)")
+    live = run_scenario(path, out / "live", time_scale=time_scale,
+                        booking=LIVE_BOOKING[booking], policy=pol, warmup_s=warmup_s)
+    lag: dict[str, float] = {}
+    lag_file = out / "live" / "parts" / "vehicle_lag.json"
+    if lag_file.exists():
+        lag = json.loads(lag_file.read_text())
+        say(f"  vehicle agent behind the scaled clock: mean {lag['mean_s'] * 1000:.0f} ms "
+            f"({lag['mean_min']:.2f} scenario min), p99 {lag['p99_s'] * 1000:.0f} ms "
+            f"({lag['p99_min']:.2f} min), max {lag['max_s'] * 1000:.0f} ms")
+    say("[3/3] report")
+    html = write_report([out / "sim", out / "live"], out / "report", labels=["sim", "live"])
+    rows: list[dict[str, str]] = []
+    agree = out / "report" / "agreement.csv"
+    if agree.exists():
+        with agree.open() as fh:
+            rows = list(csv.DictReader(fh))
+    for row in rows:
+        say("  " + ", ".join(f"{k}={v}" for k, v in row.items() if v != ""))
+    say(f"-> {html}")
+    return TwinResult(out, Path(html), rows, lag, live)
 
 
 def twin(
@@ -37,10 +122,7 @@ def twin(
     warmup: Annotated[float, typer.Option(help="Live run: wall seconds before t starts.")] = 10.0,
 ) -> None:
     """Run SCENARIO simulated and live (same seed and demand) and write the comparison."""
-    from evsim.api import simulate
-    from evsim.report import write_report
-    from evsim.scenario import DEFAULT_SCENARIO, ScenarioError, load_scenario
-    from live.launcher import run_scenario
+    from evsim.scenario import ScenarioError
 
     if booking not in LIVE_BOOKING:
         typer.echo(f"error: --booking must be one of {sorted(LIVE_BOOKING)}", err=True)
@@ -48,28 +130,12 @@ def twin(
     if time_scale <= 0:
         typer.echo("error: --time-scale must be positive", err=True)
         raise typer.Exit(2)
-    path = scenario or DEFAULT_SCENARIO
     try:
-        sc = load_scenario(path)
+        run_twin(scenario, out, policy=policy, time_scale=time_scale, booking=booking,
+                 warmup_s=warmup, echo=typer.echo)
     except ScenarioError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    pol = policy or sc.policy.name
-    typer.echo(f"[1/3] simulating {sc.name} / {pol} / {booking} / seed {sc.seed}")
-    try:
-        simulate(sc, policy=pol, booking_mode=booking, out=out / "sim")
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    wall_min = sc.duration_min / time_scale
-    typer.echo(f"[2/3] live run at x{time_scale:g} (about {wall_min:.1f} wall minutes + start)")
-    run_scenario(path, out / "live", time_scale=time_scale, booking=LIVE_BOOKING[booking],
-                 policy=pol, warmup_s=warmup)
-    typer.echo("[3/3] report")
-    html = write_report([out / "sim", out / "live"], out / "report", labels=["sim", "live"])
-    agree = out / "report" / "agreement.csv"
-    if agree.exists():
-        with agree.open() as fh:
-            for row in csv.DictReader(fh):
-                typer.echo("  " + ", ".join(f"{k}={v}" for k, v in row.items() if v != ""))
-    typer.echo(f"-> {html}")

@@ -41,11 +41,20 @@ from typing import Any
 
 import httpx
 
-from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.battery import MAX_TARGET_SOC, ChargeCurve
 from evsim.model.demand import generate_trips
-from evsim.model.vehicle import TOPUP_SLACK_SOC
 from evsim.model.world import World
+from evsim.planning import (
+    VehicleParams,
+    access_min,
+    booking_class,
+    charge_request,
+    charge_target,
+    needs_charge,
+    walk_route,
+)
 from evsim.scenario import Scenario
+from evsim.snapshot import ChargeRequest
 from evsim.trace import Kind
 from live.station_agent import ScaledClock
 
@@ -203,36 +212,60 @@ class Fleet:
         self.servers: dict[str, Server] = {}
         self.runs: dict[str, VehicleRun] = {}
         self.errors: list[str] = []
+        self.lag_s: list[float] = []
         st = self.world.stations
         self._station = {sid: i for i, sid in enumerate(st.ids)}
 
     # -- notifications ---------------------------------------------------------------------
 
+    NOTIFY_EVENTS = ("charging_started", "charging_finished", "queue_abandoned")
+
     def _on_notify(self, topic: str, payload: bytes) -> None:
         from live.bus import decode_json
 
         msg = decode_json(payload)
-        if msg.get("event") == "charging_finished" and self._loop is not None:
+        event = msg.get("event")
+        if event in self.NOTIFY_EVENTS and self._loop is not None:
             sid = str(msg.get("session_id"))
-            self._loop.call_soon_threadsafe(self._wake, sid)
+            self._loop.call_soon_threadsafe(self._wake, sid, str(event))
 
-    def _wake(self, session_id: str) -> None:
-        self._waiters.setdefault(session_id, asyncio.Event()).set()
+    def _wake(self, session_id: str, event: str = "charging_finished") -> None:
+        self._event(session_id, event).set()
+
+    def _event(self, session_id: str, event: str) -> asyncio.Event:
+        return self._waiters.setdefault(f"{event}:{session_id}", asyncio.Event())
+
+    def _forget(self, session_id: str, *events: str) -> None:
+        for event in events or ("charging_finished",):
+            self._waiters.pop(f"{event}:{session_id}", None)
 
     # -- helpers ---------------------------------------------------------------------------
 
     async def sleep_until(self, t_min: float) -> None:
-        delay = self.clock.wall_at(t_min) - time.time()
+        due = self.clock.wall_at(t_min)
+        delay = due - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        self.lag_s.append(max(time.time() - due, 0.0))  # how late the agent woke up
+
+    def lag_summary(self) -> dict[str, float]:
+        """How far behind the scaled clock the agent woke up (wall s and scenario min)."""
+        lag = sorted(self.lag_s) or [0.0]
+        pick = {"mean": sum(lag) / len(lag), "p50": lag[len(lag) // 2],
+                "p99": lag[min(int(len(lag) * 0.99), len(lag) - 1)], "max": lag[-1]}
+        out: dict[str, float] = {"n": float(len(self.lag_s))}
+        for k, v in pick.items():
+            out[f"{k}_s"] = v
+            out[f"{k}_min"] = v * self.clock.time_scale / 60.0
+        return out
 
     async def sleep_min(self, minutes: float) -> None:
         if minutes > 0:
             await asyncio.sleep(self.clock.wall_s(minutes))
 
     def _station_power(self, station_id: str, max_dc: float, max_ac: float) -> float:
-        specs = self.world.connectors[self._station[station_id]]
-        return max(session_power_kw(c.power_kw, c.type, max_dc, max_ac) for c in specs)
+        """Session power on the connector class this vehicle books (planning.booking_class)."""
+        return booking_class(self.world.connectors[self._station[station_id]], max_dc, max_ac)[2]
 
     async def _token(self, run: VehicleRun, company: str) -> str:
         """Register the vehicle with ``company`` (roaming: same vehicle id) on first use."""
@@ -245,111 +278,101 @@ class Fleet:
     # -- the trip --------------------------------------------------------------------------
 
     async def trip(self, k: int) -> VehicleRun:
+        """Drive trip ``k`` with the simulation's rules (:mod:`evsim.planning`: the same
+        :func:`~evsim.planning.walk_route`, :func:`~evsim.planning.needs_charge`,
+        :func:`~evsim.planning.charge_request`, :func:`~evsim.planning.charge_target`; the
+        station is the home server's recommendation, with :func:`~evsim.planning.
+        choose_station`'s reserve fallback). ``t`` is the trip's own scenario-time cursor:
+        every stretch ends at an absolute time (no drift from HTTP latency piling up), as
+        one SimPy timeout per stretch does in the model."""
         trips, roads, world = self.trips, self.world.roads, self.world
         ch = self.scenario.charging
         vm = world.vehicle_models[int(trips.model[k])]
         battery = vm.battery_kwh
         per_km = vm.consumption_kwh_per_km * float(trips.drain[k]) / battery
         vid = f"v{k}"
+        params = VehicleParams(vid, battery, per_km, vm.max_charge_kw, vm.max_ac_kw)
         run = VehicleRun(vid, self.companies[k % len(self.companies)])
         self.runs[vid] = run
         pos, dest = int(trips.origin[k]), int(trips.destination[k])
-        await self.sleep_until(float(trips.depart_t_min[k]))
+        t = float(trips.depart_t_min[k])
+        await self.sleep_until(t)
         await self._token(run, run.home)
         soc, driven_km, n_sessions = float(trips.soc0[k]), 0.0, 0
         skip_at: set[int] = set()
         tr = self.trace
-        tr.emit(self.clock(), Kind.TRIP_START, vehicle_id=vid, booking_id=vid, soc=soc,
+        tr.emit(t, Kind.TRIP_START, vehicle_id=vid, booking_id=vid, soc=soc,
                 detail=f"{roads.node_ids[pos]}->{roads.node_ids[dest]}")
 
-        def needs_charge(node: int, s: float, nxt: int | None) -> bool:
-            if s - roads.dist_km[node, dest] * per_km >= ch.reserve_soc or node in skip_at:
-                return False
-            if s <= ch.threshold_soc:
-                return True
-            margin = ch.reserve_soc + ch.safety_margin_soc
-            return nxt is not None and s - roads.dist_km[node, nxt] * per_km < margin
+        def decide(node: int, s: float, nxt: int | None) -> bool:
+            return needs_charge(roads, ch, per_km, dest, skip_at, node, s, nxt)
 
         plan: dict[int, PlannedStop] = {}
         trip_booking: str | None = None
         if self.booking == "trip":
-            plan, trip_booking = await self._book_trip(run, k, pos, dest, soc, per_km, needs_charge)
+            plan, trip_booking = await self._book_trip(run, k, pos, dest, soc, per_km, decide)
 
         while True:
             route = roads.route(pos, dest)
-            j, s, t, km, stop_here, stranded = 0, soc, 0.0, 0.0, False, False
-            while j < len(route) - 1:
-                node, nxt = route[j], route[j + 1]
-                if needs_charge(node, s, nxt):
-                    stop_here = True
-                    break
-                leg = float(roads.dist_km[node, nxt])
-                if s - leg * per_km < 0:
-                    part = s / per_km
-                    t += float(roads.time_min[node, nxt]) * part / leg
-                    km, s, stranded = km + part, 0.0, True
-                    break
-                s -= leg * per_km
-                t += float(roads.time_min[node, nxt])
-                km += leg
-                j += 1
-            await self.sleep_min(t)
-            soc, driven_km, pos = s, driven_km + km, route[j]
-            if stranded or not stop_here:
+            w = walk_route(roads, route, soc, per_km, decide)
+            t += w.minutes
+            await self.sleep_until(t)
+            soc, driven_km, pos = w.soc, driven_km + w.km, route[w.j]
+            if w.stranded_km is not None or not w.stop_here:
+                stranded = w.stranded_km is not None
                 kind = Kind.STRANDED if stranded else Kind.TRIP_END
-                tr.emit(self.clock(), kind, vehicle_id=vid, booking_id=vid, soc=soc,
+                tr.emit(t, kind, vehicle_id=vid, booking_id=vid, soc=soc,
                         distance_km=driven_km, detail=roads.node_ids[pos] if stranded else None)
                 run.outcome = str(kind)
                 break
-            skip_at.add(pos)
             stop = plan.pop(pos, None)
             choice = None
             if stop is None:
-                choice = await self._recommend(run, pos, dest, soc, per_km, battery, vm)
+                request = charge_request(roads, ch, params, pos, dest, soc)
+                choice = await self._recommend(run, request)
+                skip_at.add(pos)
                 if choice is None:
-                    tr.emit(self.clock(), Kind.NO_STATION, vehicle_id=vid, soc=soc,
+                    tr.emit(t, Kind.NO_STATION, vehicle_id=vid, soc=soc,
                             detail=roads.node_ids[pos])
                     continue
+            skip_at.add(pos)
             station_id = stop.station_id if stop else choice["station_id"]
             company = stop.company_id if stop else choice["company_id"]
             i = self._station[station_id]
             st_node = int(world.stations.node[i])
             access = float(world.stations.access_km[i])
             go_km = float(roads.dist_km[pos, st_node]) + access
-            go_min = float(roads.time_min[pos, st_node]) + access / 50.0 * 60.0
+            go_min = float(roads.time_min[pos, st_node]) + access_min(access)
             detour = float(choice["detour_km"]) if choice else go_km
-            tr.emit(self.clock(), Kind.STATION_CHOSEN, vehicle_id=vid, station_id=station_id,
+            tr.emit(t, Kind.STATION_CHOSEN, vehicle_id=vid, station_id=station_id,
                     company_id=company, soc=soc, distance_km=detour,
                     detail="trip" if stop else str(choice.get("policy", "")))
-            if soc - go_km * per_km < 0:
-                await self.sleep_min(go_min * soc / (go_km * per_km))
-                tr.emit(self.clock(), Kind.STRANDED, vehicle_id=vid, booking_id=vid, soc=0.0,
+            if soc - go_km * per_km < 0:  # a stale or optimistic choice: run dry on the way
+                t += go_min * (soc / per_km) / go_km
+                await self.sleep_until(t)
+                tr.emit(t, Kind.STRANDED, vehicle_id=vid, booking_id=vid, soc=0.0,
                         distance_km=driven_km + soc / per_km, detail=station_id)
                 run.outcome = "stranded"
                 break
-            route_on = roads.route(st_node, dest)
-            next_leg = float(roads.dist_km[st_node, route_on[1]]) if len(route_on) > 1 else 0.0
-            finish = (float(roads.dist_km[st_node, dest]) + access) * per_km + ch.reserve_soc + 0.01
-            target = max(ch.target_soc, (next_leg + access) * per_km + ch.reserve_soc + 0.01)
-            if target < finish <= min(target + TOPUP_SLACK_SOC, MAX_TARGET_SOC):
-                target = finish
-            target = min(target, MAX_TARGET_SOC)
+            target = min(charge_target(roads, ch, per_km, st_node, dest, access), MAX_TARGET_SOC)
             booking_id = stop.booking_id if stop else None
             if booking_id is None and self.booking != "none":
-                power = self._station_power(station_id, vm.max_charge_kw, vm.max_ac_kw)
+                _, _, power = booking_class(world.connectors[i], vm.max_charge_kw, vm.max_ac_kw)
                 soc_in = max(soc - go_km * per_km, 0.0)
                 dur = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
                     soc_in, target)
-                booking_id = await self._book_stop(run, station_id, self.clock() + go_min, dur)
-            await self.sleep_min(go_min)
+                booking_id = await self._book_stop(run, station_id, t + go_min, dur)
+            t += go_min
+            await self.sleep_until(t)
             soc -= go_km * per_km
             driven_km += go_km
             pos = st_node
             n_sessions += 1
-            soc = await self._charge(run, company, station_id, booking_id, soc, target, battery,
-                                     vm, f"{vid}-{n_sessions}")
-            if access > 0:
-                await self.sleep_min(access / 50.0 * 60.0)
+            soc, t = await self._charge(run, company, station_id, booking_id, soc, target,
+                                        battery, vm, f"{vid}-{n_sessions}", t)
+            if access > 0:  # back from the station to its city (access road)
+                t += access_min(access)
+                await self.sleep_until(t)
                 soc = max(soc - access * per_km, 0.0)
                 driven_km += access
         if trip_booking is not None and plan:  # unused booked stops
@@ -361,24 +384,26 @@ class Fleet:
         await self._read_history(run)
         return run
 
-    async def _recommend(self, run: VehicleRun, pos: int, dest: int, soc: float, per_km: float,
-                         battery: float, vm: Any) -> dict[str, Any] | None:
-        ch, roads = self.scenario.charging, self.world.roads
+    async def _recommend(self, run: VehicleRun, request: ChargeRequest) -> dict[str, Any] | None:
+        """The home server's policy choice for ``request`` (:func:`evsim.planning.
+        charge_request`); none: ask again dipping into the reserve, exactly as
+        :func:`evsim.planning.choose_station` does in the simulation."""
+        roads = self.world.roads
         body = {
-            "city": roads.node_ids[pos], "destination": roads.node_ids[dest], "soc": soc,
-            "battery_kwh": battery, "consumption_kwh_per_km": per_km * battery,
-            "max_dc_kw": vm.max_charge_kw, "max_ac_kw": vm.max_ac_kw,
-            "reserve_soc": ch.reserve_soc, "target_soc": ch.target_soc, "limit": 3,
+            "city": roads.node_ids[request.node], "destination": roads.node_ids[request.dest_node],
+            "soc": request.soc, "battery_kwh": request.battery_kwh,
+            "consumption_kwh_per_km": request.consumption_kwh_per_km,
+            "max_dc_kw": request.max_dc_kw, "max_ac_kw": request.max_ac_kw,
+            "reserve_soc": request.reserve_soc, "target_soc": request.target_soc, "limit": 1,
         }
         token = await self._token(run, run.home)
-        for reserve in (ch.reserve_soc, 0.0):
+        reserves = [request.reserve_soc] + ([0.0] if request.reserve_soc > 0 else [])
+        for reserve in reserves:
             body["reserve_soc"] = reserve
             r = await self.servers[run.home].call("POST", "/recommendations", token=token,
                                                   json_body=body)
             if r.get("choices"):
                 return dict(r["choices"][0], policy=r.get("policy", ""))
-            if reserve == 0.0:
-                break
         return None
 
     async def _book(self, run: VehicleRun, stops: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -407,7 +432,7 @@ class Fleet:
 
     async def _book_trip(
         self, run: VehicleRun, k: int, pos: int, dest: int, soc: float, per_km: float,
-        needs_charge: Any,
+        decide: Any,
     ) -> tuple[dict[int, PlannedStop], str | None]:
         """Plan every stop of the trip now (projected SoC and times), book them in one go."""
         roads, world, ch = self.world.roads, self.world, self.scenario.charging
@@ -418,8 +443,10 @@ class Fleet:
         stops: list[PlannedStop] = []
         for j in range(len(route) - 1):
             node, nxt = route[j], route[j + 1]
-            if needs_charge(node, s, nxt) and len(stops) < 10:
-                choice = await self._recommend(run, node, dest, s, per_km, battery, vm)
+            if decide(node, s, nxt) and len(stops) < 10:
+                params = VehicleParams(run.vid, battery, per_km, vm.max_charge_kw, vm.max_ac_kw)
+                request = charge_request(roads, ch, params, node, dest, s)
+                choice = await self._recommend(run, request)
                 if choice is None:
                     break
                 sid = choice["station_id"]
@@ -447,58 +474,93 @@ class Fleet:
 
     async def _charge(self, run: VehicleRun, company: str, station_id: str,
                       booking_id: str | None, soc: float, target: float, battery: float,
-                      vm: Any, local_sid: str) -> float:
-        """Plug in (waiting while the station is full), charge, stop; returns the new SoC."""
+                      vm: Any, local_sid: str, t_arrive: float) -> tuple[float, float]:
+        """Plug in (queueing at the station if it is full), charge, stop; returns the new
+        SoC and the scenario time the vehicle leaves the connector (or the queue)."""
         ch, tr = self.scenario.charging, self.trace
         srv = self.servers[company]
         token = await self._token(run, company)
-        t_arrive = self.clock()
+        target_soc = min(max(target, soc + 1e-3), 1.0)
+        if target_soc <= soc:
+            return soc, t_arrive
         body: dict[str, Any] = {
             "station_id": station_id, "soc": soc, "battery_kwh": battery,
-            "target_soc": max(target, soc + 0.01), "max_dc_kw": vm.max_charge_kw,
+            "target_soc": target_soc, "max_dc_kw": vm.max_charge_kw,
             "max_ac_kw": vm.max_ac_kw,
         }
         if booking_id:
             body["booking_id"] = booking_id
-        if body["target_soc"] > 1.0:
-            return soc
+        else:
+            body.update(queue=True, max_wait_min=ch.max_wait_min)
         session = None
         while session is None:
             try:
-                session = await srv.call("POST", "/sessions", token=token, json_body=body)
+                session = await srv.call("POST", "/sessions", token=token, json_body=body,
+                                         ok=(200, 201, 202))
             except ApiError as exc:
                 gone = exc.status not in (409, 423, 429) or exc.reason == "station_offline"
                 if gone or self.clock() - t_arrive > ch.max_wait_min:
+                    t = self.clock()
                     tr.emit(t_arrive, Kind.ARRIVE, vehicle_id=run.vid, station_id=station_id,
                             company_id=company, session_id=local_sid, soc=soc)
-                    tr.emit(self.clock(), Kind.ABANDON, vehicle_id=run.vid,
-                            station_id=station_id, company_id=company, session_id=local_sid,
-                            soc=soc, wait_min=self.clock() - t_arrive, detail=str(exc.detail))
-                    return soc
-                body.pop("booking_id", None)  # an expired booking: queue as a walk-in
-                await asyncio.sleep(self.poll_s)
+                    tr.emit(t, Kind.ABANDON, vehicle_id=run.vid, station_id=station_id,
+                            company_id=company, session_id=local_sid, soc=soc,
+                            wait_min=t - t_arrive, detail=str(exc.detail))
+                    return soc, t
+                # an expired or unusable booking: queue as a walk-in instead
+                body.pop("booking_id", None)
+                body.update(queue=True, max_wait_min=ch.max_wait_min)
         sid = session["session_id"]
+        if session.get("status") == "QUEUED":
+            session = await self._wait_queued(srv, token, session)
+            if session.get("status") != "ACTIVE":  # left the queue after max_wait_min
+                wait = session.get("wait_min")
+                t_left = float(session.get("arrive_t_min") or t_arrive) + float(
+                    wait if wait is not None else ch.max_wait_min)
+                return soc, t_left
         power = float(session.get("power_kw") or vm.max_charge_kw)
-        start = float(session.get("start_t_min", t_arrive))
-        if start > t_arrive + 1e-6:  # it queued: the server's own arrive row says t_start
-            tr.emit(t_arrive, Kind.ARRIVE, vehicle_id=run.vid, station_id=station_id,
-                    company_id=company, session_id=sid, soc=soc)
+        start = float(session.get("start_t_min") or t_arrive)
         minutes = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
-            soc, target)
-        ev = self._waiters.setdefault(sid, asyncio.Event())
-        wait = self.clock.wall_at(start + minutes) - time.time()
+            soc, target_soc)
+        ev = self._event(sid, "charging_finished")
+        wait_s = self.clock.wall_at(start + minutes) - time.time()
         # with notifications, wait a little past the model's end for the station's own report
         slack = min(2.0, self.clock.wall_s(2.0)) + 0.1 if self.mqtt_url else 0.0
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ev.wait(), timeout=max(wait, 0.0) + slack)
-        self._waiters.pop(sid, None)
+            await asyncio.wait_for(ev.wait(), timeout=max(wait_s, 0.0) + slack)
+        self._forget(sid)
         done = await srv.call("POST", f"/sessions/{sid}/stop", token=token, json_body={})
         run.sessions.append(done)
+        end = done.get("end_t_min")
+        t_end = float(end) if end is not None else self.clock()
         soc_end = done.get("soc_end")
         if soc_end is None or not math.isfinite(float(soc_end)):
             soc_end = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).soc_after(
-                soc, self.clock() - start)
-        return float(soc_end)
+                soc, t_end - start)
+        return float(soc_end), t_end
+
+    async def _wait_queued(self, srv: Server, token: str,
+                           session: dict[str, Any]) -> dict[str, Any]:
+        """Wait in the station's queue until the server starts the session (notification
+        ``charging_started``) or drops it after the patience (``queue_abandoned``); polls
+        ``GET /sessions/{id}`` as a fallback (and without a broker)."""
+        sid = session["session_id"]
+        started = self._event(sid, "charging_started")
+        left = self._event(sid, "queue_abandoned")
+        poll_s = max(self.poll_s, 0.05) if not self.mqtt_url else max(self.poll_s * 10, 2.0)
+        try:
+            while session.get("status") == "QUEUED":
+                waits = [asyncio.ensure_future(started.wait()), asyncio.ensure_future(left.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=poll_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for f in waits:
+                        f.cancel()
+                session = await srv.call("GET", f"/sessions/{sid}", token=token)
+        finally:
+            self._forget(sid, "charging_started", "queue_abandoned")
+        return session
 
     async def _read_history(self, run: VehicleRun) -> None:
         for company, token in run.tokens.items():
@@ -583,5 +645,10 @@ def main(argv: list[str] | None = None) -> int:
                   os.environ.get("EVSIM_MQTT_URL") else None, booking=a.booking,
                   max_trips=a.max_trips, mqtt_user=s.mqtt_user, mqtt_password=s.mqtt_password)
     runs = asyncio.run(fleet.run(until_min=a.until_min if a.until_min else sc.duration_min))
-    log.info("vehicle agent: %d trips, %d errors", len(runs), len(fleet.errors))
+    lag = fleet.lag_summary()
+    log.info("vehicle agent: %d trips, %d errors; clock lag mean %.3f s (%.2f min), p99 %.3f s "
+             "(%.2f min), max %.3f s", len(runs), len(fleet.errors), lag["mean_s"],
+             lag["mean_min"], lag["p99_s"], lag["p99_min"], lag["max_s"])
+    if trace_path is not None:
+        Path(trace_path).with_name("vehicle_lag.json").write_text(json.dumps(lag, indent=2))
     return 0

@@ -23,10 +23,12 @@ from evsim.protocol import (
     CommitAck,
     CommitFailed,
     ConnectorStatus,
+    OwnerCanceled,
     Participant,
     Prepare,
     ProtocolError,
     QueryDecision,
+    StopCanceled,
     StopRequest,
     Tombstone,
     TripCancel,
@@ -74,6 +76,7 @@ ALL_MESSAGES = [
     QueryDecision("m14", "P1", "t1", "t1/0"),
     BookRequest("m15", "V", "b1", "S1", 0.0, 30.0, 10.0, None),
     BookReply("m16", "P1", "b1", "RESERVED", "c1"),
+    StopCanceled("m17", "P1", "t1", "t1/0", "station_offline"),
 ]
 
 
@@ -121,6 +124,7 @@ def test_records_round_trip_and_log_dump() -> None:
         BookingCreated("b", "S1", "c1", 0.0, 1.0, 5.0, 0.0, "t", "C", 10.0, 0.0),
         BookingChanged("b", "CONFIRM", 1.0),
         Tombstone("x", 2.0, "aborted"),
+        OwnerCanceled("b", 3.0, "station_offline"),
         TripStarted("t", "V", "V", (StopRequest("P1", "S1", 0, 1),), 0.0, 3.0, 10.0),
         TripChanged("t", "VOTE_NO", 1.0, "conflict", 0, (Alternative("c", 1, 2),), ("c1",)),
     ]

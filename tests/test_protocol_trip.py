@@ -21,6 +21,7 @@ from evsim.protocol import (
     Participant,
     Prepare,
     QueryDecision,
+    StopCanceled,
     TripCancel,
     TripResult,
     TripState,
@@ -473,6 +474,60 @@ def test_vehicle_cancels_booked_trip() -> None:
     assert all(state(ps, f"t1/{i}") is BookingState.CANCELED for i in range(3))
     assert c.cancel_trip("t1", 2.0) == []
     assert isinstance(ps["P1"].handle(CancelRequest("m", "C", "t1/0"), 3.0)[0].msg, CancelReply)
+
+
+def test_station_owner_cancel_tells_the_coordinator_which_cancels_the_trip() -> None:
+    link, c, ps = setup()
+    link.send(c.request_trip(trip("t1", LEGS), 0.0))
+    link.pump(0.0)
+    assert c.trip_state("t1") is TripState.BOOKED
+    # P2's station goes offline: its owner cancels the reserved stop (a local command)
+    ps["P2"].cancel("t1/1", 5.0, "station_offline")
+    assert state(ps, "t1/1") is BookingState.CANCELED
+    notice = ps["P2"].tick(5.0)
+    assert notice == [Outgoing("C", StopCanceled("P2:STOP_CANCELED:t1/1", "P2", "t1", "t1/1",
+                                                 "station_offline"))]
+    # lost: re-sent every retry_min until the coordinator answers
+    assert ps["P2"].tick(5.5) == []
+    assert [o.msg for o in ps["P2"].tick(6.0)] == [notice[0].msg]
+    out = link.send(c.handle(notice[0].msg, 6.0))
+    assert [o.dst for o in out] == ["P1", "P2", "P3", "V"]
+    assert c.trip_state("t1") is TripState.CANCELING
+    link.pump(6.0)
+    assert c.trip_state("t1") is TripState.CANCELED
+    res = results(link)[-1]
+    assert (res.outcome, res.reason, res.failed_stop) == ("CANCELED", "station_offline", 1)
+    assert all(state(ps, f"t1/{i}") is BookingState.CANCELED for i in range(3))
+    assert ps["P2"].tick(20.0) == []  # acknowledged by the CancelRequest: no more notices
+    # a duplicate notice (or one after a participant restart) just gets a CancelRequest
+    again = c.handle(notice[0].msg, 21.0)
+    assert [(o.dst, type(o.msg)) for o in again] == [("P2", CancelRequest)]
+    assert c.trip_state("t1") is TripState.CANCELED
+    # the notice is durable: a restarted participant re-sends it once, until answered
+    p2 = Participant.from_log("P2", ps["P2"].stations, ps["P2"].log)
+    assert p2.durable_state() == ps["P2"].durable_state()
+    assert [type(o.msg) for o in p2.tick(22.0)] == [StopCanceled]
+    # an unknown trip: answered too (presumed abort), nothing changes
+    unknown = c.handle(StopCanceled("m", "P1", "tX", "tX/0", "station_offline"), 23.0)
+    assert [type(o.msg) for o in unknown] == [CancelRequest]
+
+
+def test_station_owner_cancel_while_committing_compensates() -> None:
+    link, c, ps = setup()
+    link.send(c.request_trip(trip("t1", LEGS), 0.0))
+    link.deliver(1.0)  # PREPARE -> votes
+    link.deliver(1.5)  # votes -> COMMIT
+    link.deliver(1.6)  # COMMIT -> ACKs
+    acks = link.take()  # every stop RESERVED, the ACKs not delivered yet
+    assert len(acks) == 3 and c.trip_state("t1") is TripState.COMMITTING
+    ps["P1"].cancel("t1/0", 2.0, "station_offline")
+    out = link.send(c.handle(ps["P1"].tick(2.0)[0].msg, 2.0))
+    assert c.trip_state("t1") is TripState.COMPENSATING
+    assert {type(o.msg) for o in out} == {CancelRequest, TripResult}
+    link.pump(2.0)
+    assert c.trip_state("t1") is TripState.FAILED
+    assert results(link)[-1].failed_stop == 0
+    assert all(state(ps, f"t1/{i}") is BookingState.CANCELED for i in range(3))
 
 
 def test_invalid_trip_is_rejected_without_state() -> None:

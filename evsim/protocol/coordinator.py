@@ -71,6 +71,7 @@ from evsim.protocol.messages import (
     Outgoing,
     Prepare,
     QueryDecision,
+    StopCanceled,
     TripCancel,
     TripRequest,
     TripResult,
@@ -154,6 +155,7 @@ class Coordinator(EventSourced):
             QueryDecision: self._on_query,
             TripRequest: self._on_trip_request,
             TripCancel: self._on_trip_cancel,
+            StopCanceled: self._on_stop_canceled,
         }
 
     # ------------------------------------------------------------------ log
@@ -442,6 +444,24 @@ class Coordinator(EventSourced):
         else:
             reply = CancelRequest(msg_id(me, "CANCEL", bid), me, bid, t.trip_id, t.reason)
         return [Outgoing(m.src, reply)]
+
+    def _on_stop_canceled(self, m: StopCanceled, now_min: float) -> list[Outgoing]:
+        """A station owner canceled a reserved stop: cancel the whole trip (the vehicle is
+        told CANCELED with the reason and ``failed_stop``); a COMMIT in flight is refused.
+        Any other state (or an unknown trip) just gets the CancelRequest that stops the
+        participant's re-sends."""
+        me, bid = self.node_id, m.booking_id
+        found = self._stop_of(m.trip_id, bid)
+        if found is not None:
+            t, i = found
+            reason = m.reason or "stop_canceled"
+            if t.state is _S.BOOKED:
+                return self._change(t, TripEvent.STOP_CANCELED, now_min, reason, i)
+            if t.state is _S.COMMITTING:
+                return self._change(t, TripEvent.COMMIT_REFUSED, now_min, reason, i)
+        reason = found[0].reason if found is not None else "unknown_trip"
+        return [Outgoing(m.src, CancelRequest(msg_id(me, "CANCEL", bid), me, bid, m.trip_id,
+                                              reason))]
 
     def _on_trip_request(self, m: TripRequest, now_min: float) -> list[Outgoing]:
         return self.request_trip(m, now_min)

@@ -11,7 +11,7 @@ message its log does not explain (a participant never holds a slot the
 coordinator has no record of, which is what makes presumed abort safe).
 
 Participant records: :class:`BookingCreated`, :class:`BookingChanged`,
-:class:`Tombstone`.  Coordinator records: :class:`TripStarted`,
+:class:`Tombstone`, :class:`OwnerCanceled`.  Coordinator records: :class:`TripStarted`,
 :class:`TripChanged`.
 """
 
@@ -101,6 +101,17 @@ class Tombstone(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class OwnerCanceled(Record):
+    """The station owner is canceling a reserved stop of a trip (logged just before its
+    ``BookingChanged(CANCEL)``): the trip's coordinator must be told (``StopCanceled``)."""
+
+    TYPE: ClassVar[str] = "OWNER_CANCELED"
+    booking_id: str
+    t_min: float
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TripStarted(Record):
     """A coordinator accepted a trip request and is about to send PREPAREs."""
 
@@ -129,7 +140,8 @@ class TripChanged(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.TYPE: cls for cls in (BookingCreated, BookingChanged, Tombstone, TripStarted, TripChanged)
+    cls.TYPE: cls
+    for cls in (BookingCreated, BookingChanged, Tombstone, OwnerCanceled, TripStarted, TripChanged)
 }
 
 

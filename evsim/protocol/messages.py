@@ -21,6 +21,8 @@ participant = a station owner)::
     C->P Abort                  P->C AbortAck
     C->P CancelRequest          P->C CancelReply        (compensation, trip cancel)
     P->C QueryDecision          C->P Commit | Abort | CancelRequest (presumed abort)
+    P->C StopCanceled           C->P CancelRequest      (the station owner canceled a
+                                                         reserved stop: the trip is canceled)
     V->C TripCancel             C->V TripResult (CANCELED)
     X->P BookRequest            P->X BookReply          (single-stop booking)
     X->P CancelRequest          P->X CancelReply
@@ -217,6 +219,17 @@ class CancelReply(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class StopCanceled(Message):
+    """Participant -> coordinator: the station owner canceled a reserved stop of the trip
+    (station offline...).  Re-sent until the coordinator answers with a CancelRequest."""
+
+    TYPE: ClassVar[str] = "STOP_CANCELED"
+    trip_id: str
+    booking_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class QueryDecision(Message):
     """Participant -> coordinator: what was decided for this hold?"""
 
@@ -273,6 +286,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         CancelRequest,
         CancelReply,
         QueryDecision,
+        StopCanceled,
         BookRequest,
         BookReply,
     )

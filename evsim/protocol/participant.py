@@ -41,7 +41,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from evsim.protocol.log import BookingChanged, BookingCreated, EventSourced, Record, Tombstone
+from evsim.protocol.log import (
+    BookingChanged,
+    BookingCreated,
+    EventSourced,
+    OwnerCanceled,
+    Record,
+    Tombstone,
+)
 from evsim.protocol.messages import (
     Abort,
     AbortAck,
@@ -57,6 +64,7 @@ from evsim.protocol.messages import (
     Outgoing,
     Prepare,
     QueryDecision,
+    StopCanceled,
     Vote,
     msg_id,
 )
@@ -142,6 +150,9 @@ class Participant(EventSourced):
         self._ids: dict[str, list[str]] = {c: [] for c in self._station_of}
         self._timers: list[tuple[float, str]] = []  # (due_min, booking_id), lazy
         self._query_at: dict[str, float] = {}  # open holds -> next QueryDecision
+        # owner-canceled trip stops -> next StopCanceled to their coordinator (until it
+        # answers with a CancelRequest / Abort; rebuilt from OwnerCanceled after a restart)
+        self._notice_at: dict[str, float] = {}
         self._handlers: dict[type, Any] = {
             Prepare: self._on_prepare,
             Commit: self._on_commit,
@@ -209,6 +220,10 @@ class Participant(EventSourced):
                 self._query_at[b.booking_id] = rec.t_min + self.query_after_min
         elif isinstance(rec, Tombstone):
             self._tombstones.add(rec.booking_id)
+        elif isinstance(rec, OwnerCanceled):
+            b = self._bookings.get(rec.booking_id)
+            if b is not None and b.coordinator:
+                self._notice_at[rec.booking_id] = rec.t_min
         else:
             raise ProtocolError(f"record: participant cannot apply {type(rec).__name__}")
 
@@ -459,6 +474,7 @@ class Participant(EventSourced):
         return b
 
     def _on_abort(self, m: Abort, now_min: float) -> list[Outgoing]:
+        self._notice_at.pop(m.booking_id, None)
         self._release(m.booking_id, now_min, m.reason or "aborted")
         ack = AbortAck(
             msg_id(self.node_id, "ABORT_ACK", m.booking_id), self.node_id, m.trip_id, m.booking_id
@@ -466,6 +482,7 @@ class Participant(EventSourced):
         return [Outgoing(m.src, ack)]
 
     def _on_cancel(self, m: CancelRequest, now_min: float) -> list[Outgoing]:
+        self._notice_at.pop(m.booking_id, None)  # the coordinator knows
         b = self._release(m.booking_id, now_min, m.reason or "canceled")
         state = b.state.value if b is not None else "UNKNOWN"
         reply = CancelReply(
@@ -513,11 +530,19 @@ class Participant(EventSourced):
                     )
                     out.append(Outgoing(b.coordinator, q))
                     self._query_at[bid] = now_min + self.retry_min
+        if self._notice_at:
+            for bid, due in self._notice_at.items():
+                if due <= now_min:
+                    b = self._bookings[bid]
+                    n = StopCanceled(msg_id(self.node_id, "STOP_CANCELED", bid), self.node_id,
+                                     b.trip_id, bid, b.reason)
+                    out.append(Outgoing(b.coordinator, n))
+                    self._notice_at[bid] = now_min + self.retry_min
         return out
 
     def next_timer_min(self) -> float | None:
         """Earliest time at which ``tick`` has something to do (None if nothing)."""
-        cands = [t for t in self._query_at.values()]
+        cands = [t for t in self._query_at.values()] + list(self._notice_at.values())
         if self._timers:
             cands.append(self._timers[0][0])
         return min(cands) if cands else None
@@ -582,11 +607,18 @@ class Participant(EventSourced):
         return b
 
     def cancel(self, booking_id: str, now_min: float, reason: str = "canceled") -> BookingView:
-        """Cancel a reservation or release a hold (no-op on a finished booking)."""
-        self._get(booking_id)
-        b = self._release(booking_id, now_min, reason)
-        assert b is not None
-        return self._view(b)
+        """Cancel a reservation or release a hold (no-op on a finished booking).
+
+        The station owner's own decision: a reserved stop of a trip is cancelled and its
+        coordinator is told with ``StopCanceled`` (sent by ``tick``, due at once, re-sent
+        every ``retry_min`` until the coordinator answers with a CancelRequest)."""
+        b = self._get(booking_id)
+        self._expire_if_due(b, now_min)
+        if b.state is _RESERVED and b.coordinator:
+            self._emit(OwnerCanceled(booking_id, now_min, reason))
+        b2 = self._release(booking_id, now_min, reason)
+        assert b2 is not None
+        return self._view(b2)
 
     def start_charging(self, booking_id: str, now_min: float) -> BookingView:
         """Start a session against a RESERVED booking (FULFILLED, connector CHARGING).

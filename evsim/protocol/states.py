@@ -82,7 +82,7 @@ class TripState(StrEnum):
     ABORTING = "ABORTING"  # decided ABORT, waiting for every ABORT_ACK
     COMPENSATING = "COMPENSATING"  # a commit failed: canceling every stop
     BOOKED = "BOOKED"  # every stop RESERVED (terminal unless canceled)
-    CANCELING = "CANCELING"  # the vehicle canceled a booked trip
+    CANCELING = "CANCELING"  # the vehicle (or a station owner) canceled a booked trip
     ABORTED = "ABORTED"  # every hold released after ABORT (closed)
     FAILED = "FAILED"  # every stop released after compensation (closed)
     CANCELED = "CANCELED"  # every stop released after a vehicle cancel (closed)
@@ -99,6 +99,7 @@ class TripEvent(StrEnum):
     ACK_TIMEOUT = "ACK_TIMEOUT"  # commit ACKs missing at the ack deadline
     ALL_ACKED = "ALL_ACKED"  # every participant acknowledged the decision
     CANCEL = "CANCEL"  # the vehicle canceled the booked trip
+    STOP_CANCELED = "STOP_CANCELED"  # a station owner canceled a reserved stop
 
 
 T, TE = TripState, TripEvent
@@ -114,6 +115,7 @@ TRIP_TRANSITIONS: dict[tuple[TripState, TripEvent], TripState] = {
     (T.ABORTING, TE.ALL_ACKED): T.ABORTED,
     (T.COMPENSATING, TE.ALL_ACKED): T.FAILED,
     (T.BOOKED, TE.CANCEL): T.CANCELING,
+    (T.BOOKED, TE.STOP_CANCELED): T.CANCELING,
     (T.CANCELING, TE.ALL_ACKED): T.CANCELED,
 }
 

@@ -183,6 +183,13 @@ class TripPublic(BaseModel):
     booking_ids: list[str] = []
 
 
+class VehicleTripPublic(TripPublic):
+    """One of the caller's trips coordinated here (``GET /vehicles/{id}/trips``)."""
+
+    created_t_min: float
+    stops: list[StopCreate] = Field(description="the stops as requested")
+
+
 class BookingPublic(BaseModel):
     """A single booking held by this company's participant."""
 
@@ -210,6 +217,14 @@ class SessionCreate(_In):
     target_soc: Soc = 0.8
     max_dc_kw: Kw = 150.0
     max_ac_kw: Kw = 11.0
+    queue: bool = Field(
+        default=False,
+        description="walk-in only: when no connector is free, join the station's FIFO queue "
+        "(202, status QUEUED; charging_started is notified when it starts) instead of a 409",
+    )
+    max_wait_min: Minutes | None = Field(
+        default=None, description="queue patience (default: the scenario's charging.max_wait_min)"
+    )
 
     @model_validator(mode="after")
     def _target(self) -> SessionCreate:
@@ -240,15 +255,18 @@ class SessionPublic(BaseModel):
     vehicle_id: str
     station_id: str
     company_id: str
-    connector_id: str
-    booking_id: str
-    status: Literal["ACTIVE", "COMPLETED"]
-    start_t_min: float
+    connector_id: str | None = Field(description="None while QUEUED or after ABANDONED")
+    booking_id: str | None
+    status: Literal["QUEUED", "ACTIVE", "COMPLETED", "ABANDONED"]
+    start_t_min: float | None = Field(description="None while QUEUED or after ABANDONED")
+    arrive_t_min: float | None = Field(default=None, description="when it joined the queue")
+    wait_min: float | None = Field(default=None, description="arrival -> plug-in (or leaving)")
+    queue_position: int | None = Field(default=None, description="1 = head, while QUEUED")
     end_t_min: float | None
     soc_start: float
     soc_end: float | None
     target_soc: float
-    power_kw: float
+    power_kw: float | None
     energy_kwh: float | None
     charge_min: float | None
     parking_min: float | None

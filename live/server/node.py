@@ -6,21 +6,33 @@ and the ticker alike).  Every call follows the same steps (:meth:`ProtocolHost.e
 
 1. under the lock, run the operation at ``now = clock()``; messages addressed to this
    company's own nodes are delivered in-process right away (a trip with a stop at home
-   needs no broker round trip), TripResults addressed to the API node are collected;
-2. persist both nodes' ``new_records()`` -- plus whatever the caller adds in the same
-   transaction (the trips row, trace rows) -- and commit (write-ahead rule);
-3. release the lock, publish the messages for other companies on
-   ``evsim/protocol/{dst}/{company}`` (QoS 1), then run the post-commit hooks (vehicle
-   notifications).  Publishing outside the lock means a synchronous bus (tests) or a slow
-   broker can never deadlock two servers.
+   needs no broker round trip), TripResults addressed to the API node are collected; the
+   ``tracers`` turn the step into trace rows; the step's records (both nodes'
+   ``new_records()``, the trace rows and the caller's ``extra`` writes) are queued for the
+   committer, in lock order;
+2. release the lock and wait until the **committer thread** has made them durable: it takes
+   every queued step at once and writes them in one transaction (group commit: one fsync for
+   many concurrent requests), in queue order;
+3. publish the messages for other companies on ``evsim/protocol/{dst}/{company}`` (QoS 1),
+   then run the post-commit hooks (vehicle notifications).  Publishing outside the lock
+   means a synchronous bus (tests) or a slow broker can never deadlock two servers.
+
+Write-ahead rule: nothing of a step is sent or answered before its records are committed.
+A step that wrote nothing still waits until every step queued before it is durable (what it
+sends may depend on their effects), and readers that answer from in-memory state
+(:meth:`barrier`) do the same, so no reply shows a state that a crash could undo.  Steps
+that read the database inside ``op`` (``execute(..., pipelined=False)``, the default) first
+wait for every queued step, so they see their predecessors' rows; the protocol paths
+(messages, timers, bookings) are pipelined: the next step runs while the previous commits.
 
 Node ids: the participant is ``{company}``, the coordinator ``{company}.coord`` and the API
 front end (the "vehicle node" TripResults go to) ``{company}.api``.  Garbage on the protocol
 topics is logged and dropped; it never reaches the state machines.
 
 Fault injection (:mod:`live.faults`, only when ``EVSIM_FAULT`` / ``EVSIM_FAULT_FILE`` is set):
-the host calls the injector right after each commit (step 2) and before / after each publish
-(step 3), and drops protocol traffic in and out while an injected partition lasts.
+the committer calls the injector right after each commit, once per step (step 2), and the
+host before / after each publish (step 3); it drops protocol traffic in and out while an
+injected partition lasts.
 """
 
 from __future__ import annotations
@@ -63,6 +75,26 @@ def node_ids(company: str) -> tuple[str, str, str]:
 
 
 @dataclass(slots=True)
+class _Step:
+    """One step queued for the committer."""
+
+    seq: int
+    fx: Effects
+    value: Any
+    extra: Callable[[Connection, Any, Effects], None] | None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def write(self, conn: Connection, pid: str, cid: str) -> None:
+        Storage.append_records(conn, pid, self.fx.participant_records)
+        Storage.append_records(conn, cid, self.fx.coordinator_records)
+        if self.fx.trace_rows:
+            Storage.add_trace(conn, self.fx.trace_rows)
+        if self.extra is not None:
+            self.extra(conn, self.value, self.fx)
+
+
+@dataclass(slots=True)
 class Effects:
     """What one protocol step produced, handed to post-commit hooks."""
 
@@ -71,6 +103,7 @@ class Effects:
     participant_records: list[Record] = field(default_factory=list)
     coordinator_records: list[Record] = field(default_factory=list)
     sent: list[Outgoing] = field(default_factory=list)
+    trace_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def booking_events(self, event: BookingEvent) -> list[BookingChanged]:
         return [
@@ -110,6 +143,16 @@ class ProtocolHost:
         )
         self.bus: Bus | None = None
         self.hooks: list[Callable[[Effects], None]] = []
+        # tracers(fx) -> trace rows, under the lock; written in the step's own transaction
+        self.tracers: list[Callable[[Effects], list[dict[str, Any]]]] = []
+        # group commit: steps queued in lock order, made durable by the committer thread
+        self._queue: list[_Step] = []
+        self._qcond = threading.Condition(threading.Lock())
+        self._enqueued = 0  # seq of the last queued step
+        self._durable = 0  # every step with seq <= this is committed
+        self._committer: threading.Thread | None = None
+        self._closing = False
+        self.commits = 0  # transactions written by the committer (for benchmarks)
         self._results: dict[str, TripResult] = {}  # also answers for never-started trips
         self.dropped = 0  # garbage / misaddressed protocol payloads ignored
         self._ticker: threading.Thread | None = None
@@ -157,7 +200,7 @@ class ProtocolHost:
 
     def deliver(self, dst: str, msg: Message) -> None:
         node: Participant | Coordinator = self.participant if dst == self.pid else self.coordinator
-        self.execute(lambda now: (None, node.handle(msg, now)))
+        self.execute(lambda now: (None, node.handle(msg, now)), pipelined=True)
 
     # ------------------------------------------------------------------ the one path in
 
@@ -166,14 +209,20 @@ class ProtocolHost:
         op: Callable[[float], tuple[T, list[Outgoing]]],
         *,
         extra: Callable[[Connection, T, Effects], None] | None = None,
+        pipelined: bool = False,
     ) -> T:
         """Run ``op(now)`` on the nodes, persist, then send; returns op's value.
 
         ``extra(conn, value, effects)`` runs inside the same transaction as the protocol
-        records (after the operation and its local deliveries).
+        records (on the committer thread, after the operation and its local deliveries: it
+        must only write what ``value`` / ``effects`` say).  ``pipelined=False`` (default)
+        waits for every queued step before running ``op``, for operations that read the
+        database; the protocol paths pass ``True``.
         """
         remote: list[Outgoing] = []
         with self.lock:
+            if not pipelined:
+                self._wait_durable(self._enqueued)
             now = self.clock()
             value, outs = op(now)
             fx = Effects(now)
@@ -193,27 +242,117 @@ class ProtocolHost:
             fx.participant_records = self.participant.new_records()
             fx.coordinator_records = self.coordinator.new_records()
             fx.sent = remote
-            if fx.participant_records or fx.coordinator_records or extra is not None:
-                with self.storage.begin() as conn:
-                    Storage.append_records(conn, self.pid, fx.participant_records)
-                    Storage.append_records(conn, self.cid, fx.coordinator_records)
-                    if extra is not None:
-                        extra(conn, value, fx)
-                if self.faults is not None:  # injected crash right after the commit
-                    self.faults.after_commit(fx.participant_records + fx.coordinator_records)
-            if fx.results or fx.participant_records or fx.coordinator_records:
+            changed = bool(fx.results or fx.participant_records or fx.coordinator_records)
+            if changed:
+                for tracer in self.tracers:
+                    try:
+                        fx.trace_rows.extend(tracer(fx))
+                    except Exception:
+                        log.exception("tracer %r failed", tracer)
+            step: _Step | None = None
+            if fx.participant_records or fx.coordinator_records or extra is not None \
+                    or fx.trace_rows:
+                step = self._enqueue(fx, value, extra)
+            upto = self._enqueued
+        if step is not None:
+            step.done.wait()
+            if step.error is not None:
+                raise step.error
+        else:
+            self._wait_durable(upto)  # what we send may depend on steps still committing
+        if changed:
+            with self.lock:
                 self.changed.notify_all()
-                for tid, ev in self._waiters.items():
-                    if not ev.is_set() and self.result(tid) is not None:
+                for res in fx.results:
+                    ev = self._waiters.get(res.trip_id)
+                    if ev is not None:
                         ev.set()
         self._send(remote)
-        if fx.results or fx.participant_records or fx.coordinator_records:
+        if changed:
             for hook in self.hooks:
                 try:
                     hook(fx)
                 except Exception:
                     log.exception("post-commit hook %r failed", hook)
         return value
+
+    # ------------------------------------------------------------------ group commit
+
+    def _enqueue(self, fx: Effects, value: Any, extra: Any) -> _Step:
+        """Queue a step for the committer (caller holds ``self.lock``: lock order = seq)."""
+        with self._qcond:
+            self._enqueued += 1
+            step = _Step(self._enqueued, fx, value, extra)
+            self._queue.append(step)
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._commit_loop, name=f"committer-{self.company}", daemon=True)
+                self._committer.start()
+            self._qcond.notify_all()
+        return step
+
+    def _wait_durable(self, seq: int) -> None:
+        with self._qcond:
+            while self._durable < seq:
+                self._qcond.wait()
+
+    def barrier(self) -> None:
+        """Wait until every step queued so far is durable (call before answering a read
+        from in-memory protocol state; must not be called from an ``extra``)."""
+        with self._qcond:
+            upto = self._enqueued
+        self._wait_durable(upto)
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._qcond:
+                while not self._queue and not self._closing:
+                    self._qcond.wait()
+                if not self._queue:
+                    return
+                steps, self._queue = self._queue, []
+            self._commit(steps)
+            with self._qcond:
+                self._durable = steps[-1].seq
+                self._qcond.notify_all()
+            for st in steps:
+                st.done.set()
+
+    def _commit(self, steps: list[_Step]) -> None:
+        try:
+            with self.storage.begin() as conn:
+                for st in steps:
+                    st.write(conn, self.pid, self.cid)
+            self.commits += 1
+        except Exception:
+            if len(steps) == 1:
+                log.exception("commit failed")
+                steps[0].error = RuntimeError("commit failed")
+                return
+            for st in steps:  # isolate the bad step: every other one commits on its own
+                try:
+                    with self.storage.begin() as conn:
+                        st.write(conn, self.pid, self.cid)
+                    self.commits += 1
+                except Exception as exc:
+                    log.exception("commit of step %d failed", st.seq)
+                    st.error = exc
+        if self.faults is not None:  # injected crash right after the commit of a step
+            for st in steps:
+                if st.error is None:
+                    try:
+                        self.faults.after_commit(st.fx.participant_records
+                                                 + st.fx.coordinator_records)
+                    except BaseException as exc:  # in-process "crash" (tests): the step's
+                        st.error = exc  # caller raises it, nothing of the step is sent
+
+    def close(self) -> None:
+        """Commit what is queued and stop the committer thread."""
+        with self._qcond:
+            self._closing = True
+            self._qcond.notify_all()
+        if self._committer is not None:
+            self._committer.join(timeout=5)
 
     def _send(self, outs: list[Outgoing]) -> None:
         bus, faults = self.bus, self.faults
@@ -238,7 +377,8 @@ class ProtocolHost:
     def tick(self) -> None:
         """Advance both nodes' timers to ``clock()`` and route what they emit."""
         self.execute(
-            lambda now: (None, self.participant.tick(now) + self.coordinator.tick(now))
+            lambda now: (None, self.participant.tick(now) + self.coordinator.tick(now)),
+            pipelined=True,
         )
 
     def start_ticker(self, interval_s: float) -> None:
@@ -273,12 +413,16 @@ class ProtocolHost:
         """Block up to ``timeout_s`` wall seconds for a trip's definitive result."""
         with self.lock:
             res = self.result(trip_id)
-            if res is not None:
-                return res
-            ev = self._waiters.setdefault(trip_id, threading.Event())
+            if res is None:
+                ev = self._waiters.setdefault(trip_id, threading.Event())
+        if res is not None:
+            self.barrier()
+            return res
         try:
             ev.wait(timeout_s)
         finally:
             with self.lock:
                 self._waiters.pop(trip_id, None)
-        return self.result(trip_id)
+        res = self.result(trip_id)
+        self.barrier()  # answer nothing a crash could still undo
+        return res

@@ -21,6 +21,7 @@ vehicle's bookings and sessions answer 404, another vehicle's history 403.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -101,6 +102,7 @@ class CompanyService:
             self.company, self.world.protocol_stations(self.company), self.storage, self.clock
         )
         self.host.hooks.append(self._after_protocol)
+        self.host.tracers.append(self._trace_rows)  # written in the step's own transaction
         self.status = StatusReplica(self.world)
         name = settings.policy or scenario.policy.name
         params = scenario.policy.params if name == scenario.policy.name else {}
@@ -126,6 +128,8 @@ class CompanyService:
         self.bus = bus
         self.host.attach(bus)
         bus.subscribe(topics.ALL_STATUS, self.status.on_status)
+        self.status.start_watchdog(  # heartbeats: offline after 1.5 silent periods
+            (lambda: bool(bus.connected)) if hasattr(bus, "connected") else None)
         bus.subscribe(topics.company_filter(self.company, "events"), self.sessions.on_event)
         bus.subscribe(topics.company_filter(self.company, "meter"), self.sessions.on_meter)
         if self._outage_thread is None:
@@ -139,6 +143,8 @@ class CompanyService:
         if self._outage_thread is not None:
             self._outage_thread.join(timeout=5)
         self.host.stop_ticker()
+        self.status.close()
+        self.host.close()
         self.storage.close()
 
     def now(self) -> float:
@@ -304,22 +310,53 @@ class CompanyService:
         return StopRequest(company, s.station_id, s.start_min, s.end_min, s.grace_min,
                            s.connector_id)
 
-    def book(self, vehicle_id: str, body: m.BookingCreate) -> tuple[int, m.TripPublic]:
-        """Book a trip; (201 BOOKED | 409 REJECTED/FAILED | 202 still pending, trip)."""
-        now = self.now()
-        stops = tuple(self._stop_request(i, s, now) for i, s in enumerate(body.stops))
-        trip_id = f"{vehicle_id}.{secrets.token_hex(8)}"
-        req = TripRequest(f"{self.host.api}:TRIP_REQUEST:{trip_id}", self.host.api, trip_id,
-                          vehicle_id, stops)
+    @staticmethod
+    def trip_id_for(vehicle_id: str, idempotency_key: str | None) -> str:
+        """``{vehicle}.{hex}``: random, or derived from the request's ``Idempotency-Key`` so
+        that a POST retried after a crash (whose response, and maybe notification, was lost)
+        finds the trip the first attempt logged instead of booking another one."""
+        if idempotency_key is None:
+            return f"{vehicle_id}.{secrets.token_hex(8)}"
+        digest = hashlib.sha256(f"{vehicle_id}\n{idempotency_key}".encode()).hexdigest()
+        return f"{vehicle_id}.{digest[:16]}"
+
+    def book(self, vehicle_id: str, body: m.BookingCreate,
+             idempotency_key: str | None = None) -> tuple[int, m.TripPublic]:
+        """Book a trip; (201 BOOKED | 409 REJECTED/FAILED | 202 still pending, trip).
+
+        With an ``Idempotency-Key`` the trip id is derived from it: a retry whose first
+        attempt logged the trip (the replay record was lost with a crash) answers that
+        trip's current outcome instead of booking again."""
+        trip_id = self.trip_id_for(vehicle_id, idempotency_key)
         request_json = [s.model_dump() for s in body.stops]
+        row = self.storage.trip(trip_id) if idempotency_key is not None else None
+        if row is not None:
+            if row["vehicle_id"] != vehicle_id or row["request"] != json.loads(
+                    json.dumps(request_json)):
+                raise ApiError(422, f"Idempotency-Key {idempotency_key!r} was used for a "
+                               "different request", "idempotency_key_reused")
+        else:
+            now = self.now()
+            stops = tuple(self._stop_request(i, s, now) for i, s in enumerate(body.stops))
+            req = TripRequest(f"{self.host.api}:TRIP_REQUEST:{trip_id}", self.host.api,
+                              trip_id, vehicle_id, stops)
 
-        def op(t: float) -> tuple[None, list]:
-            return None, self.host.coordinator.request_trip(req, t, vehicle_node=self.host.api)
+            def op(t: float) -> tuple[bool, list]:
+                if self.host.coordinator.trip_state(trip_id) is not None:
+                    return False, []  # a concurrent retry logged it meanwhile
+                return True, self.host.coordinator.request_trip(req, t,
+                                                                vehicle_node=self.host.api)
 
-        def extra(conn: Any, _v: None, fx: Effects) -> None:
-            Storage.add_trip(conn, trip_id, vehicle_id, fx.now, request_json)
+            created: list[float] = []
 
-        self.host.execute(op, extra=extra)
+            def extra(conn: Any, new: bool, fx: Effects) -> None:
+                if new:
+                    Storage.add_trip(conn, trip_id, vehicle_id, fx.now, request_json)
+                    created.append(fx.now)
+
+            self.host.execute(op, extra=extra, pipelined=True)
+            if created:  # committed: serve the row from memory from now on
+                self.storage.cache_trip(trip_id, vehicle_id, created[0], request_json)
         coord = self.host.coordinator
         bound_min = coord.vote_timeout_min + coord.ack_timeout_min
         bound_s = bound_min * 60.0 / self.settings.time_scale + 1.0
@@ -337,6 +374,7 @@ class CompanyService:
             state = coord.trip_state(trip_id)
             res = self.host.result(trip_id)
             bids = list(coord.booking_ids(trip_id)) if state is not None else []
+        self.host.barrier()  # show nothing a crash could still undo
         if row is None and state is None:
             raise ApiError(404, f"unknown trip {trip_id!r}", "not_found")
         vehicle = row["vehicle_id"] if row else owner_of(trip_id)
@@ -388,6 +426,7 @@ class CompanyService:
     def local_booking(self, vehicle_id: str, booking_id: str) -> BookingView:
         with self.host.lock:
             v = self.host.participant.booking(booking_id)
+        self.host.barrier()
         if v is None or owner_of(booking_id) != vehicle_id:
             raise ApiError(404, f"unknown booking {booking_id!r}", "not_found")
         return v
@@ -421,32 +460,42 @@ class CompanyService:
                            "trip_pending")
         if state is not None and state.value in ("ABORTING", "ABORTED", "COMPENSATING", "FAILED"):
             raise ApiError(409, f"trip {trip_id!r} was not booked ({state.value})", "not_booked")
-        self.host.execute(lambda t: (None, self.host.coordinator.cancel_trip(trip_id, t)))
+        self.host.execute(lambda t: (None, self.host.coordinator.cancel_trip(trip_id, t)),
+                          pipelined=True)
         return self.trip(trip_id)
 
     # ------------------------------------------------------------------ protocol effects
 
     def _after_protocol(self, fx: Effects) -> None:
+        """Post-commit hook: tell the vehicles (their trace rows are already committed)."""
+        for res in fx.results:
+            self._on_result(res, fx.now, None)
+        for rec in fx.booking_events(BookingEvent.NO_SHOW_EXPIRE):
+            self.notify(owner_of(rec.booking_id), "booking_expired", booking_id=rec.booking_id,
+                        t_min=rec.t_min)
+
+    def _trace_rows(self, fx: Effects) -> list[dict[str, Any]]:
+        """Host tracer (under the host lock): the step's trace rows, committed with it."""
         rows: list[dict[str, Any]] = []
         for res in fx.results:
             self._on_result(res, fx.now, rows)
         for rec in fx.booking_events(BookingEvent.NO_SHOW_EXPIRE):
             vid = owner_of(rec.booking_id)
-            with self.host.lock:
-                v = self.host.participant.booking(rec.booking_id)
-            self.notify(vid, "booking_expired", booking_id=rec.booking_id, t_min=rec.t_min)
+            v = self.host.participant.booking(rec.booking_id)
             rows.append({
                 "t_min": rec.t_min, "kind": "booking", "vehicle_id": vid,
                 "booking_id": rec.booking_id, "company_id": self.company, "status": "NO_SHOW",
                 "station_id": v.station_id if v else None,
                 "connector_id": v.connector_id if v else None,
             })
-        if rows:
-            self.trace(rows)
+        return rows
 
-    def _on_result(self, res: TripResult, now: float, rows: list[dict[str, Any]]) -> None:
-        row = self.storage.trip(res.trip_id)
-        vid = row["vehicle_id"] if row else owner_of(res.trip_id)
+    def _on_result(self, res: TripResult, now: float, rows: list[dict[str, Any]] | None) -> None:
+        """Notify the vehicle of a trip result (``rows is None``) or trace it into ``rows``."""
+        vid = owner_of(res.trip_id)  # trip ids are {vehicle}.{hex}: no database read
+        if rows is not None:
+            self._result_rows(res, now, vid, rows)
+            return
         self.notify(
             vid, TRIP_EVENTS.get(res.outcome, "booking_update"), trip_id=res.trip_id,
             outcome=res.outcome, reason=res.reason, t_min=now,
@@ -457,6 +506,9 @@ class CompanyService:
                 for b in res.bookings
             ],
         )
+
+    def _result_rows(self, res: TripResult, now: float, vid: str,
+                     rows: list[dict[str, Any]]) -> None:
         rows.append({
             "t_min": now, "kind": "trip_booking", "vehicle_id": vid, "booking_id": res.trip_id,
             "company_id": self.company, "status": res.outcome, "detail": res.reason or None,
@@ -546,7 +598,8 @@ class CompanyService:
                 if v is not None and v.state is BookingState.RESERVED and not v.charging:
                     p.cancel(bid, now, "station_offline")
                     done.append(bid)
-            return None, []
+            # a cancelled trip stop tells its coordinator (StopCanceled, due at once)
+            return None, p.tick(now) if done else []
 
         def extra(conn: Any, _v: None, fx: Effects) -> None:
             by_id = {a.booking_id: a for a in affected}
@@ -557,7 +610,7 @@ class CompanyService:
                 "detail": "station_offline",
             } for bid in done])
 
-        self.host.execute(op, extra=extra)
+        self.host.execute(op, extra=extra, pipelined=True)
         t = self.now()
         by_id = {a.booking_id: a for a in affected}
         for bid in done:

@@ -20,10 +20,13 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evsim.battery import ChargeCurve, session_power_kw
-from evsim.protocol import BookingState, ProtocolError
+from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.protocol import BookingChanged, BookingState, ProtocolError
+from evsim.queueing import assign_walkins, expired
 from evsim.scenario import TariffConfig
 from evsim.tariff import price_session
 from live import topics
@@ -87,9 +90,11 @@ def price(
     }
 
 
-def session_public(row: dict[str, Any]) -> m.SessionPublic:
+def session_public(row: dict[str, Any], waiter: Any = None) -> m.SessionPublic:
     done = row["status"] == "COMPLETED"
     return m.SessionPublic(
+        arrive_t_min=waiter.arrive_t_min if waiter is not None else None,
+        wait_min=waiter.wait_min if waiter is not None else None,
         session_id=row["session_id"], vehicle_id=row["vehicle_id"], station_id=row["station_id"],
         company_id=row["company_id"], connector_id=row["connector_id"],
         booking_id=row["booking_id"], status=row["status"], start_t_min=row["start_t_min"],
@@ -106,17 +111,49 @@ def session_public(row: dict[str, Any]) -> m.SessionPublic:
 
 _EVENT_NUMBERS = (("energy_kwh", 0.0, 1000.0), ("soc", 0.0, 1.0), ("t_min", 0.0, 1e7),
                   ("power_kw", 0.0, 2000.0))
+SWEEP_MIN = 5.0  # scenario minutes between re-dispatches of every non-empty queue
 _EVENTS = (topics.EV_SESSION_STARTED, topics.EV_SESSION_FINISHED, topics.EV_FAULT)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A walk-in at one of this company's stations, queued or just arrived."""
+
+    session_id: str
+    vehicle_id: str
+    body: m.SessionCreate
+    queue: bool  # False: start now or 409, never wait
+    arrive_t_min: float = 0.0
+    deadline_min: float = math.inf  # arrive + patience: leaves the queue then (abandon)
+    status: str = "QUEUED"  # QUEUED -> ACTIVE | ABANDONED
+    wait_min: float | None = None
+    connector_id: str | None = None
+    booking_id: str | None = None
+    power_kw: float = 0.0
 
 
 class SessionManager:
     def __init__(self, svc: CompanyService) -> None:
         self.svc = svc
+        # walk-in queues (station id -> waiters in arrival order) and every walk-in ever
+        # queued here (session id -> waiter): in memory, guarded by the protocol host's lock
+        # (a queue is only touched inside ``host.execute``, next to the participant it reads)
+        self._queues: dict[str, list[_Waiter]] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        self._dirty: set[str] = set()  # stations whose queue may move (reservations changed)
+        self._wake = threading.Event()
+        self._stop_ev = threading.Event()
+        self._thread: threading.Thread | None = None
+        svc.host.hooks.append(self._after_protocol)
 
     # ------------------------------------------------------------------ start
 
     def start(self, vehicle_id: str, body: m.SessionCreate) -> m.SessionPublic:
-        svc, host = self.svc, self.svc.host
+        return self.start_or_queue(vehicle_id, body)[1]
+
+    def start_or_queue(self, vehicle_id: str, body: m.SessionCreate) -> tuple[int, m.SessionPublic]:
+        """Start a session (201), or queue a walk-in with ``queue`` set (202, QUEUED)."""
+        svc = self.svc
         cfg = svc.world.stations.get(body.station_id)
         if cfg is None:
             raise ApiError(404, f"unknown station {body.station_id!r}", "unknown_station")
@@ -130,40 +167,33 @@ class SessionManager:
                                f"{body.station_id!r}", "unknown_connector")
         if not svc.status.is_online(body.station_id):
             raise ApiError(409, f"station {body.station_id!r} is offline", "station_offline")
-        if body.booking_id is not None:
-            v = svc.local_booking(vehicle_id, body.booking_id)  # 404 unless the caller's
-            if v.station_id != body.station_id:
-                raise ApiError(422, f"booking {body.booking_id!r} is at {v.station_id!r}",
-                               "station_mismatch")
-            if body.connector_id is not None and body.connector_id != v.connector_id:
-                raise ApiError(422, f"booking {body.booking_id!r} is on {v.connector_id!r}",
-                               "connector_mismatch")
-            active = svc.storage.sessions_where(booking_id=body.booking_id, status="ACTIVE")
-            if active:
-                raise ApiError(409, f"session {active[0]['session_id']} already runs on this "
-                               "booking", "already_charging")
+        if body.booking_id is None:
+            return self._walk_in(vehicle_id, body)
+        return 201, self._start_booked(vehicle_id, body)
+
+    def _start_booked(self, vehicle_id: str, body: m.SessionCreate) -> m.SessionPublic:
+        svc, host = self.svc, self.svc.host
+        assert body.booking_id is not None
+        v = svc.local_booking(vehicle_id, body.booking_id)  # 404 unless the caller's
+        if v.station_id != body.station_id:
+            raise ApiError(422, f"booking {body.booking_id!r} is at {v.station_id!r}",
+                           "station_mismatch")
+        if body.connector_id is not None and body.connector_id != v.connector_id:
+            raise ApiError(422, f"booking {body.booking_id!r} is on {v.connector_id!r}",
+                           "connector_mismatch")
+        active = svc.storage.sessions_where(booking_id=body.booking_id, status="ACTIVE")
+        if active:
+            raise ApiError(409, f"session {active[0]['session_id']} already runs on this "
+                           "booking", "already_charging")
         session_id = f"{svc.company}-s-{secrets.token_hex(6)}"
-        walk_in = body.booking_id is None
-        bid = body.booking_id or f"{vehicle_id}.{secrets.token_hex(8)}"
-        ch = svc.world.scenario.charging
+        bid = body.booking_id
 
         def op(now: float) -> tuple[tuple[str, Any], list]:
             p = host.participant
-            if not walk_in and svc.storage.sessions_where(booking_id=bid, status="ACTIVE"):
+            if svc.storage.sessions_where(booking_id=bid, status="ACTIVE"):
                 return ("active", None), []
-            if walk_in:
-                slow = min(c.power_kw for c in svc.world.connectors[body.station_id]
-                           if body.connector_id is None or c.connector_id == body.connector_id)
-                est = ChargeCurve(body.battery_kwh, slow, ch.taper_soc, ch.efficiency).minutes_to(
-                    body.soc, body.target_soc)
-                reply = p.book(bid, body.station_id, now, now + max(est, 5.0), now,
-                               connector_id=body.connector_id, grace_min=5.0)
-                if reply.state != BookingState.RESERVED.value:
-                    return ("rejected", reply), []
             v = p.start_charging(bid, now)
             if not v.charging:
-                if walk_in:
-                    p.cancel(bid, now, "walk_in_failed")
                 return ("refused", v), []
             return ("ok", v), []
 
@@ -174,18 +204,11 @@ class SessionManager:
             conn_spec = svc.world.connector_index[v.connector_id]
             power = session_power_kw(conn_spec.power_kw, conn_spec.type, body.max_dc_kw,
                                      body.max_ac_kw)
-            tariff = svc.world.tariffs[body.station_id]
-            Storage.add_session(conn, {
-                "session_id": session_id, "vehicle_id": vehicle_id,
-                "station_id": body.station_id, "company_id": svc.company,
-                "connector_id": v.connector_id, "booking_id": bid, "walk_in": int(walk_in),
-                "status": "ACTIVE", "start_t_min": fx.now, "soc_start": body.soc,
-                "target_soc": body.target_soc, "battery_kwh": body.battery_kwh,
-                "power_kw": power, "currency": tariff.currency if tariff else "BRL",
-            })
+            self._add_session(conn, session_id, vehicle_id, body, v.connector_id, bid, False,
+                              fx.now, power)
             base = {"vehicle_id": vehicle_id, "station_id": body.station_id,
                     "company_id": svc.company, "session_id": session_id, "soc": body.soc,
-                    "booking_id": bid if not walk_in else None}
+                    "booking_id": bid}
             Storage.add_trace(conn, [
                 {"t_min": fx.now, "kind": "arrive", **base},
                 {"t_min": fx.now, "kind": "session_start", **base,
@@ -195,25 +218,279 @@ class SessionManager:
         kind, v = host.execute(op, extra=extra)
         if kind == "active":
             raise ApiError(409, f"a session already runs on booking {bid!r}", "already_charging")
-        if kind == "rejected":
-            raise ApiError(409, f"no free connector at {body.station_id!r} now", "no_connector",
-                           alternatives=[{"connector_id": a.connector_id, "start_min": a.start_min,
-                                          "end_min": a.end_min} for a in v.alternatives])
         if kind == "refused":
             raise ApiError(409, f"cannot start charging on booking {bid!r}: {v.reason}",
                            v.reason or "refused")
         row = svc.storage.session(session_id)
         assert row is not None
-        svc.publish(topics.cmd_topic(svc.company, body.station_id), {
-            "cmd": topics.CMD_START, "session_id": session_id, "connector_id": v.connector_id,
-            "vehicle_id": vehicle_id, "soc": body.soc, "battery_kwh": body.battery_kwh,
-            "target_soc": body.target_soc, "max_dc_kw": body.max_dc_kw,
-            "max_ac_kw": body.max_ac_kw, "t_min": row["start_t_min"],
-        })
-        svc.notify(vehicle_id, "charging_started", session_id=session_id,
-                   station_id=body.station_id, connector_id=v.connector_id,
-                   t_min=row["start_t_min"])
+        self._command_start(row, body)
         return session_public(row)
+
+    def _add_session(self, conn: Any, session_id: str, vehicle_id: str, body: m.SessionCreate,
+                     connector_id: str, bid: str, walk_in: bool, now: float,
+                     power: float) -> None:
+        tariff = self.svc.world.tariffs[body.station_id]
+        Storage.add_session(conn, {
+            "session_id": session_id, "vehicle_id": vehicle_id,
+            "station_id": body.station_id, "company_id": self.svc.company,
+            "connector_id": connector_id, "booking_id": bid, "walk_in": int(walk_in),
+            "status": "ACTIVE", "start_t_min": now, "soc_start": body.soc,
+            "target_soc": body.target_soc, "battery_kwh": body.battery_kwh,
+            "power_kw": power, "currency": tariff.currency if tariff else "BRL",
+        })
+
+    def _command_start(self, row: dict[str, Any], body: m.SessionCreate) -> None:
+        svc = self.svc
+        svc.publish(topics.cmd_topic(svc.company, row["station_id"]), {
+            "cmd": topics.CMD_START, "session_id": row["session_id"],
+            "connector_id": row["connector_id"], "vehicle_id": row["vehicle_id"],
+            "soc": body.soc, "battery_kwh": body.battery_kwh, "target_soc": body.target_soc,
+            "max_dc_kw": body.max_dc_kw, "max_ac_kw": body.max_ac_kw,
+            "t_min": row["start_t_min"],
+        })
+        svc.notify(row["vehicle_id"], "charging_started", session_id=row["session_id"],
+                   station_id=row["station_id"], connector_id=row["connector_id"],
+                   t_min=row["start_t_min"])
+
+    # ------------------------------------------------------------------ walk-in queue
+
+    def _walk_in(self, vehicle_id: str, body: m.SessionCreate) -> tuple[int, m.SessionPublic]:
+        """Join the station's FIFO queue and hand out connectors (:mod:`evsim.queueing`)."""
+        w = _Waiter(f"{self.svc.company}-s-{secrets.token_hex(6)}", vehicle_id, body, body.queue)
+        rejected = self._run_queue(body.station_id, w)
+        if rejected is not None:
+            raise ApiError(409, f"no free connector at {body.station_id!r} now", "no_connector",
+                           alternatives=[{"connector_id": a.connector_id,
+                                          "start_min": a.start_min, "end_min": a.end_min}
+                                         for a in rejected.alternatives])
+        if w.status == "ACTIVE":
+            row = self.svc.storage.session(w.session_id)
+            assert row is not None
+            return 201, session_public(row, w)
+        self._ensure_thread()
+        self._wake.set()
+        return 202, self._queued_public(w)
+
+    def _charge_min(self, body: m.SessionCreate, spec: Any) -> tuple[float, float]:
+        """(session power, minutes to the target) of ``body`` on connector ``spec``."""
+        ch = self.svc.world.scenario.charging
+        power = session_power_kw(spec.power_kw, spec.type, body.max_dc_kw, body.max_ac_kw)
+        minutes = ChargeCurve(body.battery_kwh, power, ch.taper_soc, ch.efficiency).minutes_to(
+            body.soc, min(body.target_soc, MAX_TARGET_SOC))
+        return power, minutes
+
+    def _run_queue(self, station_id: str, new: _Waiter | None = None) -> Any:
+        """Expire, enqueue ``new``, start whoever gets a connector now; one transaction.
+
+        Returns the participant's rejection (with alternatives) when ``new`` does not queue
+        and got no connector, else None.
+        """
+        svc, host = self.svc, self.svc.host
+        specs = list(svc.world.connectors[station_id])
+        patience = svc.world.scenario.charging.max_wait_min
+        started: list[_Waiter] = []
+        left: list[_Waiter] = []
+        out: dict[str, Any] = {"rejected": None, "queue_len": 0}
+
+        def op(now: float) -> tuple[None, list]:
+            p = host.participant
+            q = self._queues.setdefault(station_id, [])
+            for w in expired([(w, w.deadline_min) for w in q], now):
+                q.remove(w)
+                w.status, w.wait_min = "ABANDONED", w.deadline_min - w.arrive_t_min
+                left.append(w)
+            if new is not None:
+                new.arrive_t_min = now
+                wait = new.body.max_wait_min
+                new.deadline_min = now + (patience if wait is None else wait)
+                q.append(new)
+            if not q:
+                return None, []
+            free = {k: c for k, c in enumerate(specs)
+                    if not any(b.charging for b in p.active_bookings(c.connector_id))}
+            sized: dict[tuple[int, int], tuple[float, float]] = {}
+
+            def fits(w: _Waiter, k: int, spec: Any) -> bool:
+                if w.body.connector_id is not None and w.body.connector_id != spec.connector_id:
+                    return False
+                power, minutes = self._charge_min(w.body, spec)
+                end = now + max(minutes, 5.0)
+                if any(b.start_min < end and b.end_min > now
+                       for b in p.active_bookings(spec.connector_id)):
+                    return False  # a reservation (or hold) in the way
+                sized[(id(w), k)] = (power, end)
+                return True
+
+            for w, k in assign_walkins(list(q), free, fits):
+                spec = specs[k]
+                power, end = sized[(id(w), k)]
+                bid = f"{w.vehicle_id}.{secrets.token_hex(8)}"
+                reply = p.book(bid, station_id, now, end, now, connector_id=spec.connector_id,
+                               grace_min=5.0)
+                if reply.state != BookingState.RESERVED.value:
+                    log.warning("walk-in %s: booking %s refused: %s", w.session_id,
+                                spec.connector_id, reply.reason)
+                    continue
+                v = p.start_charging(bid, now)
+                if not v.charging:
+                    p.cancel(bid, now, "walk_in_failed")
+                    continue
+                q.remove(w)
+                w.status, w.wait_min = "ACTIVE", now - w.arrive_t_min
+                w.connector_id, w.booking_id, w.power_kw = spec.connector_id, bid, power
+                started.append(w)
+            if new is not None and not new.queue and new.status == "QUEUED":
+                q.remove(new)  # no queueing wanted: answer 409 (and trace nothing)
+                out["rejected"] = p.book(f"{new.vehicle_id}.{secrets.token_hex(8)}", station_id,
+                                         now, now + 5.0, now, connector_id=new.body.connector_id,
+                                         grace_min=5.0)
+                if out["rejected"].state == BookingState.RESERVED.value:
+                    p.cancel(out["rejected"].booking_id, now, "walk_in_failed")
+            out["queue_len"] = len(q)
+            return None, []
+
+        def extra(conn: Any, _v: None, fx: Any) -> None:
+            rows: list[dict[str, Any]] = []
+            q_len = out["queue_len"]
+            for w in left:
+                rows.append({**self._base(w), "t_min": w.deadline_min, "kind": "abandon",
+                             "wait_min": w.wait_min, "queue_len": q_len})
+            if new is not None and (new.queue or new.status == "ACTIVE"):
+                rows.append({**self._base(new), "t_min": new.arrive_t_min, "kind": "arrive",
+                             "queue_len": q_len + len(started)})
+            for w in started:
+                self._add_session(conn, w.session_id, w.vehicle_id, w.body,
+                                  w.connector_id or "", w.booking_id or "", True, fx.now,
+                                  w.power_kw)
+                rows.append({**self._base(w), "t_min": fx.now, "kind": "session_start",
+                             "connector_id": w.connector_id, "wait_min": w.wait_min,
+                             "power_kw": w.power_kw, "queue_len": q_len})
+            if rows:
+                Storage.add_trace(conn, rows)
+
+        host.execute(op, extra=extra)
+        for w in started:
+            self._waiters.pop(w.session_id, None)
+            row = svc.storage.session(w.session_id)
+            if row is not None:
+                self._command_start(row, w.body)
+        for w in left:
+            svc.notify(w.vehicle_id, "queue_abandoned", session_id=w.session_id,
+                       station_id=station_id, wait_min=w.wait_min, t_min=w.deadline_min)
+        if new is not None and new.status == "QUEUED" and new.queue:
+            self._waiters[new.session_id] = new
+        for w in left:
+            self._waiters[w.session_id] = w
+        if left or started or (new is not None and new.queue):
+            svc.publish(topics.cmd_topic(svc.company, station_id), {
+                "cmd": topics.CMD_QUEUE, "queued": out["queue_len"], "t_min": svc.now()})
+        return out["rejected"]
+
+    def _base(self, w: _Waiter) -> dict[str, Any]:
+        return {"vehicle_id": w.vehicle_id, "station_id": w.body.station_id,
+                "company_id": self.svc.company, "session_id": w.session_id, "soc": w.body.soc}
+
+    def _queued_public(self, w: _Waiter) -> m.SessionPublic:
+        pos = None
+        if w.status == "QUEUED":
+            with self.svc.host.lock:
+                q = self._queues.get(w.body.station_id, [])
+                pos = q.index(w) + 1 if w in q else None
+        return m.SessionPublic(
+            session_id=w.session_id, vehicle_id=w.vehicle_id, station_id=w.body.station_id,
+            company_id=self.svc.company, connector_id=None, booking_id=None, status=w.status,
+            start_t_min=None, arrive_t_min=w.arrive_t_min, wait_min=w.wait_min,
+            queue_position=pos, end_t_min=None, soc_start=w.body.soc, soc_end=None,
+            target_soc=w.body.target_soc, power_kw=None, energy_kwh=None, charge_min=None,
+            parking_min=None, energy_source=None, price=None,
+        )
+
+    def leave_queue(self, session_id: str) -> m.SessionPublic:
+        """The vehicle gives up waiting (``POST /sessions/{id}/stop`` while QUEUED)."""
+        svc = self.svc
+        w = self._waiters.get(session_id)
+        assert w is not None
+        gone: list[_Waiter] = []
+
+        def op(now: float) -> tuple[None, list]:
+            q = self._queues.get(w.body.station_id, [])
+            if w in q:
+                q.remove(w)
+                w.status, w.wait_min = "ABANDONED", now - w.arrive_t_min
+                w.deadline_min = now
+                gone.append(w)
+            return None, []
+
+        def extra(conn: Any, _v: None, fx: Any) -> None:
+            if gone:
+                Storage.add_trace(conn, [{**self._base(w), "t_min": fx.now, "kind": "abandon",
+                                          "wait_min": w.wait_min, "detail": "left"}])
+
+        svc.host.execute(op, extra=extra)
+        if gone:
+            self._run_queue(w.body.station_id)  # the next in line may fit now
+        return self._queued_public(w)
+
+    _FREEING = frozenset({"ABORT", "LEASE_EXPIRE", "WOUND", "CANCEL", "NO_SHOW_EXPIRE"})
+
+    def _after_protocol(self, fx: Any) -> None:
+        """Host hook: a hold or reservation went away (not a session stop, :meth:`stop`
+        dispatches that itself): look at that station's queue again."""
+        if not any(self._queues.values()):
+            return
+        ids = [r.booking_id for r in fx.participant_records
+               if isinstance(r, BookingChanged) and r.event in self._FREEING]
+        if not ids:
+            return
+        with self.svc.host.lock:
+            p = self.svc.host.participant
+            stations = {v.station_id for v in map(p.booking, ids) if v is not None}
+            self._dirty.update(s for s in stations if self._queues.get(s))
+        if self._dirty:
+            self._wake.set()
+
+    def _ensure_thread(self) -> None:
+        with self.svc.host.lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._queue_loop, daemon=True,
+                                            name=f"walkin-queue-{self.svc.company}")
+            self._thread.start()
+
+    def _queue_loop(self) -> None:
+        """Leave queues at each waiter's patience deadline; re-dispatch stations whose
+        reservations changed, and every few scenario minutes any queue (a reservation
+        window that ended frees a connector without any event)."""
+        svc = self.svc
+        tick = max(svc.settings.tick_s, 0.02)
+        scale = svc.settings.time_scale
+        sweep_at = svc.now() + SWEEP_MIN
+        while not self._stop_ev.is_set():
+            with svc.host.lock:
+                due = min((w.deadline_min for q in self._queues.values() for w in q),
+                          default=math.inf)
+            delay = min(max((due - svc.now()) * 60.0 / scale, 0.0), tick)
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop_ev.is_set():
+                return
+            now = svc.now()
+            sweep = now >= sweep_at
+            if sweep:
+                sweep_at = now + SWEEP_MIN
+            with svc.host.lock:
+                dirty, self._dirty = self._dirty, set()
+                todo = [sid for sid, q in self._queues.items() if q and (
+                    sweep or sid in dirty or any(w.deadline_min <= now for w in q))]
+            for sid in todo:
+                try:
+                    self._run_queue(sid)
+                except Exception:
+                    log.exception("walk-in queue at %s failed", sid)
+
+    def close(self) -> None:
+        self._stop_ev.set()
+        self._wake.set()
 
     # ------------------------------------------------------------------ stop
 
@@ -222,6 +499,22 @@ class SessionManager:
         if row is None or row["vehicle_id"] != vehicle_id:
             raise ApiError(404, f"unknown session {session_id!r}", "not_found")
         return row
+
+    def own_public(self, vehicle_id: str, session_id: str) -> m.SessionPublic:
+        """The caller's session: queued / abandoned walk-ins too (404 unless the caller's)."""
+        w = self._waiters.get(session_id)
+        if w is not None and w.vehicle_id == vehicle_id and w.status != "ACTIVE":
+            return self._queued_public(w)
+        return session_public(self.own_session(vehicle_id, session_id))
+
+    def stop_or_leave(self, vehicle_id: str, session_id: str,
+                      energy_kwh: float | None = None) -> m.SessionPublic:
+        """Stop the caller's session, or leave the queue if it is still waiting."""
+        w = self._waiters.get(session_id)
+        if w is not None and w.vehicle_id == vehicle_id and w.status != "ACTIVE":
+            return self.leave_queue(session_id)
+        self.own_session(vehicle_id, session_id)  # 404 unless the caller's
+        return self.stop(session_id, energy_kwh)
 
     def stop(self, session_id: str, energy_kwh: float | None = None,
              end_t_min: float | None = None) -> m.SessionPublic:
@@ -270,6 +563,8 @@ class SessionManager:
                 "cmd": topics.CMD_STOP, "session_id": session_id,
                 "connector_id": row["connector_id"], "t_min": row["end_t_min"],
             })
+            if self._queues.get(row["station_id"]):  # the connector is free: next in line
+                self._run_queue(row["station_id"])
             svc.notify(row["vehicle_id"], "charging_finished", session_id=session_id,
                        station_id=row["station_id"], energy_kwh=row["energy_kwh"],
                        price=row["price_total"], currency=row["currency"],

@@ -10,6 +10,16 @@ Listeners (:attr:`StatusReplica.listeners`) hear every applied status with the s
 previous and new ``online`` flag; the company service uses them to handle the bookings of its
 own stations that go offline and to reconcile a station that comes back.
 
+Heartbeats: a station agent re-publishes its status every ``heartbeat_s`` wall seconds and
+says so in the payload (``heartbeat_s``).  The broker needs up to ~4x its keep-alive to
+publish the last will of a silent (frozen) client, so :meth:`StatusReplica.start_watchdog`
+marks a station offline itself when no status arrived for ``HEARTBEAT_MISSES`` (1.5) x its
+``heartbeat_s`` -- through the same listeners as a last will, so the service handles the
+bookings of its own stations exactly as for a crashed agent -- and the next status brings it
+back online.  The watchdog holds off while this server's own bus is disconnected and after
+this process was frozen itself (a gap in its own loop): then nothing could be heard from
+anyone, which says nothing about the stations.
+
 Stations that have not reported yet count as online (as in the simulation, whose board starts
 online); ``reported`` tells them apart for the API.
 """
@@ -19,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +42,8 @@ from live.bus import BadPayload, decode_json
 from live.server.world import LiveWorld
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_MISSES = 1.5  # a station is offline after this many heartbeat periods of silence
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +81,12 @@ class StatusReplica:
         # bus worker, outside the lock); the service reacts to its own stations going
         # offline and coming back
         self.listeners: list[Callable[[str, bool, bool, float], None]] = []
+        # heartbeats: station -> (period s, monotonic time of its last status)
+        self.heartbeat_s: dict[str, float] = {}
+        self.last_seen: dict[str, float] = {}
+        self.expired = 0  # stations marked offline by the watchdog
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def on_status(self, topic: str, payload: bytes) -> None:
         """Bus handler for ``evsim/+/stations/+/status``; never raises."""
@@ -110,8 +129,21 @@ class StatusReplica:
                 if not isinstance(conns, list) or not all(isinstance(c, dict) for c in conns):
                     raise BadPayload("'connectors' must be a list of objects")
                 self.connectors[sid] = tuple(conns)
+            mean = d.get("mean_session_min")
+            if mean is not None and (isinstance(mean, bool) or not isinstance(mean, int | float)
+                                     or not math.isfinite(mean) or mean < 0):
+                raise BadPayload("'mean_session_min' must be a non-negative number")
+            hb = d.get("heartbeat_s")
+            if online and isinstance(hb, int | float) and not isinstance(hb, bool) \
+                    and math.isfinite(hb) and hb > 0:
+                self.heartbeat_s[sid] = float(hb)
+                self.last_seen[sid] = time.monotonic()
+            else:  # a last will / clean shutdown / agent without heartbeats
+                self.heartbeat_s.pop(sid, None)
+                self.last_seen.pop(sid, None)
             self.board.update(
-                i, busy=int(busy), queued=int(queued), online=online, t_min=t or 0.0
+                i, busy=int(busy), queued=int(queued), online=online, t_min=t or 0.0,
+                mean_session_min=None if mean is None else float(mean),
             )
             self.reported[sid] = True
         for listener in list(self.listeners):
@@ -119,6 +151,71 @@ class StatusReplica:
                 listener(sid, was_online, online, t or 0.0)
             except Exception:
                 log.exception("status listener %r failed", listener)
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Mark offline every online station silent for more than ``HEARTBEAT_MISSES`` x its
+        heartbeat period (listeners hear ``online: False``); returns their ids."""
+        now = time.monotonic() if now is None else now
+        out: list[tuple[str, float]] = []
+        with self.lock:
+            for sid, hb in list(self.heartbeat_s.items()):
+                if now - self.last_seen.get(sid, now) <= HEARTBEAT_MISSES * hb:
+                    continue
+                i = self.world.table.index[sid]
+                del self.heartbeat_s[sid]
+                self.last_seen.pop(sid, None)
+                if self.board.online[i]:
+                    self.board.online[i] = False
+                    out.append((sid, float(self.board.observed_t_min[i])))
+        for sid, t in out:
+            self.expired += 1
+            log.warning("station %s: no heartbeat for %.1fx its period: offline", sid,
+                        HEARTBEAT_MISSES)
+            for listener in list(self.listeners):
+                try:
+                    listener(sid, True, False, t)
+                except Exception:
+                    log.exception("status listener %r failed", listener)
+        return [sid for sid, _ in out]
+
+    def _hold_off(self, now: float) -> None:
+        """Restart every station's silence clock (we could not hear anyone meanwhile)."""
+        with self.lock:
+            for sid in self.last_seen:
+                self.last_seen[sid] = now
+
+    def start_watchdog(self, connected: Callable[[], bool] | None = None,
+                       period_s: float = 0.1) -> None:
+        """Run :meth:`expire` every ``period_s`` on a thread; ``connected()`` says whether
+        this server's own bus is up (no expiry while it is not, nor just after)."""
+        if self._watchdog is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            last = time.monotonic()
+            while not self._stop.wait(period_s):
+                now = time.monotonic()
+                up = connected() if connected is not None else True
+                if not up or now - last > max(1.0, 10 * period_s):  # bus down / we froze
+                    self._hold_off(now)
+                else:
+                    try:
+                        self.expire(now)
+                    except Exception:
+                        log.exception("heartbeat watchdog failed")
+                last = now
+
+        self._watchdog = threading.Thread(target=loop, name="status-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=2)
+            self._watchdog = None
 
     def set_online(self, station_id: str, online: bool) -> None:
         with self.lock:

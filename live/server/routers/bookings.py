@@ -21,8 +21,11 @@ def book(
     body: m.BookingCreate, svc: ServiceDep, me: VehicleDep, request: Request,
     key: IdempotencyKey = None,
 ) -> JSONResponse:
-    """Book every stop or none (2PC coordinated by this server)."""
-    return idempotent(svc, request, me, key, body, lambda: svc.book(me, body))
+    """Book every stop or none (2PC coordinated by this server).
+
+    With an ``Idempotency-Key`` the trip id is derived from (vehicle, key): retrying a POST
+    whose answer was lost (the server crashed) returns the same trip and its outcome."""
+    return idempotent(svc, request, me, key, body, lambda: svc.book(me, body, key))
 
 
 @router.get("/{booking_id:path}", response_model=m.TripPublic | m.BookingPublic,

@@ -1,4 +1,4 @@
-"""``/vehicles``: registration (bearer token) and charging history."""
+"""``/vehicles``: registration (bearer token), charging history and trips."""
 
 from __future__ import annotations
 
@@ -29,3 +29,19 @@ def sessions(vehicle_id: str, svc: ServiceDep, me: VehicleDep) -> list[m.Session
     if vehicle_id != me:
         raise ApiError(403, "vehicles may only read their own sessions", "forbidden")
     return svc.sessions.history(me)
+
+
+@router.get("/{vehicle_id}/trips", response_model=list[m.VehicleTripPublic],
+            responses=m.problems(401, 403, 422))
+def trips(vehicle_id: str, svc: ServiceDep, me: VehicleDep) -> list[m.VehicleTripPublic]:
+    """The caller's trips coordinated by this company, oldest first, each with its state,
+    outcome and stops: how a vehicle finds a trip whose ``POST /bookings`` answer it never
+    got (or retry that POST with the same ``Idempotency-Key``)."""
+    if vehicle_id != me:
+        raise ApiError(403, "vehicles may only read their own trips", "forbidden")
+    out = []
+    for row in svc.storage.trips_of(me):
+        t = svc.trip(row["trip_id"])
+        out.append(m.VehicleTripPublic(**t.model_dump(), created_t_min=row["created_t_min"],
+                                       stops=row["request"]))
+    return out

@@ -1,0 +1,132 @@
+"""Trips a vehicle can always find, and trips that tell the truth after a station cancel.
+
+* ``POST /bookings`` with an ``Idempotency-Key`` derives the trip id from (vehicle, key): a
+  retry after the coordinator crashed between logging the trip (even its outcome) and
+  answering -- the replay record was never written -- returns the *same* trip and its
+  outcome instead of booking a second one ("unaware" trips of the fault matrix);
+* ``GET /vehicles/{id}/trips``: the caller's trips coordinated here, with state, outcome and
+  the requested stops; another vehicle's list is 403;
+* a station owner that cancels a reserved stop (station offline) tells the trip's coordinator
+  (``StopCanceled``): the whole trip ends CANCELED, every other stop is released, and
+  ``GET /bookings/{trip}`` says so, with the reason and the stop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from sqlalchemy import delete
+from test_live_api import TRIP, Net, book_trip
+
+from evsim.protocol import BookingState, TripState
+from live import topics
+from live.bus import encode_json
+from live.storage import idempotency
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Net:
+    return Net(tmp_path)
+
+
+def test_retried_post_after_a_lost_answer_returns_the_same_trip(net: Net) -> None:
+    vid, h = net.register()
+    hk = {**h, "Idempotency-Key": "trip-1"}
+    first = net.c["acme"].post("/bookings", json=TRIP, headers=hk)
+    assert first.status_code == 201, first.text
+    trip_id = first.json()["trip_id"]
+    svc = net.svc("acme")
+    assert trip_id == svc.trip_id_for(vid, "trip-1") and trip_id.startswith(f"{vid}.")
+    # the crash: the trip (and its BOOKED outcome) is logged, the replay record is not
+    with svc.storage.begin() as conn:
+        conn.execute(delete(idempotency))
+    again = net.c["acme"].post("/bookings", json=TRIP, headers=hk)
+    assert again.status_code == 201, again.text
+    assert "Idempotent-Replayed" not in again.headers  # recomputed, not replayed
+    body = again.json()
+    assert body["trip_id"] == trip_id and body["outcome"] == "BOOKED"
+    assert body["bookings"] == first.json()["bookings"]
+    assert svc.host.coordinator.trip_ids().count(trip_id) == 1
+    assert len(svc.storage.trips_of(vid)) == 1  # nothing booked twice
+    # from now on a plain replay
+    third = net.c["acme"].post("/bookings", json=TRIP, headers=hk)
+    assert third.headers.get("Idempotent-Replayed") == "true" and third.json() == body
+    # the same key for another request, replay record lost too: refused, not confused
+    with svc.storage.begin() as conn:
+        conn.execute(delete(idempotency))
+    other = {"stops": [{**TRIP["stops"][0], "end_min": 150}]}
+    r = net.c["acme"].post("/bookings", json=other, headers=hk)
+    assert r.status_code == 422 and r.json()["reason"] == "idempotency_key_reused"
+    # another key is another trip; no key: a random id
+    k2 = net.c["acme"].post("/bookings", json={"stops": [TRIP["stops"][0] | {
+        "start_min": 400, "end_min": 430}]}, headers={**h, "Idempotency-Key": "trip-2"})
+    assert k2.status_code == 201 and k2.json()["trip_id"] != trip_id
+    # the same key from another vehicle is another trip
+    vid2, h2 = net.register()
+    r2 = net.c["acme"].post("/bookings", json={"stops": [TRIP["stops"][0] | {
+        "start_min": 500, "end_min": 530}]}, headers={**h2, "Idempotency-Key": "trip-1"})
+    assert r2.status_code == 201 and r2.json()["trip_id"].startswith(f"{vid2}.")
+
+
+def test_vehicle_lists_its_own_trips_with_status_and_stops(net: Net) -> None:
+    vid, h = net.register()
+    other, ho = net.register()
+    assert net.c["acme"].get(f"/vehicles/{vid}/trips", headers=h).json() == []
+    trip = book_trip(net, h)
+    r = net.c["acme"].get(f"/vehicles/{vid}/trips", headers=h)
+    assert r.status_code == 200, r.text
+    (t,) = r.json()
+    assert t["trip_id"] == trip["trip_id"] and t["outcome"] == "BOOKED"
+    assert t["state"] == "BOOKED" and len(t["bookings"]) == 2
+    assert [s["station_id"] for s in t["stops"]] == ["acme_alpha", "zap_bravo"]
+    assert t["created_t_min"] == 100.0
+    assert net.c["acme"].get(f"/vehicles/{other}/trips", headers=h).status_code == 403
+    assert net.c["acme"].get(f"/vehicles/{vid}/trips", headers=ho).status_code == 403
+    assert net.c["acme"].get(f"/vehicles/{vid}/trips").status_code == 401
+    net.c["acme"].delete(f"/bookings/{trip['trip_id']}", headers=h)
+    (t,) = net.c["acme"].get(f"/vehicles/{vid}/trips", headers=h).json()
+    assert t["outcome"] == "CANCELED"
+
+
+def test_station_owner_cancel_cancels_the_trip_at_its_coordinator(net: Net) -> None:
+    vid, h = net.register()
+    trip = book_trip(net, h, {"stops": [
+        {"station_id": "zap_bravo", "start_min": 200, "end_min": 230},
+        {"station_id": "acme_alpha", "start_min": 300, "end_min": 330},
+    ]})
+    tid = trip["trip_id"]
+    zap_stop = next(b["booking_id"] for b in trip["bookings"] if b["company_id"] == "zap")
+    acme_stop = next(b["booking_id"] for b in trip["bookings"] if b["company_id"] == "acme")
+    # zap_bravo goes offline; its window (t=200, grace 10) ends within the assumed outage
+    net.clock.t = 196.0
+    zap, acme = net.svc("zap"), net.svc("acme")
+    net.bus.publish(topics.status_topic("zap", "zap_bravo"), encode_json(
+        {"station_id": "zap_bravo", "company_id": "zap", "online": False}), retain=True)
+    zap.handle_offline("zap_bravo")  # (or the outage loop, whichever comes first)
+
+    def settled() -> bool:
+        with acme.host.lock:
+            return acme.host.coordinator.trip_state(tid) is TripState.CANCELED
+
+    import time
+    deadline = time.monotonic() + 10
+    while not settled() and time.monotonic() < deadline:
+        zap.host.tick()
+        acme.host.tick()
+        time.sleep(0.05)
+    assert settled()
+    got = net.c["acme"].get(f"/bookings/{tid}", headers=h).json()
+    assert got["outcome"] == "CANCELED" and got["reason"] == "station_offline"
+    assert got["failed_stop"] == 0
+    with zap.host.lock:
+        assert zap.host.participant.booking(zap_stop).state is BookingState.CANCELED
+    with acme.host.lock:  # the other stop is released too: all or nothing
+        assert acme.host.participant.booking(acme_stop).state is BookingState.CANCELED
+    events = [n["event"] for n in net.notes(vid)]
+    assert events.count("booking_cancelled") >= 2  # the station's note and the trip's
+    trip_note = [n for n in net.notes(vid) if n.get("outcome") == "CANCELED"]
+    assert trip_note and trip_note[-1]["trip_id"] == tid
