@@ -10,9 +10,11 @@ Tables
 ``schema_meta``   key/value; ``schema_version`` guards against opening a newer database.
 ``vehicles``      registered vehicles: id, SHA-256 of the bearer token, home company.
 ``protocol_log``  append-only protocol records (``evsim.protocol.encode_record``) per node id,
-                  ordered by ``seq``; ``Participant.from_log`` / ``Coordinator.from_log``
-                  rebuild the nodes from it after a restart.  Written *before* the messages
-                  returned by the same protocol call are sent (write-ahead rule).
+                  ordered by ``seq`` (written by :class:`live.server.node.ProtocolHost`'s
+                  committer thread, many concurrent steps per transaction: group commit);
+                  ``Participant.from_log`` / ``Coordinator.from_log`` rebuild the nodes from
+                  it after a restart.  Written *before* the messages returned by the same
+                  protocol call are sent (write-ahead rule).
 ``trips``         trips this server coordinates: owner vehicle and the request (the bookings
                   view: the trip's state lives in the coordinator, rebuilt from the log).
 ``sessions``      charging sessions, CDR-like, with the OCPI price breakdown.
