@@ -15,8 +15,9 @@ station's connectors with the highest power this vehicle can draw).
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -36,6 +37,7 @@ __all__ = [
     "charge_request",
     "charge_target",
     "needs_charge",
+    "plan_stop",
     "plan_trip",
     "route_of",
     "walk_route",
@@ -76,6 +78,8 @@ class PlannedStop:
     connector_power_kw: float  # the class: rated power ...
     connector_type: str  # ... and type
     detour_km: float
+    decide_min: float = math.nan  # when the vehicle is at decision_node ...
+    decide_soc: float = math.nan  # ... and its SoC there (to choose again: plan_stop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +242,58 @@ def booking_class(
     return best[0], best[1], session_power_kw(best[0], best[1], max_dc_kw, max_ac_kw)
 
 
+def plan_stop(
+    roads: RoadNetwork,
+    snapshot: NetworkSnapshot,
+    connectors: Sequence[Sequence[ConnectorLike]],
+    policy: Callable[[ChargeRequest, NetworkSnapshot, float], Choice | None],
+    ch: ChargingBehaviour,
+    vehicle: VehicleParams,
+    pos: int,
+    dest: int,
+    soc: float,
+    t: float,
+) -> tuple[PlannedStop | None, bool]:
+    """The stop a vehicle at decision node ``pos`` (time ``t``, SoC ``soc``) would make:
+    ``(stop, True)``; ``(None, True)`` if the policy has no station; ``(None, False)`` if the
+    chosen station is out of reach (the vehicle would run dry on the way)."""
+    st = snapshot.stations
+    per_km = vehicle.per_km
+    request = charge_request(roads, ch, vehicle, pos, dest, soc)
+    choice = choose_station(policy, request, snapshot, t)
+    if choice is None:
+        return None, True
+    i = choice.station_index
+    st_node = st.node_list[i]
+    access = st.access_km_list[i]
+    go_km = roads.dist_km.item(pos, st_node) + access
+    if soc - go_km * per_km < 0:
+        return None, False
+    arrive = t + (roads.time_min.item(pos, st_node) + access_min(access))
+    soc_in = soc - go_km * per_km
+    target = charge_target(roads, ch, per_km, st_node, dest, access)
+    rated, ctype, power = booking_class(connectors[i], vehicle.max_dc_kw, vehicle.max_ac_kw)
+    curve = ChargeCurve(vehicle.battery_kwh, power, ch.taper_soc, ch.efficiency)
+    soc_out = max(min(target, MAX_TARGET_SOC), soc_in)
+    minutes = curve.minutes_to(soc_in, soc_out)
+    stop = PlannedStop(
+        pos,
+        i,
+        st.ids[i],
+        arrive,
+        soc_in,
+        soc_out,
+        minutes,
+        power,
+        rated,
+        ctype,
+        choice.detour_km,
+        t,
+        soc,
+    )
+    return stop, True
+
+
 def plan_trip(
     roads: RoadNetwork,
     snapshot: NetworkSnapshot,
@@ -250,16 +306,20 @@ def plan_trip(
     soc: float,
     now: float,
     max_stops: int = 16,
+    skip_at: Iterable[int] = (),
 ) -> TripPlan:
-    """Predict the charging stops of a trip leaving ``origin`` at ``now`` with ``soc``."""
+    """Predict the charging stops of a trip leaving ``origin`` at ``now`` with ``soc``.
+
+    ``skip_at``: decision nodes where the vehicle already charged (or asked) on this trip
+    (:attr:`evsim.model.vehicle.Drive.skip_at`), to plan the rest of a trip under way."""
     st = snapshot.stations
     per_km = vehicle.per_km
     pos, t = origin, now
-    skip_at: set[int] = set()
+    skip = set(skip_at)
     stops: list[PlannedStop] = []
 
     def decide(node: int, s: float, nxt: int | None) -> bool:
-        return needs_charge(roads, ch, per_km, dest, skip_at, node, s, nxt)
+        return needs_charge(roads, ch, per_km, dest, skip, node, s, nxt)
 
     for _ in range(4 * max_stops):
         route = route_of(roads, pos, dest)
@@ -270,45 +330,21 @@ def plan_trip(
             return TripPlan(tuple(stops), False, t, 0.0)
         if not w.stop_here:
             return TripPlan(tuple(stops), True, t, soc)
-        request = charge_request(roads, ch, vehicle, pos, dest, soc)
-        choice = choose_station(policy, request, snapshot, t)
-        skip_at.add(pos)
-        if choice is None:
-            continue
-        i = choice.station_index
-        st_node = st.node_list[i]
-        access = st.access_km_list[i]
-        go_km = roads.dist_km.item(pos, st_node) + access
-        if soc - go_km * per_km < 0:
-            return TripPlan(tuple(stops), False, t, 0.0)
-        t += roads.time_min.item(pos, st_node) + access_min(access)
-        soc -= go_km * per_km
-        decision = pos
-        pos = st_node
-        target = charge_target(roads, ch, per_km, pos, dest, access)
-        rated, ctype, power = booking_class(connectors[i], vehicle.max_dc_kw, vehicle.max_ac_kw)
-        curve = ChargeCurve(vehicle.battery_kwh, power, ch.taper_soc, ch.efficiency)
-        soc_out = max(min(target, MAX_TARGET_SOC), soc)
-        minutes = curve.minutes_to(soc, soc_out)
-        stops.append(
-            PlannedStop(
-                decision,
-                i,
-                st.ids[i],
-                t,
-                soc,
-                soc_out,
-                minutes,
-                power,
-                rated,
-                ctype,
-                choice.detour_km,
-            )
+        stop, reachable = plan_stop(
+            roads, snapshot, connectors, policy, ch, vehicle, pos, dest, soc, t
         )
+        skip.add(pos)
+        if not reachable:
+            return TripPlan(tuple(stops), False, t, 0.0)
+        if stop is None:
+            continue
+        stops.append(stop)
         if len(stops) > max_stops:
-            return TripPlan(tuple(stops), False, t, soc)
-        t += minutes + (access_min(access) if access > 0 else 0.0)
-        soc = soc_out
+            return TripPlan(tuple(stops), False, stop.arrive_min, stop.soc_in)
+        access = st.access_km_list[stop.station_index]
+        pos = st.node_list[stop.station_index]
+        t = stop.arrive_min + (stop.charge_min + (access_min(access) if access > 0 else 0.0))
+        soc = stop.soc_out
         if access > 0:
             soc = max(soc - access * per_km, 0.0)
     return TripPlan(tuple(stops), False, t, soc)

@@ -212,13 +212,18 @@ class NetworkConfig(_Model):
 
 class BookingConfig(_Model):
     """How vehicles get a charger: ``on_arrival`` (queue where the policy sends them) or
-    ``trip`` (book every stop of the trip through the reservation protocol before leaving)."""
+    ``trip`` (book the stops of the trip through the reservation protocol, each one once it
+    is at most ``max_advance_min`` ahead; see :mod:`evsim.model.booking`)."""
 
     mode: Literal["on_arrival", "trip"] = "on_arrival"
     grace_min: NonNegFloat = 15.0  # a reservation turns NO_SHOW this long after its start
-    slot_min: NonNegFloat = 10.0  # booked window = estimated charging time + this margin
+    slot_min: NonNegFloat = 5.0  # booked window = estimated charging time + this margin
     answer_timeout_min: PosFloat = 15.0  # a vehicle leaves without a booking after this
     request_retry_min: PosFloat = 1.0  # the vehicle re-sends its trip request this often
+    # the driver app (evsim.model.booking): rolling horizon and rebooking
+    max_advance_min: PosFloat = 120.0  # book a stop only once its window starts this soon
+    max_attempts: Annotated[int, Field(ge=1)] = 3  # trip requests per booking round
+    max_shift_min: NonNegFloat = 10.0  # take a later window at the same station if <= this
     # coordinator (vehicle's home company server) protocol timers, see evsim.protocol
     lease_min: PosFloat = 10.0
     vote_timeout_min: PosFloat = 3.0

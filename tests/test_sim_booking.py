@@ -110,11 +110,26 @@ def test_on_arrival_traces_unchanged() -> None:
         assert (got.hexdigest(), len(df)) == (digest, rows)
 
 
+def trip_vehicles(df: pd.DataFrame) -> dict[str, str]:
+    """Protocol trip id (one per request: ``v7``, ``v7.2``, ...) -> vehicle id."""
+    tb = df[df["kind"] == "trip_booking"]
+    return dict(zip(tb["booking_id"], tb["vehicle_id"], strict=True))
+
+
+def windows(df: pd.DataFrame) -> pd.DataFrame:
+    """The participants' booking rows with their window (start, end) parsed."""
+    b = df[df["kind"] == "booking"].copy()
+    w = b["detail"].str.extract(r"^window ([\d.]+)-([\d.]+)$").astype(float)
+    b["start"], b["end"] = w[0], w[1]
+    return b
+
+
 def test_trip_mode_books_and_fulfils(tiny: Scenario) -> None:
     sim, df = run(tiny)
     outcomes = trip_outcomes(df)
+    vehicle = trip_vehicles(df)
     booked = [t for t, st in outcomes.items() if "BOOKED" in st]
-    assert len(booked) >= 10
+    assert len({vehicle[t] for t in booked}) >= 10
     assert_every_trip_answered_and_finished(df)
     b = df[df["kind"] == "booking"]
     ful = b[b["status"] == "FULFILLED"]
@@ -129,24 +144,31 @@ def test_trip_mode_books_and_fulfils(tiny: Scenario) -> None:
         )
     )
     reserved = b[b["status"] == "RESERVED"]
+    final = b.groupby("booking_id")["status"].last()
     for trip in booked:
-        assert "CANCELED" not in outcomes[trip]  # no loss, no outage: every plan holds
-        stops = reserved[reserved["vehicle_id"] == trip]
+        stops = reserved[reserved["vehicle_id"] == trip]  # booking rows carry the trip id
         done = ful[ful["vehicle_id"] == trip]
         assert len(stops) >= 1
-        assert sorted(done["booking_id"]) == sorted(stops["booking_id"])
+        # no loss, no outage: a reservation is used, or given back when the plan changed
+        for bid in stops["booking_id"]:
+            assert final[bid] in {"FULFILLED", "CANCELED"}, (trip, bid, final[bid])
+            if final[bid] == "CANCELED":
+                assert "CANCELED" in outcomes[trip]
         for _, r in done.iterrows():
             st = stops[stops["booking_id"] == r["booking_id"]].iloc[0]
             assert (r["station_id"], r["connector_id"]) == (st["station_id"], st["connector_id"])
-            assert (trip, r["station_id"], r["connector_id"], r["t_min"]) in start_keys
-    # booked sessions start on time: no queueing for the booked connector
-    ful_keys = set(zip(ful["vehicle_id"], ful["t_min"], strict=True))
+            key = (vehicle[trip], r["station_id"], r["connector_id"], r["t_min"])
+            assert key in start_keys
+    # booked sessions start on time, or at most max_shift_min late (a shifted window)
+    ful_keys = {(vehicle[t], m) for t, m in zip(ful["vehicle_id"], ful["t_min"], strict=True)}
     booked_waits = [
         w
         for v, t, w in zip(starts["vehicle_id"], starts["t_min"], starts["wait_min"], strict=True)
         if (v, t) in ful_keys
     ]
-    assert booked_waits and max(booked_waits) == 0.0
+    assert len(booked_waits) >= 10
+    assert max(booked_waits) <= tiny.booking.max_shift_min + 1e-6
+    assert sum(w == 0.0 for w in booked_waits) > len(booked_waits) / 2
     assert_no_double_booking(sim, df)
     # the same seed gives the same trips in both modes
     _, df0 = run(tiny, "on_arrival")
@@ -155,6 +177,67 @@ def test_trip_mode_books_and_fulfils(tiny: Scenario) -> None:
         first.reset_index(drop=True),
         df[df["kind"] == "trip_start"][["vehicle_id", "soc", "detail"]].reset_index(drop=True),
     )
+
+
+def test_rejected_trip_rebooks_a_free_alternative(tiny: Scenario) -> None:
+    """A REJECTED request is retried: on the window the NO vote offered (same station, at
+    most max_shift_min later) or at another station; the retry ends BOOKED."""
+    sim, df = run(tiny)
+    tb = df[df["kind"] == "trip_booking"]
+    rows = list(
+        zip(tb["booking_id"], tb["vehicle_id"], tb["status"], tb["detail"].fillna(""), strict=True)
+    )
+    outcome = {t: s for t, _, s, _ in rows if s in DEFINITIVE}
+    b = windows(df)
+    asked = b[b["status"] == "PENDING"].groupby("booking_id")["start"].first()
+    shifted = moved = n_shift = 0
+    for i, (tid, vid, status, detail) in enumerate(rows):
+        if status != "PENDING" or "attempt" not in detail:
+            continue
+        prev = [t for t, v, s, _ in rows[:i] if v == vid and s == "PENDING"][-1]
+        assert outcome[prev] == "REJECTED"  # retries follow a rejection only
+        assert int(detail.split("attempt ")[1].split(":")[0]) <= tiny.booking.max_attempts
+        if "shift" in detail:  # the alternative window was free: the retry gets it
+            n_shift += 1
+            if outcome[tid] != "BOOKED":  # (rarely: taken meanwhile by another request)
+                continue
+            k = int(detail.split(" stop(s)")[0])
+            delay = max(asked[f"{tid}/{i}"] - asked[f"{prev}/{i}"] for i in range(k))
+            assert 0 < delay <= tiny.booking.max_shift_min + 1e-6
+            shifted += 1
+        elif outcome[tid] == "BOOKED":
+            moved += 1
+    assert shifted >= 3 and moved >= 3 and shifted >= 0.8 * n_shift
+    assert_every_trip_answered_and_finished(df)
+    assert_no_double_booking(sim, df)
+    # without retries fewer sessions are booked
+    one = tiny.with_overrides(booking={**tiny.booking.model_dump(), "max_attempts": 1})
+    _, df1 = run(one)
+
+    def n_booked(d: pd.DataFrame) -> int:
+        return int(d.loc[d["kind"] == "session_start", "booking_id"].notna().sum())
+
+    assert n_booked(df) > n_booked(df1)
+    tb1 = df1[df1["kind"] == "trip_booking"]
+    assert not tb1["detail"].fillna("").str.contains("attempt").any()
+
+
+@pytest.mark.parametrize("advance", [30.0, 120.0])
+def test_rolling_horizon_books_at_most_max_advance_ahead(tiny: Scenario, advance: float) -> None:
+    booking = {**tiny.booking.model_dump(), "max_advance_min": advance, "max_shift_min": 0.0}
+    sim, df = run(tiny.with_overrides(booking=booking))
+    b = windows(df)
+    made = b[b["status"] == "PENDING"]
+    assert len(made) >= 10
+    ahead = made["start"] - made["t_min"]
+    assert ahead.max() <= advance + 0.01  # the trace rounds windows to 0.01 min
+    assert_every_trip_answered_and_finished(df)
+    assert_no_double_booking(sim, df)
+    # some stops lie beyond the horizon at departure: they are booked on the way
+    tb = df[df["kind"] == "trip_booking"]
+    starts = df[df["kind"] == "trip_start"].set_index("vehicle_id")["t_min"]
+    later = tb[(tb["status"] == "PENDING") & (tb["t_min"] > tb["vehicle_id"].map(starts))]
+    assert len(later) > 0
 
 
 def test_outage_rejects_and_vehicles_fall_back(tiny: Scenario) -> None:

@@ -1,197 +1,596 @@
-"""The ``trip`` booking mode: a vehicle books every charging stop before it leaves.
+"""The ``trip`` booking mode: a driver app that books the trip's charging stops as it goes.
 
-:func:`booked_trip_process` replaces :func:`evsim.model.vehicle.trip_process`:
+:func:`booked_trip_process` replaces :func:`evsim.model.vehicle.trip_process`. The vehicle's
+app (:class:`BookedTrip`) keeps a *plan* of the stops ahead (:func:`evsim.planning.plan_trip`:
+the configured policy asked at each planned decision node with the snapshot as it is now)
+and books them through the reservation protocol (a ``TripRequest`` to the vehicle's home
+company coordinator; one window per stop: expected arrival to arrival + estimated charging
+time + ``booking.slot_min``, NO_SHOW ``booking.grace_min`` after its start):
 
-1. plan the stops (:func:`evsim.planning.plan_trip`: the configured policy asked at each
-   planned decision node, with the snapshot as it is at departure);
-2. no stop needed: drive as usual. Otherwise send a ``TripRequest`` to the vehicle's home
-   company coordinator (one window per stop: planned arrival to arrival + estimated charging
-   time + ``booking.slot_min``, with ``booking.grace_min`` before it turns NO_SHOW) and wait
-   for the definitive answer, at most ``booking.answer_timeout_min`` (re-sending the request
-   every ``booking.request_retry_min``: requests and answers can be lost);
-3. BOOKED: drive the same route; at each planned decision node go to the booked station and
-   charge on the booked connector (:meth:`SimStation.visit_booked`);
-4. REJECTED / FAILED / no answer: drive charging on arrival, exactly as the ``on_arrival``
-   mode does.
+* **Rolling horizon.** A stop is booked only once its window starts at most
+  ``booking.max_advance_min`` ahead (default 120 min): the stops that close at departure
+  (the vehicle waits for the answer before it leaves, at most ``booking.answer_timeout_min``
+  per request), the later ones on the way (a timer fires when a planned stop enters the
+  horizon; the request runs while the vehicle drives). Reservations made many hours ahead
+  block connectors that walk-ins could use meanwhile (a walk-in only gets a connector its
+  whole session fits on before the next reservation), and the further ahead a plan looks the
+  less it knows (the policy sees today's queues, the arrival time drifts with every queue on
+  the way); two hours covers the next stop of almost every trip, whose arrival time is known
+  to within minutes.
+* **Re-planning.** On leaving every charging stop (booked or not) the app plans the rest of
+  the trip again from the vehicle's real state; bookings that still fit the new plan (same
+  station and connector class, expected arrival at most ``slot_min`` before the booked
+  window's start or ``grace_min / 2`` after it) are kept, the others canceled and booked
+  again. Nothing is booked while the vehicle is at a station, nor beyond a stop that will be
+  a walk-in (the queue there makes every later time a guess): those wait for the re-plan.
+* **Rebooking.** A REJECTED request is retried, up to ``booking.max_attempts`` requests per
+  booking round: if the NO vote offered a window on the same connector class that starts at
+  most ``booking.max_shift_min`` after the wanted one, the app takes it (the vehicle then
+  waits at the station for its window); otherwise it asks the policy again for that stop's
+  decision with the refused station left out (as if offline) and books that one, unless the
+  rest of the trip would run dry from there (a farther station beyond the horizon is put in
+  the plan and booked once it is due). A stop
+  that still gets no booking (or a FAILED / unanswered request: those are not retried) is a
+  walk-in: at its decision node the vehicle asks the policy and queues, as in ``on_arrival``.
 
-Falling back mid-trip: when a booked stop cannot be used (``no_show`` because the vehicle
-came too late, ``server_down`` because the owner is in an outage, the connector still busy
-past the vehicle's patience) the vehicle charges as a walk-in at that station, cancels the
-rest of its trip (``TripCancel``) and charges on arrival from then on. The same happens if
-the vehicle reaches a decision node the plan did not predict, and the trip's unused stops
-are canceled when it ends (or strands) early. A BOOKED answer that arrives after the vehicle
-gave up waiting is canceled at once.
+At a booked stop the vehicle charges on the booked connector
+(:meth:`SimStation.visit_booked`); when the booking cannot be used there (``no_show``,
+``server_down``, ``connector_busy``) it charges as a walk-in at that station and the rest of
+that request's trip is canceled (``TripCancel``). A station owner's cancel (an unsolicited
+CANCELED answer) drops the stop's booking, which is then booked again. Unused bookings are
+canceled when the trip ends or strands, and a BOOKED answer that comes after the vehicle
+gave up waiting or passed the stop is canceled at once.
 
-Simplifications: a vehicle's home company is a hash of its id; the plan is not revised on
-the way; the booked vehicle drives exactly the planned route, so its arrivals are late only
-by the time it waited for the answer and at earlier stops.
+Every request is a protocol trip of its own: ids ``<vehicle id>`` for the first,
+``<vehicle id>.<n>`` for the n-th (so the participant's ``booking`` trace rows of later
+requests carry that trip id as their ``vehicle_id``). The vehicle traces each request as
+``trip_booking`` rows with ``booking_id`` = that trip id: PENDING, then BOOKED / REJECTED /
+FAILED, then possibly CANCELED.
+
+Simplifications: a vehicle's home company is a hash of its id; the vehicle drives exactly
+the planned route, so a plan's arrival times are exact up to the wait for the departure
+answer and the queues on the way (and each re-plan starts again from the real state).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import simpy
 
-from evsim.model.protocol_bus import class_key, vehicle_node
+from evsim.model.protocol_bus import class_key, coordinator_id, vehicle_node
 from evsim.model.station import SessionPlan, SessionResult, SimStation
 from evsim.model.vehicle import Drive, drive, start_trip
 from evsim.model.world import ConnectorSpec
-from evsim.planning import PlannedStop, TripPlan, plan_trip
-from evsim.protocol import BookedStop, StopRequest, TripRequest
-from evsim.protocol.messages import msg_id
+from evsim.planning import (
+    PlannedStop,
+    access_min,
+    charge_request,
+    choose_station,
+    plan_stop,
+    plan_trip,
+)
+from evsim.protocol import (
+    BookedStop,
+    Outgoing,
+    StopRequest,
+    TripCancel,
+    TripRequest,
+    TripResult,
+)
+from evsim.protocol.messages import Message, msg_id
 from evsim.trace import Kind
 
 if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
 
-__all__ = ["BookedTrip", "booked_trip_process", "trip_request"]
+__all__ = ["BookedTrip", "booked_trip_process"]
+
+# a stop's window: start, end, connector (None: any of the class), expected arrival
+_Window = tuple[float, float, str | None, float]
 
 
-def trip_request(sim: Simulation, vehicle_id: str, plan: TripPlan) -> TripRequest:
-    """The trip request for a plan's stops (trip id = vehicle id)."""
-    cfg = sim.scenario.booking
-    stops = []
-    for s in plan.stops:
-        station = sim.stations[s.station_index]
-        stops.append(
-            StopRequest(
-                station.company_id,
-                class_key(station.station_id, s.connector_power_kw, s.connector_type),
-                s.arrive_min,
-                s.arrive_min + s.charge_min + cfg.slot_min,
-                cfg.grace_min,
-            )
-        )
-    vnode = vehicle_node(vehicle_id)
-    return TripRequest(
-        msg_id(vnode, "TRIP_REQUEST", vehicle_id), vnode, vehicle_id, vehicle_id, tuple(stops)
-    )
+class _Link:
+    """The vehicle's line to its home coordinator: several requests and cancels in flight at
+    once, answers told apart by trip id."""
+
+    def __init__(self, sim: Simulation, vehicle_id: str, home: str) -> None:
+        assert sim.bus is not None
+        self.env = sim.env
+        self.bus = sim.bus
+        self.cfg = sim.scenario.booking
+        self.vnode = vehicle_node(vehicle_id)
+        self.coordinator = coordinator_id(home)
+        self._answers: dict[str, simpy.Event] = {}
+        self._abandoned: set[str] = set()
+        self._cancels: dict[str, simpy.Event] = {}
+        self.on_canceled: Callable[[str, str], None] | None = None
+        # the bus delivers every message for this vehicle node here
+        self.bus._inbox[self.vnode] = self._deliver
+
+    def _deliver(self, msg: Message) -> None:
+        if not isinstance(msg, TripResult):
+            return
+        tid = msg.trip_id
+        if msg.outcome == "CANCELED":
+            done = self._cancels.get(tid)
+            if done is not None:
+                if not done.triggered:
+                    done.succeed()
+            elif self.on_canceled is not None and tid in self._answers:
+                self.on_canceled(tid, msg.reason)  # not asked for: the station owner canceled
+            return
+        answer = self._answers.get(tid)
+        if answer is None:
+            return
+        if tid in self._abandoned:
+            if msg.outcome == "BOOKED":  # too late: the vehicle went on without it
+                self.cancel(tid)
+            return
+        if not answer.triggered:
+            answer.succeed(msg)
+
+    def request(self, req: TripRequest) -> Generator[simpy.Event, Any, TripResult | None]:
+        """Send the request (re-sent every ``request_retry_min``) and wait at most
+        ``answer_timeout_min`` for the definitive answer; None if none came."""
+        env = self.env
+        answer = self._answers[req.trip_id] = env.event()
+        deadline = env.now + self.cfg.answer_timeout_min
+        while not answer.triggered and env.now < deadline:
+            self.bus.send(self.vnode, [Outgoing(self.coordinator, req)])
+            yield answer | env.timeout(min(self.cfg.request_retry_min, deadline - env.now))
+        if answer.triggered:
+            return answer.value
+        self._abandoned.add(req.trip_id)
+        return None
+
+    def cancel(self, trip_id: str) -> None:
+        """Cancel a booked trip (re-sent until the coordinator confirms, within bounds)."""
+        if trip_id not in self._cancels:
+            self._cancels[trip_id] = self.env.event()
+            self.env.process(self._cancel(trip_id))
+
+    def _cancel(self, trip_id: str) -> Generator[simpy.Event, Any, None]:
+        env = self.env
+        done = self._cancels[trip_id]
+        msg = TripCancel(msg_id(self.vnode, "TRIP_CANCEL", trip_id), self.vnode, trip_id)
+        deadline = env.now + self.cfg.answer_timeout_min
+        while not done.triggered and env.now < deadline:
+            self.bus.send(self.vnode, [Outgoing(self.coordinator, msg)])
+            yield done | env.timeout(min(self.cfg.request_retry_min, deadline - env.now))
+
+
+@dataclasses.dataclass(slots=True)
+class _Held:
+    """A reservation the vehicle holds for a stop of its current plan."""
+
+    trip_id: str
+    stop: BookedStop
+    arrive_min: float  # the arrival it was booked for
 
 
 class BookedTrip:
-    """A BOOKED trip being driven: which stop is next, and falling back when it fails."""
+    """The driver app of one vehicle: plan, book within the horizon, rebook, re-plan."""
 
-    def __init__(
-        self,
-        sim: Simulation,
-        d: Drive,
-        home: str,
-        plan: TripPlan,
-        bookings: tuple[BookedStop, ...],
-    ) -> None:
+    def __init__(self, sim: Simulation, d: Drive, home: str) -> None:
         self.sim = sim
+        self.env = sim.env
+        self.cfg = sim.scenario.booking
         self.d = d
         self.home = home
-        self.plan = plan
-        self.bookings = bookings
-        self.next = 0
+        self.link = _Link(sim, d.vid, home)
+        self.link.on_canceled = self._owner_canceled
         self.active = True
+        self.plan: tuple[PlannedStop, ...] = ()
+        self.next = 0  # index in plan of the next stop to come
+        self.held: dict[int, _Held] = {}  # plan index -> reservation
+        self.busy: dict[int, PlannedStop] = {}  # id -> stop being booked now
+        self.tried: dict[int, PlannedStop] = {}  # id -> stop left to walk in
+        self._t_plan = 0.0  # the plan's times assume the vehicle leaves then ...
+        self._leave: float | None = None  # ... it leaves then (None: still waiting to)
+        self._requests = 0
+        self._wake_at = math.inf
+        self._using: _Held | None = None
+        self._at_station = False  # between a decision and leaving the station
 
-    def take(self, pos: int) -> tuple[PlannedStop, BookedStop] | None:
-        """The booked stop for a decision at node ``pos``, or None (then fall back)."""
-        if not self.active or self.next >= len(self.plan.stops):
-            return None  # nothing (left) booked: charge on arrival
-        if self.plan.stops[self.next].decision_node == pos:
-            i = self.next
-            self.next += 1
-            return self.plan.stops[i], self.bookings[i]
-        self.cancel("diverged")
-        return None
+    # ------------------------------------------------------------------ plans
+
+    @property
+    def offset(self) -> float:
+        """How late the vehicle runs on the current plan's times."""
+        leave = self.env.now if self._leave is None else self._leave
+        return leave - self._t_plan
+
+    def depart(self) -> Generator[simpy.Event, Any, bool]:
+        """Plan at the origin and book the stops within the horizon; False: no stop needed."""
+        sim, d, env = self.sim, self.d, self.env
+        world = sim.world
+        plan = plan_trip(
+            world.roads,
+            sim.snapshot,
+            world.connectors,
+            sim.policy,
+            world.scenario.charging,
+            d.params,
+            d.pos,
+            d.dest,
+            d.soc,
+            env.now,
+        )
+        if not plan.stops:
+            return False
+        self._set_plan(plan.stops, env.now, None)
+        due = self._due()
+        if due:
+            yield from self._round(due, kick=False)
+        self._leave = env.now
+        self._kick()
+        return True
+
+    def _set_plan(self, stops: tuple[PlannedStop, ...], t_plan: float, leave: float | None) -> None:
+        """Adopt a new plan; keep the reservations that still fit it, cancel the others."""
+        old, held = self.plan, self.held
+        self.plan, self.next, self._t_plan, self._leave = stops, 0, t_plan, leave
+        self.tried = {}
+        self.held = {}
+        drop: list[str] = []
+        offset = self.offset
+        for i, h in held.items():
+            o = old[i]
+            k = next(
+                (
+                    k
+                    for k, s in enumerate(stops)
+                    if s.decision_node == o.decision_node
+                    and s.station_index == o.station_index
+                    and (s.connector_power_kw, s.connector_type)
+                    == (o.connector_power_kw, o.connector_type)
+                ),
+                None,
+            )
+            late = None if k is None else stops[k].arrive_min + offset - h.stop.start_min
+            if (
+                k is None
+                or k in self.held
+                or late is None
+                or not -self.cfg.slot_min <= late <= self.cfg.grace_min / 2
+            ):
+                if h.trip_id not in drop:
+                    drop.append(h.trip_id)
+            else:
+                self.held[k] = _Held(h.trip_id, h.stop, h.arrive_min)
+        for tid in drop:
+            self._drop_trip(tid, "replanned")
+
+    def _replan_from(self, index: int, soc: float) -> None:
+        """The vehicle is done at station ``index`` with ``soc``: plan the rest again."""
+        sim, d, env = self.sim, self.d, self.env
+        world = sim.world
+        node = world.stations.node_list[index]
+        access = world.stations.access_km_list[index]
+        t0 = env.now
+        if access > 0:  # what drive() does next: back to the city on the access road
+            t0 = env.now + access_min(access)
+            soc = max(soc - access * d.per_km, 0.0)
+        plan = plan_trip(
+            world.roads,
+            sim.snapshot,
+            world.connectors,
+            sim.policy,
+            world.scenario.charging,
+            d.params,
+            node,
+            d.dest,
+            soc,
+            t0,
+            skip_at=d.skip_at,
+        )
+        self._at_station = False
+        self._set_plan(plan.stops, t0, t0)
+        self._kick()
+
+    # ------------------------------------------------------------------ booking rounds
+
+    def _due(self) -> list[int]:
+        """Plan stops to book now: within the horizon, not booked, not being booked, not
+        given up."""
+        if self._at_station:
+            return []  # its times are unknown until it leaves: re-planned then
+        horizon = self.env.now + self.cfg.max_advance_min
+        offset = self.offset
+        out = []
+        for i in range(self.next, len(self.plan)):
+            s = self.plan[i]
+            if s.arrive_min + offset > horizon:
+                break
+            if i in self.held:
+                continue
+            if id(s) in self.busy or id(s) in self.tried:
+                break  # a walk-in (or undecided) stop first: the times after it are unknown
+            out.append(i)
+        return out
+
+    def _kick(self) -> None:
+        """Book what is due now (in the background), or wake up when the next stop is."""
+        if not self.active:
+            return
+        due = self._due()
+        if due:
+            self.env.process(self._round(due))
+            return
+        if self._at_station:
+            return
+        for i in range(self.next, len(self.plan)):
+            s = self.plan[i]
+            if i in self.held:
+                continue
+            if id(s) in self.busy or id(s) in self.tried:
+                return
+            t = s.arrive_min + self.offset - self.cfg.max_advance_min
+            if t < self._wake_at:
+                self._wake_at = t
+                ev = self.env.timeout(max(t - self.env.now, 0.0))
+                ev.callbacks.append(lambda _ev, t=t: self._wake(t))
+            return
+
+    def _wake(self, t: float) -> None:
+        if self._wake_at == t:
+            self._wake_at = math.inf
+            self._kick()
+
+    def _valid(self, idx: list[int], stops: list[PlannedStop]) -> bool:
+        """Are these still the next stops of the current plan?"""
+        return self.active and all(
+            self.next <= i < len(self.plan) and self.plan[i] is s
+            for i, s in zip(idx, stops, strict=True)
+        )
+
+    def _round(self, idx: list[int], kick: bool = True) -> Generator[simpy.Event, Any, None]:
+        """Book plan stops ``idx`` in one request; on REJECTED rebook (shift the refused
+        stop's window or choose another station for it) up to ``max_attempts`` times."""
+        cfg = self.cfg
+        stops = [self.plan[i] for i in idx]
+        mine = list(stops)  # every stop this round marked busy
+        for s in stops:
+            self.busy[id(s)] = s
+        windows: list[_Window] = [self._window(s) for s in stops]
+        excluded: set[int] = set()
+        how = ""
+        try:
+            for attempt in range(1, cfg.max_attempts + 1):
+                tid = self.d.vid if self._requests == 0 else f"{self.d.vid}.{self._requests + 1}"
+                self._requests += 1
+                req = self._request(tid, stops, windows)
+                detail = f"{len(stops)} stop(s)"
+                if attempt > 1:
+                    detail += f", attempt {attempt}: {how}"
+                self._emit(tid, "PENDING", detail)
+                result = yield from self.link.request(req)
+                status = "FAILED" if result is None else result.outcome
+                reason = "no_answer" if result is None else result.reason
+                self._emit(tid, status, reason or None)
+                ok = result is not None and result.outcome == "BOOKED"
+                if not self._valid(idx, stops):  # the vehicle moved on, or a new plan
+                    if ok:
+                        self._emit(tid, "CANCELED", "superseded")
+                        self.link.cancel(tid)
+                    return
+                if result is not None and ok:
+                    for i, w, b in zip(idx, windows, result.bookings, strict=True):
+                        self.held[i] = _Held(tid, b, w[3])
+                    return
+                if result is None or result.outcome != "REJECTED":
+                    break  # FAILED / no answer: a retry would most likely fail the same way
+                j = result.failed_stop
+                if j is None or not 0 <= j < len(stops):
+                    j = 0
+                start = windows[j][0]
+                alts = [a for a in result.alternatives if a.start_min >= start]
+                shift = min(alts, key=lambda a: (a.start_min, a.connector_id)) if alts else None
+                delay = math.inf if shift is None else shift.start_min - start
+                del idx[j + 1 :], stops[j + 1 :], windows[j + 1 :]
+                other = None
+                if delay > cfg.max_shift_min:  # try another station for that decision
+                    excluded.add(stops[j].station_index)
+                    other = self._choose_again(idx[j], stops[j], excluded)
+                if other is not None:
+                    self._replace(idx[j], other)
+                    how = f"{other.station_id} instead of {stops[j].station_id}"
+                    if other.arrive_min + self.offset > self.env.now + cfg.max_advance_min:
+                        # a farther station, beyond the horizon: book it once it is due
+                        del idx[j:], stops[j:], windows[j:]
+                        if not stops:
+                            return
+                        continue
+                    self.busy[id(other)] = other
+                    mine.append(other)
+                    stops[j] = other
+                    windows[j] = self._window(other)
+                elif shift is not None and delay <= cfg.max_shift_min:
+                    end = shift.start_min + windows[j][1] - start
+                    windows[j] = (shift.start_min, end, shift.connector_id, windows[j][3])
+                    how = f"shift {delay:.1f} min"
+                else:
+                    break
+            if self._valid(idx, stops):  # no booking: walk in at these stops
+                for s in stops:
+                    self.tried[id(s)] = s
+        finally:
+            for s in mine:
+                self.busy.pop(id(s), None)
+            if kick:
+                self._kick()
+
+    def _window(self, s: PlannedStop) -> _Window:
+        start = s.arrive_min + self.offset
+        return start, start + s.charge_min + self.cfg.slot_min, None, start
+
+    def _request(self, tid: str, stops: list[PlannedStop], windows: list[_Window]) -> TripRequest:
+        out = []
+        for s, (start, end, connector, _) in zip(stops, windows, strict=True):
+            station = self.sim.stations[s.station_index]
+            out.append(
+                StopRequest(
+                    station.company_id,
+                    class_key(station.station_id, s.connector_power_kw, s.connector_type),
+                    start,
+                    end,
+                    self.cfg.grace_min,
+                    connector,
+                )
+            )
+        vnode = vehicle_node(self.d.vid)
+        return TripRequest(msg_id(vnode, "TRIP_REQUEST", tid), vnode, tid, self.d.vid, tuple(out))
+
+    def _choose_again(self, i: int, s: PlannedStop, excluded: set[int]) -> PlannedStop | None:
+        """The stop the policy picks for plan stop ``i``'s decision with the ``excluded``
+        stations off; None if none, or if the rest of the trip would run dry from there."""
+        sim, d = self.sim, self.d
+        world = sim.world
+        ch = world.scenario.charging
+        online = np.array(sim.snapshot.online, dtype=bool, copy=True)
+        online[sorted(excluded)] = False
+        online.flags.writeable = False
+        snap = dataclasses.replace(sim.snapshot, online=online)
+        args = (world.roads, snap, world.connectors, sim.policy, ch, d.params)
+        new, _ = plan_stop(*args, s.decision_node, d.dest, s.decide_soc, s.decide_min)
+        if new is None:
+            return None
+        # a detour must not strand the vehicle later (it charges once per city per trip)
+        access = world.stations.access_km_list[new.station_index]
+        soc, t = new.soc_out, new.arrive_min + new.charge_min
+        if access > 0:
+            soc, t = max(soc - access * d.per_km, 0.0), t + access_min(access)
+        skip = set(d.skip_at) | {p.decision_node for p in self.plan[: i + 1]}
+        node = world.stations.node_list[new.station_index]
+        rest = plan_trip(*args, node, d.dest, soc, t, skip_at=skip)
+        return new if rest.feasible else None
+
+    def _replace(self, i: int, new: PlannedStop) -> None:
+        """Plan stop ``i`` becomes ``new``; the stops after it are unknown until then."""
+        for k in [k for k in self.held if k > i]:
+            h = self.held.get(k)
+            if h is not None:
+                self._drop_trip(h.trip_id, "replanned")
+        self.plan = (*self.plan[:i], new)
+
+    # ------------------------------------------------------------------ cancels
+
+    def _drop_trip(self, tid: str, reason: str, notify: bool = True) -> None:
+        """Forget the reservations of request ``tid`` (and cancel it at the coordinator)."""
+        for k in [k for k, h in self.held.items() if h.trip_id == tid]:
+            del self.held[k]
+        if notify:
+            self._emit(tid, "CANCELED", reason)
+            self.link.cancel(tid)
+
+    def _owner_canceled(self, tid: str, reason: str) -> None:
+        if any(h.trip_id == tid for h in self.held.values()):
+            self._emit(tid, "CANCELED", reason or "owner_canceled")
+            self._drop_trip(tid, reason, notify=False)
+            self._kick()  # book those stops again
+
+    def finish(self, reason: str) -> None:
+        """The trip is over: cancel the reservations it did not use."""
+        if not self.active:
+            return
+        self.active = False
+        for tid in dict.fromkeys(h.trip_id for h in self.held.values()):
+            self._drop_trip(tid, reason)
+
+    def _emit(self, tid: str, status: str, detail: str | None) -> None:
+        self.sim.trace.emit(
+            self.env.now,
+            Kind.TRIP_BOOKING,
+            vehicle_id=self.d.vid,
+            booking_id=tid,
+            company_id=self.home,
+            status=status,
+            detail=detail,
+        )
+
+    # ------------------------------------------------------------------ drive() hooks
+
+    def take(self, pos: int) -> tuple[PlannedStop, BookedStop | None] | None:
+        """Where to charge at decision node ``pos``: the booked stop if there is one, else
+        the policy's choice now (a walk-in); None if the policy has none."""
+        i = self.next
+        self._at_station = True
+        if i < len(self.plan) and self.plan[i].decision_node == pos:
+            self.next = i + 1
+            h = self.held.pop(i, None)
+            if h is not None:
+                self._using = h
+                return self.plan[i], h.stop
+        # not booked (or not planned): ask the policy, exactly as on arrival
+        sim, d, env = self.sim, self.d, self.env
+        world = sim.world
+        request = charge_request(world.roads, world.scenario.charging, d.params, pos, d.dest, d.soc)
+        choice = choose_station(sim.policy, request, sim.snapshot, env.now)
+        if choice is None:
+            return None
+        nan = math.nan
+        stop = PlannedStop(
+            pos,
+            choice.station_index,
+            choice.station_id,
+            env.now,
+            d.soc,
+            nan,
+            nan,
+            nan,
+            nan,
+            "",
+            choice.detour_km,
+        )
+        return stop, None
 
     def visit(
         self,
         station: SimStation,
-        stop: tuple[PlannedStop, BookedStop],
+        stop: tuple[PlannedStop, BookedStop | None],
         session_id: str,
         soc: float,
         plan: Callable[[ConnectorSpec, float], SessionPlan],
         patience_min: float,
     ) -> Generator[simpy.Event, Any, SessionResult]:
         _, b = stop
-        result, why = yield from station.visit_booked(
-            self.d.vid,
-            session_id,
-            soc,
-            plan,
-            b.booking_id,
-            b.connector_id,
-            b.start_min,
-            patience_min,
-        )
-        if why:
-            self.cancel(why)
+        if b is None:
+            result = yield from station.visit(self.d.vid, session_id, soc, plan, patience_min)
+        else:
+            h = self._using
+            assert h is not None and h.stop is b
+            self._using = None
+            result, why = yield from station.visit_booked(
+                self.d.vid,
+                session_id,
+                soc,
+                plan,
+                b.booking_id,
+                b.connector_id,
+                b.start_min,
+                patience_min,
+            )
+            if why:  # the rest of that request's trip goes too
+                self._drop_trip(h.trip_id, why)
+        if self.active:
+            p = result.plan
+            soc_after = p.soc_after if p is not None and p.soc_after is not None else soc
+            self._replan_from(station.index, soc_after)
         return result
-
-    def finish(self, reason: str) -> None:
-        """The trip is over: cancel the stops it did not use."""
-        if self.active and self.next < len(self.plan.stops):
-            self.cancel(reason)
-
-    def cancel(self, reason: str) -> None:
-        if not self.active:
-            return
-        self.active = False
-        sim = self.sim
-        sim.trace.emit(
-            sim.env.now,
-            Kind.TRIP_BOOKING,
-            vehicle_id=self.d.vid,
-            booking_id=self.d.vid,
-            status="CANCELED",
-            detail=reason,
-        )
-        assert sim.bus is not None
-        sim.bus.cancel_trip(self.d.vid, self.home, self.d.vid)
 
 
 def booked_trip_process(sim: Simulation, k: int) -> Generator[simpy.Event, Any, None]:
-    env, world, trace, bus = sim.env, sim.world, sim.trace, sim.bus
+    bus = sim.bus
     assert bus is not None
     d = start_trip(sim, k)
-    ch = world.scenario.charging
-    plan = plan_trip(
-        world.roads,
-        sim.snapshot,
-        world.connectors,
-        sim.policy,
-        ch,
-        d.params,
-        d.pos,
-        d.dest,
-        d.soc,
-        env.now,
-    )
-    if not plan.stops:
-        yield from drive(sim, d)
-        return
-    req = trip_request(sim, d.vid, plan)
-    home = bus.home_company(d.vid)
-    trace.emit(
-        env.now,
-        Kind.TRIP_BOOKING,
-        vehicle_id=d.vid,
-        booking_id=d.vid,
-        company_id=home,
-        status="PENDING",
-        detail=f"{len(plan.stops)} stop(s)",
-    )
-    result = yield from bus.request_trip(d.vid, home, req, sim.scenario.booking.answer_timeout_min)
-    if result is None:
-        status, reason = "FAILED", "no_answer"
+    app = BookedTrip(sim, d, bus.home_company(d.vid))
+    if (yield from app.depart()):
+        yield from drive(sim, d, app)
     else:
-        status, reason = result.outcome, result.reason
-    trace.emit(
-        env.now,
-        Kind.TRIP_BOOKING,
-        vehicle_id=d.vid,
-        booking_id=d.vid,
-        company_id=home,
-        status=status,
-        detail=reason or None,
-    )
-    if result is not None and result.outcome == "BOOKED":
-        yield from drive(sim, d, BookedTrip(sim, d, home, plan, result.bookings))
-    else:
+        app.active = False
         yield from drive(sim, d)
