@@ -145,9 +145,11 @@ def test_trip_mode_books_and_fulfils(tiny: Scenario) -> None:
     )
     reserved = b[b["status"] == "RESERVED"]
     final = b.groupby("booking_id")["status"].last()
+    trip_of = b["booking_id"].str.rsplit("/", n=1).str[0]  # booking ids are "{trip}/{stop}"
+    assert (b["vehicle_id"] == trip_of.str.partition(".")[0]).all()  # rows name the vehicle
     for trip in booked:
-        stops = reserved[reserved["vehicle_id"] == trip]  # booking rows carry the trip id
-        done = ful[ful["vehicle_id"] == trip]
+        stops = reserved[trip_of[reserved.index] == trip]
+        done = ful[trip_of[ful.index] == trip]
         assert len(stops) >= 1
         # no loss, no outage: a reservation is used, or given back when the plan changed
         for bid in stops["booking_id"]:

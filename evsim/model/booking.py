@@ -110,7 +110,7 @@ class _Link:
         self._cancels: dict[str, simpy.Event] = {}
         self.on_canceled: Callable[[str, str], None] | None = None
         # the bus delivers every message for this vehicle node here
-        self.bus._inbox[self.vnode] = self._deliver
+        self.bus.attach_vehicle(self.vnode, self._deliver)
 
     def _deliver(self, msg: Message) -> None:
         if not isinstance(msg, TripResult):

@@ -54,11 +54,7 @@ from evsim.protocol import (
     Outgoing,
     Participant,
     Record,
-    TripCancel,
-    TripRequest,
-    TripResult,
 )
-from evsim.protocol.messages import msg_id
 from evsim.protocol.states import booking_next
 from evsim.trace import Kind
 
@@ -299,7 +295,7 @@ class ProtocolBus:
                 self.env.now,
                 Kind.BOOKING,
                 booking_id=bid,
-                vehicle_id=b.trip_id or None,
+                vehicle_id=trip_vehicle(b.trip_id),
                 station_id=self.sim.stations[station].station_id if station is not None else None,
                 company_id=company,
                 connector_id=b.connector_id or None,
@@ -311,60 +307,14 @@ class ProtocolBus:
 
     # ------------------------------------------------------------------ vehicles
 
-    def request_trip(
-        self, vehicle_id: str, home: str, req: TripRequest, timeout_min: float
-    ) -> Generator[simpy.Event, Any, TripResult | None]:
-        """Send the trip request (re-sent every ``request_retry_min``) and wait at most
-        ``timeout_min`` for the definitive answer; None if none came."""
-        env = self.env
-        vnode = vehicle_node(vehicle_id)
-        answer = env.event()
-        abandoned = [False]
+    def attach_vehicle(self, vehicle_node_id: str, deliver: Callable[[Message], None]) -> None:
+        """Deliver every message addressed to ``vehicle_node_id`` to ``deliver``."""
+        self._inbox[vehicle_node_id] = deliver
 
-        def inbox(msg: Message) -> None:
-            if not isinstance(msg, TripResult) or msg.trip_id != req.trip_id:
-                return
-            if abandoned[0]:
-                if msg.outcome == "BOOKED":  # too late: the vehicle left without it
-                    self.cancel_trip(vehicle_id, home, req.trip_id)
-                return
-            if not answer.triggered:
-                answer.succeed(msg)
 
-        self._inbox[vnode] = inbox
-        deadline = env.now + timeout_min
-        while not answer.triggered and env.now < deadline:
-            self.send(vnode, [Outgoing(coordinator_id(home), req)])
-            yield answer | env.timeout(min(self.cfg.request_retry_min, deadline - env.now))
-        if answer.triggered:
-            return answer.value
-        abandoned[0] = True
-        return None
-
-    def cancel_trip(self, vehicle_id: str, home: str, trip_id: str) -> None:
-        """Cancel a booked trip (re-sent until the coordinator confirms, within bounds)."""
-        self.env.process(self._cancel(vehicle_id, home, trip_id))
-
-    def _cancel(
-        self, vehicle_id: str, home: str, trip_id: str
-    ) -> Generator[simpy.Event, Any, None]:
-        env = self.env
-        vnode = vehicle_node(vehicle_id)
-        done = env.event()
-
-        def inbox(msg: Message) -> None:
-            if isinstance(msg, TripResult) and msg.trip_id == trip_id:
-                if msg.outcome == "CANCELED" and not done.triggered:
-                    done.succeed()
-                elif msg.outcome == "BOOKED":  # a late BOOKED answer: cancel that too
-                    pass
-
-        self._inbox[vnode] = inbox
-        cancel = TripCancel(msg_id(vnode, "TRIP_CANCEL", trip_id), vnode, trip_id)
-        deadline = env.now + self.cfg.answer_timeout_min
-        while not done.triggered and env.now < deadline:
-            self.send(vnode, [Outgoing(coordinator_id(home), cancel)])
-            yield done | env.timeout(min(self.cfg.request_retry_min, deadline - env.now))
+def trip_vehicle(trip_id: str) -> str | None:
+    """The vehicle of a simulated trip request: ``v7`` for ``v7`` and ``v7.2`` (its 2nd)."""
+    return trip_id.partition(".")[0] or None
 
 
 class StationDesk:
