@@ -206,10 +206,18 @@ def choose_station(
     now: float,
 ) -> Choice | None:
     """The policy's choice; if none, an emergency choice that dips into the reserve."""
-    choice = policy(request, snapshot, now)
-    if choice is None and request.reserve_soc > 0:
-        choice = policy(replace(request, reserve_soc=0.0), snapshot, now)
-    return choice
+    for attempt in fallback_requests(request):
+        choice = policy(attempt, snapshot, now)
+        if choice is not None:
+            return choice
+    return None
+
+
+def fallback_requests(request: ChargeRequest) -> list[ChargeRequest]:
+    """The requests to try in order: as asked, then (emergency) with no reserve kept."""
+    if request.reserve_soc > 0:
+        return [request, replace(request, reserve_soc=0.0)]
+    return [request]
 
 
 def charge_target(

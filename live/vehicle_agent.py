@@ -50,6 +50,7 @@ from evsim.planning import (
     booking_class,
     charge_request,
     charge_target,
+    fallback_requests,
     needs_charge,
     walk_route,
 )
@@ -397,9 +398,8 @@ class Fleet:
             "reserve_soc": request.reserve_soc, "target_soc": request.target_soc, "limit": 1,
         }
         token = await self._token(run, run.home)
-        reserves = [request.reserve_soc] + ([0.0] if request.reserve_soc > 0 else [])
-        for reserve in reserves:
-            body["reserve_soc"] = reserve
+        for attempt in fallback_requests(request):
+            body["reserve_soc"] = attempt.reserve_soc
             r = await self.servers[run.home].call("POST", "/recommendations", token=token,
                                                   json_body=body)
             if r.get("choices"):
