@@ -8,7 +8,12 @@ give identical rows, and prints runs/s for each, the speed-up and the speed-up p
 seconds per run in each mode (this process plus its reaped worker processes): unlike wall
 time, that ratio does not depend on other load, and bounds the efficiency on idle cores.
 
-Usage: ``python bench/sweep_scaling.py [--scenario FILE] [--seeds K] [--workers N]``.
+With ``--twin`` it also times ``evsim twin`` on ``--twin-scenario`` (default: data/tiny.toml,
+needs ``mosquitto``) against the simulated run of the same scenario alone, and prints the
+ratio: what running the policy live costs compared with simulating it.
+
+Usage: ``python bench/sweep_scaling.py [--scenario FILE] [--seeds K] [--workers N]
+[--twin [--twin-scenario FILE] [--time-scale X]]``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ def main() -> None:
     ap.add_argument("--scenario", default=None, help="scenario TOML (default: Bahia)")
     ap.add_argument("--seeds", type=int, default=6, help="seeds per policy (runs = 3 x seeds)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--twin", action="store_true", help="also time a twin run vs its sim run")
+    ap.add_argument("--twin-scenario", default="data/tiny.toml")
+    ap.add_argument("--time-scale", type=float, default=1200.0, help="twin live time scale")
     args = ap.parse_args()
     sc = load_scenario(args.scenario)
     n = len(POLICIES) * args.seeds
@@ -81,6 +89,31 @@ def main() -> None:
             f"  warning: load average {load:.2f} on {cores} core(s): other processes share the "
             "cores, so these figures understate the speed-up; rerun on a quiet machine"
         )
+    if args.twin:
+        twin_vs_sim(args.twin_scenario, args.time_scale)
+
+
+def twin_vs_sim(scenario: str, time_scale: float) -> None:
+    """Wall time of a twin run (sim + live + report) vs the simulated run alone."""
+    import tempfile
+
+    from evsim.api import simulate
+    from live.twin import run_twin
+
+    sc = load_scenario(scenario)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        simulate(sc, out=f"{tmp}/sim")
+        t_sim = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run_twin(scenario, f"{tmp}/twin", time_scale=time_scale)
+        t_twin = time.perf_counter() - t0
+    ideal = sc.duration_min / time_scale * 60.0
+    print(
+        f"twin {sc.name} at x{time_scale:g}: {t_twin:.1f} s wall vs {t_sim:.2f} s simulated "
+        f"alone ({t_twin / t_sim:.0f}x); the scaled clock needs up to {ideal:.0f} s "
+        "(the idle time before the first departure is skipped)"
+    )
 
 
 if __name__ == "__main__":
