@@ -18,6 +18,12 @@ Tables
 ``trips``         trips this server coordinates: owner vehicle and the request (the bookings
                   view: the trip's state lives in the coordinator, rebuilt from the log).
 ``sessions``      charging sessions, CDR-like, with the OCPI price breakdown.
+``walkin_queue``  walk-ins that queued at a station (``POST /sessions`` with ``queue``, 202):
+                  vehicle, station, the request (plan inputs, JSON), arrival time and
+                  patience deadline, in arrival order (``seq``); ``status`` QUEUED while
+                  waiting, then ACTIVE (its ``sessions`` row is written in the same
+                  transaction) or ABANDONED.  A restarted server rebuilds its FIFO queues
+                  from the QUEUED rows (:class:`live.server.sessions.SessionManager`).
 ``idempotency``   ``Idempotency-Key`` replays: request hash, status code and response JSON.
 ``trace``         rows in the :mod:`evsim.trace` schema, collected by the launcher.
 """
@@ -53,7 +59,7 @@ from sqlalchemy.pool import StaticPool
 from evsim.protocol import Record, decode_record, encode_record
 from evsim.trace import COLUMNS as TRACE_COLUMNS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: walkin_queue (added by create_all; a version-1 file is upgraded)
 
 metadata = MetaData()
 
@@ -120,6 +126,21 @@ sessions = Table(
     Column("price_total", Float),
     Column("currency", String(3), nullable=False),
     Column("energy_source", String(16)),  # "meter" | "model"
+)
+
+walkin_queue = Table(
+    "walkin_queue",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # arrival order
+    Column("session_id", String(128), nullable=False, unique=True),
+    Column("vehicle_id", String(128), nullable=False, index=True),
+    Column("station_id", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # QUEUED | ACTIVE | ABANDONED
+    Column("arrive_t_min", Float, nullable=False),
+    Column("deadline_min", Float, nullable=False),  # arrive + patience
+    Column("wait_min", Float),  # arrival -> plug-in or leaving
+    Column("request", Text, nullable=False),  # JSON: the SessionCreate body
+    Index("ix_walkin_queue_status", "status", "seq"),
 )
 
 idempotency = Table(
@@ -195,6 +216,12 @@ class Storage:
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StorageError(
                     f"{url}: schema version {row[0]} is newer than this server ({SCHEMA_VERSION})"
+                )
+            elif int(row[0]) < SCHEMA_VERSION:  # additive changes only: create_all did them
+                conn.execute(
+                    update(schema_meta)
+                    .where(schema_meta.c.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))
                 )
 
     def close(self) -> None:
@@ -347,6 +374,36 @@ class Storage:
                 .where(sessions.c.session_id == session_id, sessions.c.status == "ACTIVE")
                 .values(metered_kwh=energy_kwh)
             )
+
+    # ------------------------------------------------------------------ walk-in queue
+
+    @staticmethod
+    def add_queued(conn: Connection, row: Mapping[str, Any]) -> None:
+        """A walk-in joins a queue (``request``: any JSON-able mapping)."""
+        conn.execute(insert(walkin_queue).values(
+            **{**row, "status": "QUEUED", "request": json.dumps(row["request"])}))
+
+    @staticmethod
+    def update_queued(conn: Connection, session_id: str, **values: Any) -> None:
+        conn.execute(
+            update(walkin_queue).where(walkin_queue.c.session_id == session_id).values(**values)
+        )
+
+    def queued(self, status: str = "QUEUED") -> list[dict[str, Any]]:
+        """Queue rows with ``status`` in arrival order (``request`` left as JSON text)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(walkin_queue).where(walkin_queue.c.status == status)
+                .order_by(walkin_queue.c.seq)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    def queue_entry(self, session_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(walkin_queue).where(walkin_queue.c.session_id == session_id)
+            ).first()
+        return None if row is None else dict(row._mapping)
 
     # ------------------------------------------------------------------ idempotency
 

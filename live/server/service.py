@@ -136,8 +136,10 @@ class CompanyService:
             self._outage_thread = threading.Thread(
                 target=self._outage_loop, name=f"outages-{self.company}", daemon=True)
             self._outage_thread.start()
+        self.sessions.resume()  # walk-ins queued before a restart: expire / serve them
 
     def close(self) -> None:
+        self.sessions.close()  # its queue thread runs steps on the host: stop it first
         self._outage_stop.set()
         self._outage_wake.set()
         if self._outage_thread is not None:

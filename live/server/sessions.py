@@ -13,6 +13,15 @@ plugged (PARKING_TIME).  Energy is the station's metered energy when it reported
 (``meter`` / ``session_finished`` events, or the caller's ``energy_kwh``), else the curve's;
 :func:`evsim.tariff.price_session` splits it over tariff windows.  With a meter reading the
 curve's shape is kept and scaled to the metered total.
+
+Walk-in queue: a walk-in with ``queue`` set that gets no connector joins the station's FIFO
+queue (202 QUEUED).  The entry (vehicle, station, the request with its plan inputs, arrival
+time, patience deadline) is stored in ``walkin_queue`` in the transaction that acknowledges
+the 202, and every change of it (started, abandoned, left) in the transaction that makes the
+change, so a restarted server rebuilds the queues in arrival order (:meth:`SessionManager.
+resume`, when the bus is attached): waiters whose patience ran out while it was down leave
+(``abandon`` traced at their deadline, ``queue_abandoned`` notified), the others are served
+as connectors free.
 """
 
 from __future__ import annotations
@@ -135,15 +144,17 @@ class _Waiter:
 class SessionManager:
     def __init__(self, svc: CompanyService) -> None:
         self.svc = svc
-        # walk-in queues (station id -> waiters in arrival order) and every walk-in ever
-        # queued here (session id -> waiter): in memory, guarded by the protocol host's lock
-        # (a queue is only touched inside ``host.execute``, next to the participant it reads)
+        # walk-in queues (station id -> waiters in arrival order) and the walk-ins queued
+        # since this server started (session id -> waiter): guarded by the protocol host's
+        # lock (a queue is only touched inside ``host.execute``, next to the participant it
+        # reads); stored in ``walkin_queue`` by the same steps, rebuilt from it on restart
         self._queues: dict[str, list[_Waiter]] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._dirty: set[str] = set()  # stations whose queue may move (reservations changed)
         self._wake = threading.Event()
         self._stop_ev = threading.Event()
         self._thread: threading.Thread | None = None
+        self._restore()
         svc.host.hooks.append(self._after_protocol)
 
     # ------------------------------------------------------------------ start
@@ -254,6 +265,62 @@ class SessionManager:
 
     # ------------------------------------------------------------------ walk-in queue
 
+    def _from_row(self, row: dict[str, Any]) -> _Waiter | None:
+        """The waiter of a ``walkin_queue`` row; None (logged) if it is unusable here."""
+        try:
+            body = m.SessionCreate.model_validate_json(row["request"])
+        except ValueError as exc:
+            log.error("walk-in queue entry %s has a bad request, ignored: %s",
+                      row["session_id"], exc)
+            return None
+        cfg = self.svc.world.stations.get(body.station_id)
+        if cfg is None or cfg.company != self.svc.company or body.station_id != row["station_id"]:
+            log.error("walk-in queue entry %s: station %r is not one of ours, ignored",
+                      row["session_id"], row["station_id"])
+            return None
+        return _Waiter(row["session_id"], row["vehicle_id"], body, True,
+                       arrive_t_min=row["arrive_t_min"], deadline_min=row["deadline_min"],
+                       status=row["status"], wait_min=row["wait_min"])
+
+    def _restore(self) -> None:
+        """Rebuild the queues from the QUEUED rows, in arrival order (at construction)."""
+        n = 0
+        for row in self.svc.storage.queued("QUEUED"):
+            w = self._from_row(row)
+            if w is None:
+                continue
+            self._queues.setdefault(w.body.station_id, []).append(w)
+            self._waiters[w.session_id] = w
+            n += 1
+        if n:
+            log.info("restored %d queued walk-in(s) at %d station(s)", n,
+                     sum(1 for q in self._queues.values() if q))
+
+    def resume(self) -> None:
+        """After a restart (the bus is attached): expire the waiters whose patience ran out
+        while the server was down, start whoever fits now, and watch the queues again."""
+        with self.svc.host.lock:
+            stations = [sid for sid, q in self._queues.items() if q]
+        for sid in stations:
+            try:
+                self._run_queue(sid)
+            except Exception:
+                log.exception("resuming the walk-in queue at %s failed", sid)
+        if stations:
+            self._ensure_thread()
+            self._wake.set()
+
+    def _waiter(self, session_id: str) -> _Waiter | None:
+        """A walk-in queued here, from memory or (a finished one, after a restart) the
+        database; None if it never queued or has started (its session row answers)."""
+        w = self._waiters.get(session_id)
+        if w is not None:
+            return w
+        row = self.svc.storage.queue_entry(session_id)
+        if row is None or row["status"] == "ACTIVE":
+            return None
+        return self._from_row(row)
+
     def _walk_in(self, vehicle_id: str, body: m.SessionCreate) -> tuple[int, m.SessionPublic]:
         """Join the station's FIFO queue and hand out connectors (:mod:`evsim.queueing`)."""
         w = _Waiter(f"{self.svc.company}-s-{secrets.token_hex(6)}", vehicle_id, body, body.queue)
@@ -290,7 +357,7 @@ class SessionManager:
         patience = svc.world.scenario.charging.max_wait_min
         started: list[_Waiter] = []
         left: list[_Waiter] = []
-        out: dict[str, Any] = {"rejected": None, "queue_len": 0}
+        out: dict[str, Any] = {"rejected": None, "queue_len": 0, "enqueued": False}
 
         def op(now: float) -> tuple[None, list]:
             p = host.participant
@@ -347,12 +414,24 @@ class SessionManager:
                 if out["rejected"].state == BookingState.RESERVED.value:
                     p.cancel(out["rejected"].booking_id, now, "walk_in_failed")
             out["queue_len"] = len(q)
+            # decided here, under the lock: the queue thread may move ``new`` on before this
+            # step's extra runs on the committer
+            out["enqueued"] = new is not None and new.queue and new.status == "QUEUED"
             return None, []
 
         def extra(conn: Any, _v: None, fx: Any) -> None:
             rows: list[dict[str, Any]] = []
             q_len = out["queue_len"]
+            if out["enqueued"]:
+                assert new is not None
+                Storage.add_queued(conn, {
+                    "session_id": new.session_id, "vehicle_id": new.vehicle_id,
+                    "station_id": station_id, "arrive_t_min": new.arrive_t_min,
+                    "deadline_min": new.deadline_min,
+                    "request": new.body.model_dump(mode="json")})
             for w in left:
+                Storage.update_queued(conn, w.session_id, status="ABANDONED",
+                                      wait_min=w.wait_min)
                 rows.append({**self._base(w), "t_min": w.deadline_min, "kind": "abandon",
                              "wait_min": w.wait_min, "queue_len": q_len})
             if new is not None and (new.queue or new.status == "ACTIVE"):
@@ -362,6 +441,9 @@ class SessionManager:
                 self._add_session(conn, w.session_id, w.vehicle_id, w.body,
                                   w.connector_id or "", w.booking_id or "", True, fx.now,
                                   w.power_kw)
+                if w is not new:  # it was queued: its entry is served now
+                    Storage.update_queued(conn, w.session_id, status="ACTIVE",
+                                          wait_min=w.wait_min)
                 rows.append({**self._base(w), "t_min": fx.now, "kind": "session_start",
                              "connector_id": w.connector_id, "wait_min": w.wait_min,
                              "power_kw": w.power_kw, "queue_len": q_len})
@@ -408,8 +490,9 @@ class SessionManager:
     def leave_queue(self, session_id: str) -> m.SessionPublic:
         """The vehicle gives up waiting (``POST /sessions/{id}/stop`` while QUEUED)."""
         svc = self.svc
-        w = self._waiters.get(session_id)
-        assert w is not None
+        w = self._waiter(session_id)
+        if w is None:
+            raise ApiError(404, f"unknown session {session_id!r}", "not_found")
         gone: list[_Waiter] = []
 
         def op(now: float) -> tuple[None, list]:
@@ -423,6 +506,8 @@ class SessionManager:
 
         def extra(conn: Any, _v: None, fx: Any) -> None:
             if gone:
+                Storage.update_queued(conn, w.session_id, status="ABANDONED",
+                                      wait_min=w.wait_min)
                 Storage.add_trace(conn, [{**self._base(w), "t_min": fx.now, "kind": "abandon",
                                           "wait_min": w.wait_min, "detail": "left"}])
 
@@ -451,7 +536,7 @@ class SessionManager:
 
     def _ensure_thread(self) -> None:
         with self.svc.host.lock:
-            if self._thread is not None:
+            if self._thread is not None or self._stop_ev.is_set():
                 return
             self._thread = threading.Thread(target=self._queue_loop, daemon=True,
                                             name=f"walkin-queue-{self.svc.company}")
@@ -489,8 +574,12 @@ class SessionManager:
                     log.exception("walk-in queue at %s failed", sid)
 
     def close(self) -> None:
+        """Stop the queue thread (the queues stay stored: a restart resumes them)."""
         self._stop_ev.set()
         self._wake.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
 
     # ------------------------------------------------------------------ stop
 
@@ -502,7 +591,7 @@ class SessionManager:
 
     def own_public(self, vehicle_id: str, session_id: str) -> m.SessionPublic:
         """The caller's session: queued / abandoned walk-ins too (404 unless the caller's)."""
-        w = self._waiters.get(session_id)
+        w = self._waiter(session_id)
         if w is not None and w.vehicle_id == vehicle_id and w.status != "ACTIVE":
             return self._queued_public(w)
         return session_public(self.own_session(vehicle_id, session_id))
@@ -510,7 +599,7 @@ class SessionManager:
     def stop_or_leave(self, vehicle_id: str, session_id: str,
                       energy_kwh: float | None = None) -> m.SessionPublic:
         """Stop the caller's session, or leave the queue if it is still waiting."""
-        w = self._waiters.get(session_id)
+        w = self._waiter(session_id)
         if w is not None and w.vehicle_id == vehicle_id and w.status != "ACTIVE":
             return self.leave_queue(session_id)
         self.own_session(vehicle_id, session_id)  # 404 unless the caller's
