@@ -8,9 +8,12 @@ here" rule, the same target SoC. What differs is that every decision goes over H
 
 1. at a city where charging is needed: ``POST /recommendations`` to the home server (any
    server sees the whole network through the replicated status);
-2. book: ``POST /bookings`` with one stop (``booking="stop"``); with ``booking="trip"`` the
-   whole trip's stops are planned at departure and booked in one cross-company 2PC request,
-   falling back to per-stop booking if that is rejected; ``booking="none"`` walks in;
+2. book: ``POST /bookings`` with one stop (``booking="stop"``); ``booking="none"`` walks in;
+   with ``booking="trip"`` the driver app of the simulation's ``trip`` mode
+   (:mod:`evsim.model.booking`) runs over REST (:class:`TripApp`): the home server plans the
+   trip's stops (``POST /plans``: :func:`evsim.planning.plan_trip` with its policy and
+   snapshot) and the app books them with the same pure rules (:mod:`evsim.planning`:
+   rolling horizon, rebooking, keeping reservations across re-plans);
 3. drive there on the scaled clock, ``POST /sessions`` at the station's company server
    (retrying while the station is full, abandoning after ``max_wait_min``);
 4. wait for ``charging_finished`` on ``evsim/vehicles/{id}/notify`` (when an MQTT URL is
@@ -45,21 +48,28 @@ from evsim.battery import MAX_TARGET_SOC, ChargeCurve
 from evsim.model.demand import generate_trips
 from evsim.model.world import World
 from evsim.planning import (
+    PlannedStop,
     VehicleParams,
     access_min,
     booking_class,
+    booking_window,
     charge_request,
     charge_target,
     fallback_requests,
+    kept_stop,
     needs_charge,
+    next_booking_min,
+    rebook_choice,
+    stops_to_book,
     walk_route,
 )
+from evsim.protocol import Alternative
 from evsim.scenario import Scenario
 from evsim.snapshot import ChargeRequest
 from evsim.trace import Kind
 from live.station_agent import ScaledClock
 
-__all__ = ["ApiError", "Fleet", "TraceSink", "main"]
+__all__ = ["ApiError", "Fleet", "TraceSink", "TripApp", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +160,11 @@ class Server:
 
 
 @dataclass
-class PlannedStop:
-    node: int
-    station_id: str
-    company_id: str
-    start_min: float
-    end_min: float
-    booking_id: str | None = None
-    connector_id: str | None = None
+class Held:
+    """A reservation the vehicle holds for a stop of its current plan."""
+
+    trip_id: str
+    booking: dict[str, Any]  # BookedStopPublic: booking_id, company_id, start_min, ...
 
 
 @dataclass
@@ -264,10 +271,6 @@ class Fleet:
         if minutes > 0:
             await asyncio.sleep(self.clock.wall_s(minutes))
 
-    def _station_power(self, station_id: str, max_dc: float, max_ac: float) -> float:
-        """Session power on the connector class this vehicle books (planning.booking_class)."""
-        return booking_class(self.world.connectors[self._station[station_id]], max_dc, max_ac)[2]
-
     async def _token(self, run: VehicleRun, company: str) -> str:
         """Register the vehicle with ``company`` (roaming: same vehicle id) on first use."""
         if company not in run.tokens:
@@ -308,10 +311,11 @@ class Fleet:
         def decide(node: int, s: float, nxt: int | None) -> bool:
             return needs_charge(roads, ch, per_km, dest, skip_at, node, s, nxt)
 
-        plan: dict[int, PlannedStop] = {}
-        trip_booking: str | None = None
+        app: TripApp | None = None
         if self.booking == "trip":
-            plan, trip_booking = await self._book_trip(run, k, pos, dest, soc, per_km, decide)
+            app = TripApp(self, run, params, dest, skip_at)
+            if not await app.depart(pos, soc, t):
+                app = None  # no stop planned: charge on arrival, as the simulation does
 
         while True:
             route = roads.route(pos, dest)
@@ -326,7 +330,8 @@ class Fleet:
                         distance_km=driven_km, detail=roads.node_ids[pos] if stranded else None)
                 run.outcome = str(kind)
                 break
-            stop = plan.pop(pos, None)
+            taken = app.take(pos) if app is not None else None
+            stop, held = taken if taken is not None else (None, None)
             choice = None
             if stop is None:
                 request = charge_request(roads, ch, params, pos, dest, soc)
@@ -338,13 +343,13 @@ class Fleet:
                     continue
             skip_at.add(pos)
             station_id = stop.station_id if stop else choice["station_id"]
-            company = stop.company_id if stop else choice["company_id"]
             i = self._station[station_id]
+            company = world.stations.company_ids[i] if stop else choice["company_id"]
             st_node = int(world.stations.node[i])
             access = float(world.stations.access_km[i])
             go_km = float(roads.dist_km[pos, st_node]) + access
             go_min = float(roads.time_min[pos, st_node]) + access_min(access)
-            detour = float(choice["detour_km"]) if choice else go_km
+            detour = float(choice["detour_km"]) if choice else stop.detour_km
             tr.emit(t, Kind.STATION_CHOSEN, vehicle_id=vid, station_id=station_id,
                     company_id=company, soc=soc, distance_km=detour,
                     detail="trip" if stop else str(choice.get("policy", "")))
@@ -356,8 +361,8 @@ class Fleet:
                 run.outcome = "stranded"
                 break
             target = min(charge_target(roads, ch, per_km, st_node, dest, access), MAX_TARGET_SOC)
-            booking_id = stop.booking_id if stop else None
-            if booking_id is None and self.booking != "none":
+            booking_id = held.booking["booking_id"] if held is not None else None
+            if booking_id is None and self.booking == "stop":
                 _, _, power = booking_class(world.connectors[i], vm.max_charge_kw, vm.max_ac_kw)
                 soc_in = max(soc - go_km * per_km, 0.0)
                 dur = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
@@ -371,17 +376,15 @@ class Fleet:
             n_sessions += 1
             soc, t = await self._charge(run, company, station_id, booking_id, soc, target,
                                         battery, vm, f"{vid}-{n_sessions}", t)
+            if app is not None:  # leaving the station: plan the rest of the trip again
+                await app.replan_from(i, soc, t)
             if access > 0:  # back from the station to its city (access road)
                 t += access_min(access)
                 await self.sleep_until(t)
                 soc = max(soc - access * per_km, 0.0)
                 driven_km += access
-        if trip_booking is not None and plan:  # unused booked stops
-            try:
-                await self.servers[run.home].call("DELETE", f"/bookings/{trip_booking}",
-                                                  token=run.tokens[run.home], ok=(200, 202, 204))
-            except ApiError as exc:
-                log.info("%s: cancelling trip %s: %s", vid, trip_booking, exc)
+        if app is not None:  # cancel the reservations it did not use
+            await app.finish()
         await self._read_history(run)
         return run
 
@@ -406,21 +409,29 @@ class Fleet:
                 return dict(r["choices"][0], policy=r.get("policy", ""))
         return None
 
-    async def _book(self, run: VehicleRun, stops: list[dict[str, Any]]) -> dict[str, Any] | None:
+    async def _request_trip(self, run: VehicleRun,
+                            stops: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """``POST /bookings`` at the home server; the trip once definitive (or still PENDING
+        after 10 s), None if the request itself failed (unreachable, 4xx before a trip)."""
         token = await self._token(run, run.home)
         try:
             trip = await self.servers[run.home].call("POST", "/bookings", token=token,
                                                      json_body={"stops": stops},
                                                      ok=(200, 201, 202, 409))
+            deadline = asyncio.get_running_loop().time() + 10.0
+            while (trip.get("outcome") == "PENDING"
+                   and asyncio.get_running_loop().time() < deadline):
+                await asyncio.sleep(self.poll_s / 5)
+                trip = await self.servers[run.home].call("GET", f"/bookings/{trip['trip_id']}",
+                                                         token=token)
         except ApiError as exc:
             log.info("%s: booking failed: %s", run.vid, exc)
             return None
-        deadline = asyncio.get_running_loop().time() + 10.0
-        while trip.get("outcome") == "PENDING" and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(self.poll_s / 5)
-            trip = await self.servers[run.home].call("GET", f"/bookings/{trip['trip_id']}",
-                                                     token=token)
-        return trip if trip.get("outcome") == "BOOKED" else None
+        return trip if "outcome" in trip else None  # a 409 before any trip (station offline)
+
+    async def _book(self, run: VehicleRun, stops: list[dict[str, Any]]) -> dict[str, Any] | None:
+        trip = await self._request_trip(run, stops)
+        return trip if trip is not None and trip.get("outcome") == "BOOKED" else None
 
     async def _book_stop(self, run: VehicleRun, station_id: str, start: float,
                          dur: float) -> str | None:
@@ -429,48 +440,6 @@ class Fleet:
         if trip is None:
             return None
         return next((b["booking_id"] for b in trip.get("bookings", [])), None)
-
-    async def _book_trip(
-        self, run: VehicleRun, k: int, pos: int, dest: int, soc: float, per_km: float,
-        decide: Any,
-    ) -> tuple[dict[int, PlannedStop], str | None]:
-        """Plan every stop of the trip now (projected SoC and times), book them in one go."""
-        roads, world, ch = self.world.roads, self.world, self.scenario.charging
-        vm = world.vehicle_models[int(self.trips.model[k])]
-        battery = vm.battery_kwh
-        t, s = self.clock(), soc
-        route = roads.route(pos, dest)
-        stops: list[PlannedStop] = []
-        for j in range(len(route) - 1):
-            node, nxt = route[j], route[j + 1]
-            if decide(node, s, nxt) and len(stops) < 10:
-                params = VehicleParams(run.vid, battery, per_km, vm.max_charge_kw, vm.max_ac_kw)
-                request = charge_request(roads, ch, params, node, dest, s)
-                choice = await self._recommend(run, request)
-                if choice is None:
-                    break
-                sid = choice["station_id"]
-                power = self._station_power(sid, vm.max_charge_kw, vm.max_ac_kw)
-                arrive = t + float(choice.get("eta_min", 0.0))
-                target = max(ch.target_soc, s)
-                dur = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
-                    max(s - choice.get("detour_km", 0.0) * per_km / 2, 0.0), target)
-                stops.append(PlannedStop(node, sid, choice["company_id"], arrive,
-                                         arrive + max(dur, 1.0) + 20.0))
-                t, s = arrive + dur, target
-            s -= float(roads.dist_km[node, nxt]) * per_km
-            t += float(roads.time_min[node, nxt])
-        if not stops:
-            return {}, None
-        trip = await self._book(run, [{"station_id": p.station_id, "start_min": p.start_min,
-                                       "end_min": p.end_min} for p in stops])
-        if trip is None:
-            self.trace.emit(self.clock(), Kind.TRIP_BOOKING, vehicle_id=run.vid,
-                            booking_id=run.vid, status="REJECTED")
-            return {}, None
-        for p, b in zip(stops, trip.get("bookings", []), strict=False):
-            p.booking_id, p.connector_id = b["booking_id"], b.get("connector_id")
-        return {p.node: p for p in stops}, trip["trip_id"]
 
     async def _charge(self, run: VehicleRun, company: str, station_id: str,
                       booking_id: str | None, soc: float, target: float, battery: float,
@@ -609,6 +578,312 @@ class Fleet:
                 bus.close()
             self.trace.close()
         return self.runs
+
+
+class TripApp:
+    """The driver app of the simulation's ``trip`` booking mode
+    (:class:`evsim.model.booking.BookedTrip`) over REST, for one vehicle.
+
+    The plan comes from the home server (``POST /plans``: :func:`evsim.planning.plan_trip`
+    with the server's policy over its network snapshot); which stops to book and when
+    (:func:`~evsim.planning.stops_to_book`, :func:`~evsim.planning.next_booking_min`: the
+    ``booking.max_advance_min`` horizon, in the background while driving), how to rebook a
+    REJECTED stop (:func:`~evsim.planning.rebook_choice`: a later window at most
+    ``booking.max_shift_min`` away, else another station -- ``POST /plans`` in ``stop`` mode:
+    :func:`~evsim.planning.choose_again` -- up to ``booking.max_attempts`` requests per
+    round) and which reservations survive a re-plan on leaving a station
+    (:func:`~evsim.planning.kept_stop`) are the same pure functions the simulation uses.
+
+    Differences to the simulation: the times are the trip's scenario-time cursor (the vehicle
+    never waits for an answer: the plan's times hold, no ``offset``); a stop is booked at the
+    station, on any connector (the REST API has no connector classes: the participant picks
+    one), not on the planned class; the company server traces the trip requests
+    (``trip_booking`` rows, trip ids ``{vehicle}.{hex}``).
+    """
+
+    def __init__(self, fleet: Fleet, run: VehicleRun, params: VehicleParams, dest: int,
+                 skip_at: set[int]) -> None:
+        self.fleet = fleet
+        self.run = run
+        self.params = params
+        self.dest = dest
+        self.skip_at = skip_at  # the trip loop's: cities where the vehicle charged (or asked)
+        self.cfg = fleet.scenario.booking
+        self.active = True
+        self.plan: tuple[PlannedStop, ...] = ()
+        self.next = 0  # index in plan of the next stop to come
+        self.held: dict[int, Held] = {}  # plan index -> reservation
+        self.busy: dict[int, PlannedStop] = {}  # id -> stop being booked now
+        self.tried: dict[int, PlannedStop] = {}  # id -> stop left to walk in
+        self.at_station = False  # between a decision and leaving the station
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake: tuple[float, asyncio.Task[Any]] | None = None
+
+    # -- plans ----------------------------------------------------------------------------
+
+    async def _plans(self, city: int, soc: float, t: float, skip: set[int],
+                     **extra: Any) -> tuple[PlannedStop, ...]:
+        f, p = self.fleet, self.params
+        names = f.world.roads.node_ids
+        body = {
+            "vehicle_id": p.vehicle_id, "city": names[city], "destination": names[self.dest],
+            "soc": min(max(soc, 0.0), 1.0), "battery_kwh": p.battery_kwh,
+            "consumption_kwh_per_km": p.per_km * p.battery_kwh, "max_dc_kw": p.max_dc_kw,
+            "max_ac_kw": p.max_ac_kw, "t_min": max(t, 0.0),
+            "skip_at": [names[n] for n in sorted(skip)], **extra,
+        }
+        try:
+            token = await f._token(self.run, self.run.home)
+            r = await f.servers[self.run.home].call("POST", "/plans", token=token,
+                                                    json_body=body)
+        except ApiError as exc:
+            log.info("%s: planning failed: %s", p.vehicle_id, exc)
+            return ()
+        return tuple(self._stop(d) for d in r.get("stops", []))
+
+    def _stop(self, d: dict[str, Any]) -> PlannedStop:
+        f = self.fleet
+        return PlannedStop(
+            f.world.roads.index[d["decision_city"]], f._station[d["station_id"]],
+            d["station_id"], float(d["arrive_min"]), float(d["soc_in"]), float(d["soc_out"]),
+            float(d["charge_min"]), float(d["power_kw"]), float(d["connector_power_kw"]),
+            str(d["connector_type"]), float(d["detour_km"]), float(d["decide_min"]),
+            float(d["decide_soc"]),
+        )
+
+    async def depart(self, pos: int, soc: float, t: float) -> bool:
+        """Plan at the origin and book the stops within the horizon; False: no stop needed
+        (the app is off: the vehicle charges on arrival)."""
+        stops = await self._plans(pos, soc, t, set(self.skip_at))
+        if not stops:
+            self.active = False
+            return False
+        self._set_plan(stops)
+        due = self._due(t)
+        if due:
+            await self._round(due, kick=False)
+        self._kick()
+        return True
+
+    def _set_plan(self, stops: tuple[PlannedStop, ...]) -> None:
+        """Adopt a new plan; keep the reservations that still fit it, cancel the others."""
+        old, held = self.plan, self.held
+        self.plan, self.next, self.tried, self.held = stops, 0, {}, {}
+        drop: list[str] = []
+        for i, h in held.items():
+            k = kept_stop(old[i], float(h.booking["start_min"]), stops, self.cfg.slot_min,
+                          self.cfg.grace_min, taken=self.held)
+            if k is None:
+                if h.trip_id not in drop:
+                    drop.append(h.trip_id)
+            else:
+                self.held[k] = h
+        for tid in drop:
+            self._drop_trip(tid)
+
+    async def replan_from(self, index: int, soc: float, t: float) -> None:
+        """The vehicle leaves station ``index`` at ``t`` with ``soc``: plan the rest again
+        (from the station's city, after the access road, as the vehicle drives on)."""
+        if not self.active:
+            return
+        st = self.fleet.world.stations
+        node, access = st.node_list[index], st.access_km_list[index]
+        if access > 0:
+            t, soc = t + access_min(access), max(soc - access * self.params.per_km, 0.0)
+        stops = await self._plans(node, soc, t, set(self.skip_at))
+        if not self.active:
+            return
+        self.at_station = False
+        self._set_plan(stops)
+        self._kick()
+
+    # -- booking rounds -------------------------------------------------------------------
+
+    def _blocked(self) -> set[int]:
+        return {i for i in range(self.next, len(self.plan))
+                if id(self.plan[i]) in self.busy or id(self.plan[i]) in self.tried}
+
+    def _due(self, now: float) -> list[int]:
+        if self.at_station:
+            return []  # its times are unknown until it leaves: re-planned then
+        return stops_to_book(self.plan, now, self.cfg.max_advance_min, first=self.next,
+                             held=self.held, blocked=self._blocked())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _kick(self) -> None:
+        """Book what is due now (in the background), or wake up when the next stop is."""
+        if not self.active or self.at_station:
+            return
+        due = self._due(self.fleet.clock())
+        if due:
+            self._spawn(self._round(due))
+            return
+        t = next_booking_min(self.plan, self.cfg.max_advance_min, first=self.next,
+                             held=self.held, blocked=self._blocked())
+        if t is None or (self._wake is not None and not self._wake[1].done()
+                         and self._wake[0] <= t):
+            return
+        if self._wake is not None:
+            self._wake[1].cancel()
+
+        async def wake() -> None:
+            await asyncio.sleep(max(self.fleet.clock.wall_at(t) - time.time(), 0.0))
+            self._wake = None
+            self._kick()
+
+        self._wake = (t, asyncio.create_task(wake()))
+
+    def _valid(self, idx: list[int], stops: list[PlannedStop]) -> bool:
+        """Are these still the next stops of the current plan?"""
+        return self.active and all(
+            self.next <= i < len(self.plan) and self.plan[i] is s
+            for i, s in zip(idx, stops, strict=True))
+
+    def _request(self, stops: list[PlannedStop],
+                 windows: list[tuple[float, float, str | None]]) -> list[dict[str, Any]]:
+        out = []
+        for s, (start, end, connector) in zip(stops, windows, strict=True):
+            stop: dict[str, Any] = {"station_id": s.station_id, "start_min": start,
+                                    "end_min": end, "grace_min": self.cfg.grace_min}
+            if connector is not None:
+                stop["connector_id"] = connector
+            out.append(stop)
+        return out
+
+    async def _round(self, idx: list[int], kick: bool = True) -> None:
+        """Book plan stops ``idx`` in one request; on REJECTED rebook (shift the refused
+        stop's window or choose another station for it) up to ``max_attempts`` times."""
+        cfg = self.cfg
+        stops = [self.plan[i] for i in idx]
+        mine = list(stops)
+        for s in stops:
+            self.busy[id(s)] = s
+        windows: list[tuple[float, float, str | None]] = [
+            (*booking_window(s, cfg.slot_min), None) for s in stops]
+        excluded: set[int] = set()
+        try:
+            for _attempt in range(cfg.max_attempts):
+                trip = await self.fleet._request_trip(self.run, self._request(stops, windows))
+                outcome = None if trip is None else trip.get("outcome")
+                ok = outcome == "BOOKED"
+                if not self._valid(idx, stops):  # the vehicle moved on, or a new plan
+                    if ok and trip is not None:
+                        self._spawn(self._cancel(trip["trip_id"]))
+                    return
+                if ok and trip is not None:
+                    for i, b in zip(idx, trip.get("bookings", []), strict=False):
+                        self.held[i] = Held(trip["trip_id"], b)
+                    return
+                if trip is None or outcome != "REJECTED":
+                    if outcome == "PENDING":  # gave up waiting: a late BOOKED is canceled
+                        self._spawn(self._cancel(trip["trip_id"]))
+                    break  # FAILED / no answer: a retry would most likely fail the same way
+                j = trip.get("failed_stop")
+                if j is None or not 0 <= j < len(stops):
+                    j = 0
+                start = windows[j][0]
+                alts = [Alternative(str(a["connector_id"]), float(a["start_min"]),
+                                    float(a["end_min"])) for a in trip.get("alternatives", [])]
+                action, shift, _ = rebook_choice(start, alts, cfg.max_shift_min)
+                del idx[j + 1:], stops[j + 1:], windows[j + 1:]
+                other = None
+                if action == "other":  # try another station for that decision
+                    excluded.add(stops[j].station_index)
+                    other = await self._choose_again(idx[j], stops[j], excluded)
+                    if not self._valid(idx, stops):
+                        return
+                if other is not None:
+                    self._replace(idx[j], other)
+                    if other.arrive_min > self.fleet.clock() + cfg.max_advance_min:
+                        # a farther station, beyond the horizon: book it once it is due
+                        del idx[j:], stops[j:], windows[j:]
+                        if not stops:
+                            return
+                        continue
+                    self.busy[id(other)] = other
+                    mine.append(other)
+                    stops[j] = other
+                    windows[j] = (*booking_window(other, cfg.slot_min), None)
+                elif action == "shift" and shift is not None:
+                    end = shift.start_min + windows[j][1] - start
+                    windows[j] = (shift.start_min, end, shift.connector_id)
+                else:
+                    break
+            if self._valid(idx, stops):  # no booking: walk in at these stops
+                for s in stops:
+                    self.tried[id(s)] = s
+        finally:
+            for s in mine:
+                self.busy.pop(id(s), None)
+            if kick:
+                self._kick()
+
+    async def _choose_again(self, i: int, s: PlannedStop,
+                            excluded: set[int]) -> PlannedStop | None:
+        """The home server's :func:`evsim.planning.choose_again` for plan stop ``i``."""
+        names = self.fleet.world.stations.ids
+        skip = set(self.skip_at) | {p.decision_node for p in self.plan[: i + 1]}
+        got = await self._plans(s.decision_node, s.decide_soc, s.decide_min, skip, mode="stop",
+                                exclude=[names[k] for k in sorted(excluded)])
+        return got[0] if got else None
+
+    def _replace(self, i: int, new: PlannedStop) -> None:
+        """Plan stop ``i`` becomes ``new``; the stops after it are unknown until then."""
+        for k in [k for k in self.held if k > i]:
+            h = self.held.get(k)
+            if h is not None:
+                self._drop_trip(h.trip_id)
+        self.plan = (*self.plan[:i], new)
+
+    # -- cancels ---------------------------------------------------------------------------
+
+    def _drop_trip(self, tid: str) -> None:
+        """Forget the reservations of request ``tid`` and cancel it at the home server."""
+        for k in [k for k, h in self.held.items() if h.trip_id == tid]:
+            del self.held[k]
+        self._spawn(self._cancel(tid))
+
+    async def _cancel(self, tid: str) -> None:
+        f = self.fleet
+        for _ in range(20):
+            try:
+                await f.servers[self.run.home].call(
+                    "DELETE", f"/bookings/{tid}", token=self.run.tokens[self.run.home],
+                    ok=(200, 202, 204))
+                return
+            except ApiError as exc:
+                if exc.reason != "trip_pending":
+                    log.info("%s: cancelling trip %s: %s", self.params.vehicle_id, tid, exc)
+                    return
+            await asyncio.sleep(max(self.fleet.poll_s, 0.05))
+
+    # -- the trip loop's hooks -------------------------------------------------------------
+
+    def take(self, pos: int) -> tuple[PlannedStop, Held] | None:
+        """At decision city ``pos``: the booked stop if there is one; None: walk in."""
+        i = self.next
+        self.at_station = True
+        if i < len(self.plan) and self.plan[i].decision_node == pos:
+            self.next = i + 1
+            h = self.held.pop(i, None)
+            if h is not None:
+                return self.plan[i], h
+        return None
+
+    async def finish(self) -> None:
+        """The trip is over: cancel the reservations it did not use, wait for the requests."""
+        self.active = False
+        if self._wake is not None:
+            self._wake[1].cancel()
+            self._wake = None
+        for tid in dict.fromkeys(h.trip_id for h in self.held.values()):
+            self._drop_trip(tid)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,6 @@ import math
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import simpy
 
 from evsim.model.protocol_bus import class_key, coordinator_id, vehicle_node
@@ -69,10 +68,15 @@ from evsim.model.world import ConnectorSpec
 from evsim.planning import (
     PlannedStop,
     access_min,
+    booking_window,
     charge_request,
+    choose_again,
     choose_station,
-    plan_stop,
+    kept_stop,
+    next_booking_min,
     plan_trip,
+    rebook_choice,
+    stops_to_book,
 )
 from evsim.protocol import (
     BookedStop,
@@ -240,25 +244,16 @@ class BookedTrip:
         drop: list[str] = []
         offset = self.offset
         for i, h in held.items():
-            o = old[i]
-            k = next(
-                (
-                    k
-                    for k, s in enumerate(stops)
-                    if s.decision_node == o.decision_node
-                    and s.station_index == o.station_index
-                    and (s.connector_power_kw, s.connector_type)
-                    == (o.connector_power_kw, o.connector_type)
-                ),
-                None,
+            k = kept_stop(
+                old[i],
+                h.stop.start_min,
+                stops,
+                self.cfg.slot_min,
+                self.cfg.grace_min,
+                offset=offset,
+                taken=self.held,
             )
-            late = None if k is None else stops[k].arrive_min + offset - h.stop.start_min
-            if (
-                k is None
-                or k in self.held
-                or late is None
-                or not -self.cfg.slot_min <= late <= self.cfg.grace_min / 2
-            ):
+            if k is None:
                 if h.trip_id not in drop:
                     drop.append(h.trip_id)
             else:
@@ -300,19 +295,23 @@ class BookedTrip:
         given up."""
         if self._at_station:
             return []  # its times are unknown until it leaves: re-planned then
-        horizon = self.env.now + self.cfg.max_advance_min
-        offset = self.offset
-        out = []
-        for i in range(self.next, len(self.plan)):
-            s = self.plan[i]
-            if s.arrive_min + offset > horizon:
-                break
-            if i in self.held:
-                continue
-            if id(s) in self.busy or id(s) in self.tried:
-                break  # a walk-in (or undecided) stop first: the times after it are unknown
-            out.append(i)
-        return out
+        return stops_to_book(
+            self.plan,
+            self.env.now,
+            self.cfg.max_advance_min,
+            first=self.next,
+            offset=self.offset,
+            held=self.held,
+            blocked=self._blocked(),
+        )
+
+    def _blocked(self) -> set[int]:
+        """Plan stops being booked now, or left to walk in."""
+        return {
+            i
+            for i in range(self.next, len(self.plan))
+            if id(self.plan[i]) in self.busy or id(self.plan[i]) in self.tried
+        }
 
     def _kick(self) -> None:
         """Book what is due now (in the background), or wake up when the next stop is."""
@@ -324,18 +323,18 @@ class BookedTrip:
             return
         if self._at_station:
             return
-        for i in range(self.next, len(self.plan)):
-            s = self.plan[i]
-            if i in self.held:
-                continue
-            if id(s) in self.busy or id(s) in self.tried:
-                return
-            t = s.arrive_min + self.offset - self.cfg.max_advance_min
-            if t < self._wake_at:
-                self._wake_at = t
-                ev = self.env.timeout(max(t - self.env.now, 0.0))
-                ev.callbacks.append(lambda _ev, t=t: self._wake(t))
-            return
+        t = next_booking_min(
+            self.plan,
+            self.cfg.max_advance_min,
+            first=self.next,
+            offset=self.offset,
+            held=self.held,
+            blocked=self._blocked(),
+        )
+        if t is not None and t < self._wake_at:
+            self._wake_at = t
+            ev = self.env.timeout(max(t - self.env.now, 0.0))
+            ev.callbacks.append(lambda _ev, t=t: self._wake(t))
 
     def _wake(self, t: float) -> None:
         if self._wake_at == t:
@@ -389,12 +388,10 @@ class BookedTrip:
                 if j is None or not 0 <= j < len(stops):
                     j = 0
                 start = windows[j][0]
-                alts = [a for a in result.alternatives if a.start_min >= start]
-                shift = min(alts, key=lambda a: (a.start_min, a.connector_id)) if alts else None
-                delay = math.inf if shift is None else shift.start_min - start
+                action, shift, delay = rebook_choice(start, result.alternatives, cfg.max_shift_min)
                 del idx[j + 1 :], stops[j + 1 :], windows[j + 1 :]
                 other = None
-                if delay > cfg.max_shift_min:  # try another station for that decision
+                if action == "other":  # try another station for that decision
                     excluded.add(stops[j].station_index)
                     other = self._choose_again(idx[j], stops[j], excluded)
                 if other is not None:
@@ -410,7 +407,7 @@ class BookedTrip:
                     mine.append(other)
                     stops[j] = other
                     windows[j] = self._window(other)
-                elif shift is not None and delay <= cfg.max_shift_min:
+                elif action == "shift" and shift is not None:
                     end = shift.start_min + windows[j][1] - start
                     windows[j] = (shift.start_min, end, shift.connector_id, windows[j][3])
                     how = f"shift {delay:.1f} min"
@@ -426,8 +423,8 @@ class BookedTrip:
                 self._kick()
 
     def _window(self, s: PlannedStop) -> _Window:
-        start = s.arrive_min + self.offset
-        return start, start + s.charge_min + self.cfg.slot_min, None, start
+        start, end = booking_window(s, self.cfg.slot_min, self.offset)
+        return start, end, None, start
 
     def _request(self, tid: str, stops: list[PlannedStop], windows: list[_Window]) -> TripRequest:
         out = []
@@ -451,24 +448,20 @@ class BookedTrip:
         stations off; None if none, or if the rest of the trip would run dry from there."""
         sim, d = self.sim, self.d
         world = sim.world
-        ch = world.scenario.charging
-        online = np.array(sim.snapshot.online, dtype=bool, copy=True)
-        online[sorted(excluded)] = False
-        online.flags.writeable = False
-        snap = dataclasses.replace(sim.snapshot, online=online)
-        args = (world.roads, snap, world.connectors, sim.policy, ch, d.params)
-        new, _ = plan_stop(*args, s.decision_node, d.dest, s.decide_soc, s.decide_min)
-        if new is None:
-            return None
         # a detour must not strand the vehicle later (it charges once per city per trip)
-        access = world.stations.access_km_list[new.station_index]
-        soc, t = new.soc_out, new.arrive_min + new.charge_min
-        if access > 0:
-            soc, t = max(soc - access * d.per_km, 0.0), t + access_min(access)
         skip = set(d.skip_at) | {p.decision_node for p in self.plan[: i + 1]}
-        node = world.stations.node_list[new.station_index]
-        rest = plan_trip(*args, node, d.dest, soc, t, skip_at=skip)
-        return new if rest.feasible else None
+        return choose_again(
+            world.roads,
+            sim.snapshot,
+            world.connectors,
+            sim.policy,
+            world.scenario.charging,
+            d.params,
+            s,
+            d.dest,
+            excluded,
+            skip,
+        )
 
     def _replace(self, i: int, new: PlannedStop) -> None:
         """Plan stop ``i`` becomes ``new``; the stops after it are unknown until then."""

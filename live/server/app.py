@@ -25,7 +25,15 @@ from starlette.exceptions import HTTPException
 
 from live.bus import Bus
 from live.server.deps import error_body
-from live.server.routers import bookings, health, recommendations, sessions, stations, vehicles
+from live.server.routers import (
+    bookings,
+    health,
+    plans,
+    recommendations,
+    sessions,
+    stations,
+    vehicles,
+)
 from live.server.service import ApiError, CompanyService
 from live.settings import Settings
 
@@ -64,7 +72,8 @@ def create_app(
             svc.host.stop_ticker()
             svc.trace([{"t_min": svc.now(), "kind": "server_status",
                         "company_id": svc.company, "status": "down"}])
-            if own_bus is not None:
+            if own_bus is not None:  # a server process owns its service: stop its threads,
+                svc.close()  # flush and close the database, then the bus
                 own_bus.close()
 
     app = FastAPI(
@@ -99,7 +108,7 @@ def create_app(
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse({"detail": "internal error", "reason": "internal"}, status_code=500)
 
-    for r in (health, vehicles, stations, recommendations, bookings, sessions):
+    for r in (health, vehicles, stations, recommendations, plans, bookings, sessions):
         app.include_router(r.router)
     return app
 

@@ -135,6 +135,64 @@ class Recommendations(BaseModel):
     choices: list[ChoicePublic]
 
 
+# ------------------------------------------------------------------ plans
+
+
+class PlanCreate(_In):
+    """A vehicle's state for :func:`evsim.planning.plan_trip` (``mode="trip"``: the charging
+    stops of the trip from ``city``) or :func:`evsim.planning.choose_again` (``mode="stop"``:
+    the stop for a charging decision at ``city``, with ``exclude`` left out, kept only if the
+    rest of the trip stays feasible from there)."""
+
+    vehicle_id: Id | None = Field(default=None, description="must be the caller if given")
+    city: Id = Field(description="where the vehicle is (stop mode: the decision city)")
+    destination: Id
+    soc: Soc
+    battery_kwh: Kwh
+    consumption_kwh_per_km: Annotated[float, Field(gt=0, le=2)]
+    max_dc_kw: Kw = 150.0
+    max_ac_kw: Kw = 11.0
+    t_min: Minutes | None = Field(
+        default=None, description="when it leaves ``city`` (stop mode: decides there); default now"
+    )
+    skip_at: Annotated[list[Id], Field(max_length=256)] = Field(
+        default=[], description="cities where it already charged on this trip (no stop again)"
+    )
+    mode: Literal["trip", "stop"] = "trip"
+    exclude: Annotated[list[Id], Field(max_length=256)] = Field(
+        default=[], description="station ids to leave out (as if offline)"
+    )
+
+
+class PlannedStopPublic(BaseModel):
+    decision_city: str = Field(description="where the vehicle decides to charge")
+    station_id: str
+    company_id: str
+    connector_power_kw: float = Field(description="the connector class to book: rated kW ...")
+    connector_type: str = Field(description="... and type")
+    arrive_min: float
+    start_min: float = Field(description="window to book: expected arrival ...")
+    end_min: float = Field(description="... + estimated charging time + booking.slot_min")
+    grace_min: float
+    soc_in: float
+    soc_out: float = Field(description="expected SoC when leaving the connector")
+    charge_min: float
+    power_kw: float
+    detour_km: float
+    decide_min: float
+    decide_soc: float
+
+
+class PlanPublic(BaseModel):
+    policy: str
+    t_min: float = Field(description="server clock when planned")
+    depart_min: float
+    feasible: bool = Field(description="False: the plan runs dry on the way (book nothing)")
+    end_min: float | None = Field(description="trip mode: expected arrival at the destination")
+    end_soc: float | None
+    stops: list[PlannedStopPublic]
+
+
 # ------------------------------------------------------------------ bookings
 
 

@@ -1,0 +1,225 @@
+"""``POST /plans``: the company server plans a vehicle's charging stops with the pure planner.
+
+* the stops are exactly :func:`evsim.planning.plan_trip`'s (``mode="stop"``:
+  :func:`evsim.planning.choose_again`'s) on the same snapshot, policy, roads and charging
+  behaviour, with the window to book (``booking.slot_min``, ``booking.grace_min``);
+* bad input is a 4xx with a reason; a vehicle plans only for itself;
+* the pure booking rules the simulation and the live agent share (rolling horizon, rebooking
+  choice, reservations kept across re-plans);
+* a short live run in ``--booking trip`` mode books trips (real mosquitto, subprocesses).
+
+Scenario: data/tiny.toml (alpha - bravo - charlie - delta, 100 km apart; stations in each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from test_live_api import TINY, Net
+
+from evsim.planning import (
+    PlannedStop,
+    VehicleParams,
+    booking_window,
+    choose_again,
+    kept_stop,
+    next_booking_min,
+    plan_trip,
+    rebook_choice,
+    stops_to_book,
+)
+from evsim.protocol import Alternative
+from live.broker import find_mosquitto
+
+BODY = {"city": "alpha", "destination": "delta", "soc": 0.9, "battery_kwh": 30.0,
+        "consumption_kwh_per_km": 0.15, "max_dc_kw": 50.0, "max_ac_kw": 11.0, "t_min": 120.0}
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Net:
+    return Net(tmp_path)
+
+
+def direct(net: Net, vid: str, body: dict, **kw: object):
+    """What the pure planner says on the server's own snapshot, policy and world."""
+    svc = net.svc("acme")
+    w = svc.world
+    roads = w.roads
+    battery = body["battery_kwh"]
+    v = VehicleParams(vid, battery, body["consumption_kwh_per_km"] / battery, body["max_dc_kw"],
+                      body["max_ac_kw"])
+    conns = [w.connectors[s] for s in w.table.ids]
+    args = (roads, svc.status.snapshot(), conns, svc.policy, w.scenario.charging, v)
+    return args, roads.index[body["city"]], roads.index[body["destination"]]
+
+
+def test_plans_are_plan_trips_stops(net: Net) -> None:
+    vid, h = net.register()
+    r = net.c["acme"].post("/plans", json=BODY, headers=h)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    args, origin, dest = direct(net, vid, BODY)
+    plan = plan_trip(*args, origin, dest, BODY["soc"], BODY["t_min"])
+    assert plan.stops, "the tiny trip alpha -> delta needs a stop"
+    assert got["feasible"] == plan.feasible and got["depart_min"] == 120.0
+    assert got["end_min"] == pytest.approx(plan.end_min) and got["policy"] == net.svc(
+        "acme").policy_name
+    booking = net.svc("acme").world.scenario.booking
+    assert len(got["stops"]) == len(plan.stops)
+    for g, s in zip(got["stops"], plan.stops, strict=True):
+        start, end = booking_window(s, booking.slot_min)
+        assert g["station_id"] == s.station_id
+        assert g["decision_city"] == args[0].node_ids[s.decision_node]
+        assert (g["connector_power_kw"], g["connector_type"]) == (s.connector_power_kw,
+                                                                    s.connector_type)
+        assert g["company_id"] == net.svc("acme").world.company_of(s.station_id)
+        for key in ("arrive_min", "soc_in", "soc_out", "charge_min", "power_kw", "detour_km",
+                    "decide_min", "decide_soc"):
+            assert g[key] == pytest.approx(getattr(s, key)), key
+        assert (g["start_min"], g["end_min"]) == (pytest.approx(start), pytest.approx(end))
+        assert g["grace_min"] == booking.grace_min
+    # the other company's server plans with the same code over its own replica: same stops
+    r = net.c["zap"].post("/plans", json=BODY, headers=net.roam("zap", vid))
+    assert r.status_code == 200, r.text
+    assert r.json()["stops"] == got["stops"]
+
+
+def test_plan_rest_of_trip_and_one_stop_with_exclusions(net: Net) -> None:
+    vid, h = net.register()
+    args, origin, dest = direct(net, vid, BODY)
+    first = plan_trip(*args, origin, dest, BODY["soc"], BODY["t_min"]).stops[0]
+    # the rest of a trip under way: skip_at and t_min default to now
+    body = dict(BODY, city="bravo", soc=0.5, skip_at=["bravo"])
+    del body["t_min"]
+    r = net.c["acme"].post("/plans", json=body, headers=h)
+    assert r.status_code == 200, r.text
+    bravo = args[0].index["bravo"]
+    rest = plan_trip(*args, bravo, dest, 0.5, net.clock.t, skip_at={bravo})
+    assert [s["station_id"] for s in r.json()["stops"]] == [s.station_id for s in rest.stops]
+    assert r.json()["depart_min"] == net.clock.t
+    # stop mode: choose again for the first stop's decision without its station
+    body = dict(BODY, city=args[0].node_ids[first.decision_node], soc=first.decide_soc,
+                t_min=first.decide_min, mode="stop", exclude=[first.station_id])
+    r = net.c["acme"].post("/plans", json=body, headers=h)
+    assert r.status_code == 200, r.text
+    want = choose_again(*args, first, dest, {first.station_index}, {first.decision_node})
+    got = r.json()["stops"]
+    assert [s["station_id"] for s in got] == ([] if want is None else [want.station_id])
+    assert r.json()["feasible"] == (want is not None)
+    if want is not None:
+        assert want.station_id != first.station_id
+        assert got[0]["arrive_min"] == pytest.approx(want.arrive_min)
+
+
+def test_excluded_stations_are_not_planned(net: Net) -> None:
+    _, h = net.register()
+    ids = list(net.svc("acme").world.table.ids)
+    r = net.c["acme"].post("/plans", json=dict(BODY, exclude=ids), headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["stops"] == [] and r.json()["feasible"] is False
+
+
+@pytest.mark.parametrize(("patch", "code", "reason"), [
+    ({"city": "nowhere"}, 422, "unknown_city"),
+    ({"destination": "nowhere"}, 422, "unknown_city"),
+    ({"skip_at": ["nowhere"]}, 422, "unknown_city"),
+    ({"exclude": ["no_station"]}, 422, "unknown_station"),
+    ({"soc": 1.5}, 422, "validation_error"),
+    ({"battery_kwh": 0}, 422, "validation_error"),
+    ({"t_min": -5}, 422, "validation_error"),
+    ({"mode": "walk"}, 422, "validation_error"),
+    ({"surprise": 1}, 422, "validation_error"),
+    ({"city": None}, 422, "validation_error"),
+])
+def test_bad_plan_requests_are_4xx(net: Net, patch: dict, code: int, reason: str) -> None:
+    _, h = net.register()
+    body = {k: v for k, v in {**BODY, **patch}.items() if v is not None}
+    r = net.c["acme"].post("/plans", json=body, headers=h)
+    assert r.status_code == code, r.text
+    assert r.json()["reason"] == reason
+
+
+def test_a_vehicle_plans_only_for_itself(net: Net) -> None:
+    a, ha = net.register()
+    b, hb = net.register()
+    r = net.c["acme"].post("/plans", json=dict(BODY, vehicle_id=a), headers=hb)
+    assert r.status_code == 403 and r.json()["reason"] == "forbidden"
+    for vid, h in ((a, ha), (b, hb)):
+        assert net.c["acme"].post("/plans", json=dict(BODY, vehicle_id=vid),
+                                  headers=h).status_code == 200
+    assert net.c["acme"].post("/plans", json=BODY).status_code == 401
+    bad = {"Authorization": "Bearer nope"}
+    assert net.c["acme"].post("/plans", json=BODY, headers=bad).status_code == 401
+
+
+# --------------------------------------------------------------------------------- pure rules
+
+
+def stop(arrive: float, node: int = 1, station: int = 1, kw: float = 50.0) -> PlannedStop:
+    return PlannedStop(node, station, f"s{station}", arrive, 0.2, 0.8, 30.0, kw, kw, "DC", 0.0,
+                       arrive - 60.0, 0.3)
+
+
+def test_rolling_horizon_rules() -> None:
+    plan = [stop(100.0), stop(200.0, 2), stop(260.0, 3), stop(500.0, 4)]
+    assert stops_to_book(plan, 0.0, 120.0) == [0]
+    assert stops_to_book(plan, 150.0, 120.0) == [0, 1, 2]
+    assert stops_to_book(plan, 150.0, 120.0, held={0}) == [1, 2]
+    assert stops_to_book(plan, 150.0, 120.0, blocked={1}) == [0]  # nothing beyond a walk-in
+    assert stops_to_book(plan, 150.0, 120.0, first=1, offset=50.0) == [1]
+    assert next_booking_min(plan, 120.0) == -20.0
+    assert next_booking_min(plan, 120.0, held={0}, offset=10.0) == 90.0
+    assert next_booking_min(plan, 120.0, held={0}, blocked={1}) is None
+    assert next_booking_min(plan, 120.0, first=4) is None
+    assert booking_window(plan[0], 5.0, 2.0) == (102.0, 137.0)
+
+
+def test_rebook_choice() -> None:
+    alts = [Alternative("c/2", 108.0, 140.0), Alternative("c/1", 105.0, 140.0),
+            Alternative("c/3", 95.0, 120.0)]
+    assert rebook_choice(100.0, alts, 10.0) == ("shift", alts[1], 5.0)
+    action, shift, delay = rebook_choice(100.0, alts, 2.0)
+    assert (action, shift, delay) == ("other", alts[1], 5.0)
+    assert rebook_choice(100.0, [], 10.0)[0::2] == ("other", float("inf"))
+    tie = [Alternative("b", 105.0, 1.0), Alternative("a", 105.0, 1.0)]
+    assert rebook_choice(100.0, tie, 10.0)[1] is tie[1]
+
+
+def test_kept_stop_after_replan() -> None:
+    old = stop(100.0)
+    assert kept_stop(old, 100.0, [stop(103.0)], 5.0, 15.0) == 0
+    assert kept_stop(old, 100.0, [stop(96.0)], 5.0, 15.0) == 0  # early by <= slot
+    assert kept_stop(old, 100.0, [stop(94.0)], 5.0, 15.0) is None
+    assert kept_stop(old, 100.0, [stop(108.0)], 5.0, 15.0) is None  # late by > grace / 2
+    assert kept_stop(old, 100.0, [stop(100.0, station=2)], 5.0, 15.0) is None
+    assert kept_stop(old, 100.0, [stop(100.0, kw=150.0)], 5.0, 15.0) is None
+    assert kept_stop(old, 100.0, [stop(50.0, 3), stop(101.0)], 5.0, 15.0) == 1
+    assert kept_stop(old, 100.0, [stop(101.0)], 5.0, 15.0, taken={0}) is None
+    assert kept_stop(replace(old, decision_node=7), 100.0, [stop(100.0)], 5.0, 15.0) is None
+
+
+# --------------------------------------------------------------------------------- live run
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not found")
+def test_live_trip_mode_books_planned_stops(tmp_path: Path) -> None:
+    from evsim.trace import read_trace
+    from live.launcher import run_scenario
+
+    run_scenario(TINY, tmp_path, time_scale=2400.0, booking="trip", plots=False, warmup_s=8.0)
+    df = read_trace(tmp_path)
+    tb = df[df["kind"] == "trip_booking"]
+    booked = tb[tb["status"] == "BOOKED"]
+    assert len(booked) > 0, tb["status"].value_counts()
+    assert booked["booking_id"].str.match(r"^v\d+\.[0-9a-f]+$").all()
+    started = set(df.loc[df["kind"] == "trip_start", "vehicle_id"])
+    assert len(started) > 50
+    # the vehicles charged on their reservations: sessions with a booking at the stations
+    sessions = df[(df["kind"] == "session_start") & df["booking_id"].notna()]
+    assert len(sessions) > 0
+    assert (tmp_path / "vehicles.jsonl").exists() or any(tmp_path.rglob("vehicles.jsonl"))
