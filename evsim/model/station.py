@@ -133,7 +133,7 @@ class SimStation:
         """Queue, charge and leave. ``plan(connector, t_start)`` sizes the session."""
         if self._desk is not None:
             return (yield from self._visit_managed(vehicle_id, session_id, soc, plan, patience_min))
-        env, tr = self.env, self.trace
+        env = self.env
         t_arrive = env.now
         self._arrive(vehicle_id, session_id, soc)
         get = self._free.get()
@@ -144,26 +144,32 @@ class SimStation:
             fired = yield get | timeout
             if get not in fired:
                 get.cancel()
-                self.waiting -= 1
-                tr.emit(
-                    env.now,
-                    Kind.ABANDON,
-                    vehicle_id=vehicle_id,
-                    station_id=self.station_id,
-                    company_id=self.company_id,
-                    session_id=session_id,
-                    soc=soc,
-                    wait_min=env.now - t_arrive,
-                    queue_len=self.waiting,
-                )
-                self._changed()
-                return SessionResult(None, env.now - t_arrive, None)
+                return self._abandon(vehicle_id, session_id, soc, t_arrive)
             item = fired[get]
         spec: ConnectorSpec = item.item
         p = plan(spec, env.now)  # pure: sizing before or after the start row is the same
         return (yield from self._session(vehicle_id, session_id, soc, spec, p, t_arrive))
 
     # ------------------------------------------------------------------ reservations (desk)
+
+    def _abandon(
+        self, vehicle_id: str, session_id: str, soc: float | None, t_arrive: float
+    ) -> SessionResult:
+        """The vehicle gave up waiting: leave the queue, trace it."""
+        self.waiting -= 1
+        self.trace.emit(
+            self.env.now,
+            Kind.ABANDON,
+            vehicle_id=vehicle_id,
+            station_id=self.station_id,
+            company_id=self.company_id,
+            session_id=session_id,
+            soc=soc,
+            wait_min=self.env.now - t_arrive,
+            queue_len=self.waiting,
+        )
+        self._changed()
+        return SessionResult(None, self.env.now - t_arrive, None)
 
     def _arrive(
         self, vehicle_id: str, session_id: str, soc: float | None, booking_id: str | None = None
@@ -219,20 +225,7 @@ class SimStation:
                 yield w.event | env.timeout(max(left, 0.0))
         if not w.event.triggered:
             self._walkins.remove(w)
-            self.waiting -= 1
-            self.trace.emit(
-                env.now,
-                Kind.ABANDON,
-                vehicle_id=vehicle_id,
-                station_id=self.station_id,
-                company_id=self.company_id,
-                session_id=session_id,
-                soc=soc,
-                wait_min=env.now - t_arrive,
-                queue_len=self.waiting,
-            )
-            self._changed()
-            return SessionResult(None, env.now - t_arrive, None)
+            return self._abandon(vehicle_id, session_id, soc, t_arrive)
         spec, p = w.event.value
         assert self._desk is not None
         self._desk.walkin_started(session_id, spec.connector_id, env.now, env.now + p.charge_min)
