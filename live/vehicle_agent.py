@@ -37,7 +37,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve
+from evsim.booking_app import Answer, Choose, Send, Window, booking_round
 from evsim.model.demand import generate_trips
 from evsim.model.world import World
 from evsim.planning import (
@@ -59,7 +60,6 @@ from evsim.planning import (
     kept_stop,
     needs_charge,
     next_booking_min,
-    rebook_choice,
     stops_to_book,
     walk_route,
 )
@@ -592,7 +592,9 @@ class TripApp:
     ``booking.max_shift_min`` away, else another station -- ``POST /plans`` in ``stop`` mode:
     :func:`~evsim.planning.choose_again` -- up to ``booking.max_attempts`` requests per
     round) and which reservations survive a re-plan on leaving a station
-    (:func:`~evsim.planning.kept_stop`) are the same pure functions the simulation uses.
+    (:func:`~evsim.planning.kept_stop`) are the same pure functions the simulation uses; the
+    booking round is the simulation's :func:`evsim.booking_app.booking_round`, driven here
+    with asyncio.
 
     Differences to the simulation: the times are the trip's scenario-time cursor (the vehicle
     never waits for an answer: the plan's times hold, no ``offset``); a stop is booked at the
@@ -737,93 +739,65 @@ class TripApp:
 
         self._wake = (t, asyncio.create_task(wake()))
 
-    def _valid(self, idx: list[int], stops: list[PlannedStop]) -> bool:
-        """Are these still the next stops of the current plan?"""
-        return self.active and all(
-            self.next <= i < len(self.plan) and self.plan[i] is s
-            for i, s in zip(idx, stops, strict=True))
-
-    def _request(self, stops: list[PlannedStop],
-                 windows: list[tuple[float, float, str | None]]) -> list[dict[str, Any]]:
+    def _request(self, stops: Sequence[PlannedStop],
+                 windows: Sequence[Window]) -> list[dict[str, Any]]:
         out = []
-        for s, (start, end, connector) in zip(stops, windows, strict=True):
-            stop: dict[str, Any] = {"station_id": s.station_id, "start_min": start,
-                                    "end_min": end, "grace_min": self.cfg.grace_min}
-            if connector is not None:
-                stop["connector_id"] = connector
+        for s, w in zip(stops, windows, strict=True):
+            stop: dict[str, Any] = {"station_id": s.station_id, "start_min": w.start_min,
+                                    "end_min": w.end_min, "grace_min": self.cfg.grace_min}
+            if w.connector_id is not None:
+                stop["connector_id"] = w.connector_id
             out.append(stop)
         return out
 
     async def _round(self, idx: list[int], kick: bool = True) -> None:
-        """Book plan stops ``idx`` in one request; on REJECTED rebook (shift the refused
-        stop's window or choose another station for it) up to ``max_attempts`` times."""
+        """Book plan stops ``idx``: drive :func:`evsim.booking_app.booking_round`."""
         cfg = self.cfg
-        stops = [self.plan[i] for i in idx]
-        mine = list(stops)
-        for s in stops:
-            self.busy[id(s)] = s
-        windows: list[tuple[float, float, str | None]] = [
-            (*booking_window(s, cfg.slot_min), None) for s in stops]
-        excluded: set[int] = set()
+        app = booking_round(self, idx, cfg.max_attempts, cfg.max_shift_min)
         try:
-            for _attempt in range(cfg.max_attempts):
-                trip = await self.fleet._request_trip(self.run, self._request(stops, windows))
-                outcome = None if trip is None else trip.get("outcome")
-                ok = outcome == "BOOKED"
-                if not self._valid(idx, stops):  # the vehicle moved on, or a new plan
-                    if ok and trip is not None:
-                        self._spawn(self._cancel(trip["trip_id"]))
+            reply: Any = None
+            while True:
+                try:
+                    effect = app.send(reply)
+                except StopIteration:
                     return
-                if ok and trip is not None:
-                    for i, b in zip(idx, trip.get("bookings", []), strict=False):
-                        self.held[i] = Held(trip["trip_id"], b)
-                    return
-                if trip is None or outcome != "REJECTED":
-                    if outcome == "PENDING":  # gave up waiting: a late BOOKED is canceled
-                        self._spawn(self._cancel(trip["trip_id"]))
-                    break  # FAILED / no answer: a retry would most likely fail the same way
-                j = trip.get("failed_stop")
-                if j is None or not 0 <= j < len(stops):
-                    j = 0
-                start = windows[j][0]
-                alts = [Alternative(str(a["connector_id"]), float(a["start_min"]),
-                                    float(a["end_min"])) for a in trip.get("alternatives", [])]
-                action, shift, _ = rebook_choice(start, alts, cfg.max_shift_min)
-                del idx[j + 1:], stops[j + 1:], windows[j + 1:]
-                other = None
-                if action == "other":  # try another station for that decision
-                    excluded.add(stops[j].station_index)
-                    other = await self._choose_again(idx[j], stops[j], excluded)
-                    if not self._valid(idx, stops):
-                        return
-                if other is not None:
-                    self._replace(idx[j], other)
-                    if other.arrive_min > self.fleet.clock() + cfg.max_advance_min:
-                        # a farther station, beyond the horizon: book it once it is due
-                        del idx[j:], stops[j:], windows[j:]
-                        if not stops:
-                            return
-                        continue
-                    self.busy[id(other)] = other
-                    mine.append(other)
-                    stops[j] = other
-                    windows[j] = (*booking_window(other, cfg.slot_min), None)
-                elif action == "shift" and shift is not None:
-                    end = shift.start_min + windows[j][1] - start
-                    windows[j] = (shift.start_min, end, shift.connector_id)
+                if isinstance(effect, Send):
+                    reply = await self._send(effect)
+                elif isinstance(effect, Choose):
+                    reply = await self._choose_again(effect.index, effect.stop, effect.excluded)
                 else:
-                    break
-            if self._valid(idx, stops):  # no booking: walk in at these stops
-                for s in stops:
-                    self.tried[id(s)] = s
+                    self._spawn(self._cancel(effect.answer.trip_id))
+                    reply = None
         finally:
-            for s in mine:
-                self.busy.pop(id(s), None)
+            app.close()
             if kick:
                 self._kick()
 
+    async def _send(self, e: Send) -> Answer | None:
+        trip = await self.fleet._request_trip(self.run, self._request(e.stops, e.windows))
+        if trip is None:
+            return None
+        outcome = str(trip.get("outcome"))
+        alts = [Alternative(str(a["connector_id"]), float(a["start_min"]), float(a["end_min"]))
+                for a in trip.get("alternatives", [])] if outcome == "REJECTED" else []
+        return Answer(outcome, str(trip.get("trip_id", "")), trip.get("failed_stop"), alts,
+                      trip.get("bookings", []))
+
+    # -- the TripHost side of booking_round
+
+    def window(self, s: PlannedStop) -> Window:
+        start, end = booking_window(s, self.cfg.slot_min)
+        return Window(start, end, None, start)
+
+    def beyond_horizon(self, s: PlannedStop) -> bool:
+        return s.arrive_min > self.fleet.clock() + self.cfg.max_advance_min
+
+    def hold(self, idx: Sequence[int], windows: Sequence[Window], answer: Answer) -> None:
+        for i, b in zip(idx, answer.bookings, strict=False):
+            self.held[i] = Held(answer.trip_id, b)
+
     async def _choose_again(self, i: int, s: PlannedStop,
-                            excluded: set[int]) -> PlannedStop | None:
+                            excluded: frozenset[int]) -> PlannedStop | None:
         """The home server's :func:`evsim.planning.choose_again` for plan stop ``i``."""
         names = self.fleet.world.stations.ids
         skip = set(self.skip_at) | {p.decision_node for p in self.plan[: i + 1]}
@@ -831,7 +805,7 @@ class TripApp:
                                 exclude=[names[k] for k in sorted(excluded)])
         return got[0] if got else None
 
-    def _replace(self, i: int, new: PlannedStop) -> None:
+    def replace(self, i: int, new: PlannedStop) -> None:
         """Plan stop ``i`` becomes ``new``; the stops after it are unknown until then."""
         for k in [k for k in self.held if k > i]:
             h = self.held.get(k)

@@ -32,6 +32,8 @@ time + ``booking.slot_min``, NO_SHOW ``booking.grace_min`` after its start):
   the plan and booked once it is due). A stop
   that still gets no booking (or a FAILED / unanswered request: those are not retried) is a
   walk-in: at its decision node the vehicle asks the policy and queues, as in ``on_arrival``.
+  The round itself is :func:`evsim.booking_app.booking_round` (sans-IO, shared with the live
+  agent); this module drives it with SimPy.
 
 At a booked stop the vehicle charges on the booked connector
 (:meth:`SimStation.visit_booked`); when the booking cannot be used there (``no_show``,
@@ -56,11 +58,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import simpy
 
+from evsim.booking_app import Answer, Choose, Send, Window, booking_round
 from evsim.model.protocol_bus import class_key, coordinator_id, vehicle_node
 from evsim.model.station import SessionPlan, SessionResult, SimStation
 from evsim.model.vehicle import Drive, drive, start_trip
@@ -75,7 +78,6 @@ from evsim.planning import (
     kept_stop,
     next_booking_min,
     plan_trip,
-    rebook_choice,
     stops_to_book,
 )
 from evsim.protocol import (
@@ -93,9 +95,6 @@ if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
 
 __all__ = ["BookedTrip", "booked_trip_process"]
-
-# a stop's window: start, end, connector (None: any of the class), expected arrival
-_Window = tuple[float, float, str | None, float]
 
 
 class _Link:
@@ -341,92 +340,65 @@ class BookedTrip:
             self._wake_at = math.inf
             self._kick()
 
-    def _valid(self, idx: list[int], stops: list[PlannedStop]) -> bool:
-        """Are these still the next stops of the current plan?"""
-        return self.active and all(
-            self.next <= i < len(self.plan) and self.plan[i] is s
-            for i, s in zip(idx, stops, strict=True)
-        )
-
     def _round(self, idx: list[int], kick: bool = True) -> Generator[simpy.Event, Any, None]:
-        """Book plan stops ``idx`` in one request; on REJECTED rebook (shift the refused
-        stop's window or choose another station for it) up to ``max_attempts`` times."""
+        """Book plan stops ``idx``: drive :func:`evsim.booking_app.booking_round`."""
         cfg = self.cfg
-        stops = [self.plan[i] for i in idx]
-        mine = list(stops)  # every stop this round marked busy
-        for s in stops:
-            self.busy[id(s)] = s
-        windows: list[_Window] = [self._window(s) for s in stops]
-        excluded: set[int] = set()
-        how = ""
+        app = booking_round(self, idx, cfg.max_attempts, cfg.max_shift_min)
         try:
-            for attempt in range(1, cfg.max_attempts + 1):
-                tid = self.d.vid if self._requests == 0 else f"{self.d.vid}.{self._requests + 1}"
-                self._requests += 1
-                req = self._request(tid, stops, windows)
-                detail = f"{len(stops)} stop(s)"
-                if attempt > 1:
-                    detail += f", attempt {attempt}: {how}"
-                self._emit(tid, "PENDING", detail)
-                result = yield from self.link.request(req)
-                status = "FAILED" if result is None else result.outcome
-                reason = "no_answer" if result is None else result.reason
-                self._emit(tid, status, reason or None)
-                ok = result is not None and result.outcome == "BOOKED"
-                if not self._valid(idx, stops):  # the vehicle moved on, or a new plan
-                    if ok:
-                        self._emit(tid, "CANCELED", "superseded")
-                        self.link.cancel(tid)
+            reply: Any = None
+            while True:
+                try:
+                    effect = app.send(reply)
+                except StopIteration:
                     return
-                if result is not None and ok:
-                    for i, w, b in zip(idx, windows, result.bookings, strict=True):
-                        self.held[i] = _Held(tid, b, w[3])
-                    return
-                if result is None or result.outcome != "REJECTED":
-                    break  # FAILED / no answer: a retry would most likely fail the same way
-                j = result.failed_stop
-                if j is None or not 0 <= j < len(stops):
-                    j = 0
-                start = windows[j][0]
-                action, shift, delay = rebook_choice(start, result.alternatives, cfg.max_shift_min)
-                del idx[j + 1 :], stops[j + 1 :], windows[j + 1 :]
-                other = None
-                if action == "other":  # try another station for that decision
-                    excluded.add(stops[j].station_index)
-                    other = self._choose_again(idx[j], stops[j], excluded)
-                if other is not None:
-                    self._replace(idx[j], other)
-                    how = f"{other.station_id} instead of {stops[j].station_id}"
-                    if other.arrive_min + self.offset > self.env.now + cfg.max_advance_min:
-                        # a farther station, beyond the horizon: book it once it is due
-                        del idx[j:], stops[j:], windows[j:]
-                        if not stops:
-                            return
-                        continue
-                    self.busy[id(other)] = other
-                    mine.append(other)
-                    stops[j] = other
-                    windows[j] = self._window(other)
-                elif action == "shift" and shift is not None:
-                    end = shift.start_min + windows[j][1] - start
-                    windows[j] = (shift.start_min, end, shift.connector_id, windows[j][3])
-                    how = f"shift {delay:.1f} min"
+                if isinstance(effect, Send):
+                    reply = yield from self._send(effect)
+                elif isinstance(effect, Choose):
+                    reply = self._choose_again(effect.index, effect.stop, effect.excluded)
                 else:
-                    break
-            if self._valid(idx, stops):  # no booking: walk in at these stops
-                for s in stops:
-                    self.tried[id(s)] = s
+                    tid = effect.answer.trip_id
+                    self._emit(tid, "CANCELED", effect.reason)
+                    self.link.cancel(tid)
+                    reply = None
         finally:
-            for s in mine:
-                self.busy.pop(id(s), None)
+            app.close()
             if kick:
                 self._kick()
 
-    def _window(self, s: PlannedStop) -> _Window:
-        start, end = booking_window(s, self.cfg.slot_min, self.offset)
-        return start, end, None, start
+    def _send(self, e: Send) -> Generator[simpy.Event, Any, Answer | None]:
+        """One trip request of a round, traced: PENDING, then its answer."""
+        tid = self.d.vid if self._requests == 0 else f"{self.d.vid}.{self._requests + 1}"
+        self._requests += 1
+        req = self._request(tid, e.stops, e.windows)
+        detail = f"{len(e.stops)} stop(s)"
+        if e.attempt > 1:
+            detail += f", attempt {e.attempt}: {e.how}"
+        self._emit(tid, "PENDING", detail)
+        result = yield from self.link.request(req)
+        status = "FAILED" if result is None else result.outcome
+        reason = "no_answer" if result is None else result.reason
+        self._emit(tid, status, reason or None)
+        if result is None:
+            return None
+        return Answer(result.outcome, tid, result.failed_stop, result.alternatives,
+                      result.bookings)
 
-    def _request(self, tid: str, stops: list[PlannedStop], windows: list[_Window]) -> TripRequest:
+    # -- the TripHost side of booking_round
+
+    def window(self, s: PlannedStop) -> Window:
+        start, end = booking_window(s, self.cfg.slot_min, self.offset)
+        return Window(start, end, None, start)
+
+    def beyond_horizon(self, s: PlannedStop) -> bool:
+        return s.arrive_min + self.offset > self.env.now + self.cfg.max_advance_min
+
+    def hold(self, idx: Sequence[int], windows: Sequence[Window], answer: Answer) -> None:
+        for i, w, b in zip(idx, windows, answer.bookings, strict=True):
+            self.held[i] = _Held(answer.trip_id, b, w.asked_min)
+
+    def _request(
+        self, tid: str, stops: Sequence[PlannedStop], windows: Sequence[Window]
+    ) -> TripRequest:
         out = []
         for s, (start, end, connector, _) in zip(stops, windows, strict=True):
             station = self.sim.stations[s.station_index]
@@ -443,7 +415,9 @@ class BookedTrip:
         vnode = vehicle_node(self.d.vid)
         return TripRequest(msg_id(vnode, "TRIP_REQUEST", tid), vnode, tid, self.d.vid, tuple(out))
 
-    def _choose_again(self, i: int, s: PlannedStop, excluded: set[int]) -> PlannedStop | None:
+    def _choose_again(
+        self, i: int, s: PlannedStop, excluded: frozenset[int]
+    ) -> PlannedStop | None:
         """The stop the policy picks for plan stop ``i``'s decision with the ``excluded``
         stations off; None if none, or if the rest of the trip would run dry from there."""
         sim, d = self.sim, self.d
@@ -463,7 +437,7 @@ class BookedTrip:
             skip,
         )
 
-    def _replace(self, i: int, new: PlannedStop) -> None:
+    def replace(self, i: int, new: PlannedStop) -> None:
         """Plan stop ``i`` becomes ``new``; the stops after it are unknown until then."""
         for k in [k for k in self.held if k > i]:
             h = self.held.get(k)
