@@ -127,6 +127,10 @@ def simulate(
         Path | None, typer.Option(help="Run directory (default runs/<scenario>-<policy>-<seed>).")
     ] = None,
     plots: Annotated[bool, typer.Option(help="Write PNG plots next to the trace.")] = True,
+    booking: Annotated[
+        str | None,
+        typer.Option(help="on_arrival | trip (book whole trips first); default: the scenario's."),
+    ] = None,
 ) -> None:
     """Simulate a scenario; write trace.parquet, metrics.json and plots; print the metrics."""
     from evsim.api import simulate as run_sim
@@ -153,6 +157,7 @@ def simulate(
                 out=out_dir,
                 plots=plots,
                 progress=lambda t: prog.update(task, completed=t),
+                booking_mode=booking,
             )
         except ValueError as err:
             _fail(str(err))
@@ -174,6 +179,10 @@ def compare(
     out: Annotated[
         Path | None, typer.Option(help="Directory for runs.parquet, summary.csv and the ECDF plot.")
     ] = None,
+    booking: Annotated[
+        str | None,
+        typer.Option(help="Booking modes to run every policy in, e.g. on_arrival,trip."),
+    ] = None,
 ) -> None:
     """Compare policies on the same seeds: a summary table with 95% CIs and overlaid ECDFs."""
     from evsim.api import compare as run_compare
@@ -181,6 +190,7 @@ def compare(
 
     sc = _load(scenario)
     policies = policy or ["nearest", "least_wait", "balanced"]
+    modes = [m.strip() for m in booking.split(",") if m.strip()] if booking else None
     if seeds < 1:
         _fail("--seeds must be at least 1")
     out_dir = out or Path("runs") / f"{sc.name}-compare"
@@ -192,9 +202,11 @@ def compare(
         console=err_console,
         transient=True,
     ) as prog:
-        task = prog.add_task("", total=len(policies) * seeds)
+        task = prog.add_task("", total=len(policies) * seeds * len(modes or [None]))
         try:
-            res = run_compare(sc, policies, seeds, on_run=lambda p, s: prog.advance(task))
+            res = run_compare(
+                sc, policies, seeds, on_run=lambda p, s: prog.advance(task), booking_modes=modes
+            )
         except ValueError as err:
             _fail(str(err))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 from typer.testing import CliRunner
 
 from evsim.cli import app
@@ -134,3 +135,21 @@ def test_policies_lists_builtins() -> None:
     assert r.exit_code == 0
     for name in ("nearest", "least_wait", "balanced"):
         assert name in r.output
+
+
+def test_booking_flag(tmp_path: Path) -> None:
+    out = tmp_path / "trip"
+    r = runner.invoke(app, ["simulate", str(DATA / "tiny.toml"), "--booking", "trip",
+                            "--out", str(out), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    df = read_trace(out)
+    assert (df["kind"] == "trip_booking").any()  # trips were booked through the protocol
+    assert json.loads((out / "run.json").read_text())["booking"] == "trip"
+    r = runner.invoke(app, ["simulate", str(DATA / "tiny.toml"), "--booking", "bogus",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown booking mode 'bogus'" in r.output
+    r = runner.invoke(app, ["compare", str(DATA / "tiny.toml"), "-p", "nearest", "--seeds", "1",
+                            "--booking", "on_arrival,trip", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    runs = pd.read_parquet(tmp_path / "c" / "runs.parquet")
+    assert set(runs["policy"]) == {"nearest+on_arrival", "nearest+trip"}
