@@ -5,8 +5,8 @@ Every case books ``--trips`` two-company trips (zap then acme, coordinated by ac
 the tiny scenario while the fault happens: a server killed with ``os._exit(137)`` at a
 protocol step and restarted on the same database, a SIGKILL at a random moment, the broker
 killed and brought back on the same port, a company cut off the bus or frozen (SIGSTOP) for
-longer than the lease.  After recovery :func:`live.faults.check` replays every company's
-protocol log and :func:`live.faults.lost` compares it with the snapshot taken at the fault.
+longer than the lease.  After recovery :func:`live.fault_matrix.check` replays every company's
+protocol log and :func:`live.fault_matrix.lost` compares it with the snapshot taken at the fault.
 
 Columns: trips (logged by the coordinator), booked (every stop RESERVED), released (every stop
 released: REJECTED or compensated), failed (neither, or no final outcome: must be 0), lost
@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from live.faults import CASES, CaseRun, run_matrix, table
+from live.fault_matrix import CASES, CaseRun, run_matrix, table
 
 
 def main(argv: list[str] | None = None) -> int:

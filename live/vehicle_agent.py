@@ -10,9 +10,9 @@ here" rule, the same target SoC. What differs is that every decision goes over H
    server sees the whole network through the replicated status);
 2. book: ``POST /bookings`` with one stop (``booking="stop"``); ``booking="none"`` walks in;
    with ``booking="trip"`` the driver app of the simulation's ``trip`` mode
-   (:mod:`evsim.model.booking`) runs over REST (:class:`TripApp`): the home server plans the
-   trip's stops (``POST /plans``: :func:`evsim.planning.plan_trip` with its policy and
-   snapshot) and the app books them with the same pure rules (:mod:`evsim.planning`:
+   (:mod:`evsim.model.booking`) runs over REST (:class:`live.trip_app.TripApp`): the home
+   server plans the trip's stops (``POST /plans``: :func:`evsim.planning.plan_trip` with its
+   policy and snapshot) and the app books them with the same pure rules (:mod:`evsim.planning`:
    rolling horizon, rebooking, keeping reservations across re-plans);
 3. drive there on the scaled clock, ``POST /sessions`` at the station's company server
    (retrying while the station is full, abandoning after ``max_wait_min``);
@@ -37,39 +37,35 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve
-from evsim.booking_app import Answer, Choose, Send, Window, booking_round
 from evsim.model.demand import generate_trips
 from evsim.model.world import World
 from evsim.planning import (
-    PlannedStop,
     VehicleParams,
     access_min,
     booking_class,
-    booking_window,
     charge_request,
     charge_target,
     fallback_requests,
-    kept_stop,
     needs_charge,
-    next_booking_min,
-    stops_to_book,
     walk_route,
 )
-from evsim.protocol import Alternative
 from evsim.scenario import Scenario
 from evsim.snapshot import ChargeRequest
 from evsim.trace import Kind
 from live.station_agent import ScaledClock
 
-__all__ = ["ApiError", "Fleet", "TraceSink", "TripApp", "main"]
+if TYPE_CHECKING:
+    from live.trip_app import TripApp
+
+__all__ = ["ApiError", "Fleet", "TraceSink", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +153,6 @@ class Server:
 
     async def close(self) -> None:
         await self.client.aclose()
-
-
-@dataclass
-class Held:
-    """A reservation the vehicle holds for a stop of its current plan."""
-
-    trip_id: str
-    booking: dict[str, Any]  # BookedStopPublic: booking_id, company_id, start_min, ...
 
 
 @dataclass
@@ -313,6 +301,8 @@ class Fleet:
 
         app: TripApp | None = None
         if self.booking == "trip":
+            from live.trip_app import TripApp  # imports this module: not at the top
+
             app = TripApp(self, run, params, dest, skip_at)
             if not await app.depart(pos, soc, t):
                 app = None  # no stop planned: charge on arrival, as the simulation does
@@ -578,286 +568,6 @@ class Fleet:
                 bus.close()
             self.trace.close()
         return self.runs
-
-
-class TripApp:
-    """The driver app of the simulation's ``trip`` booking mode
-    (:class:`evsim.model.booking.BookedTrip`) over REST, for one vehicle.
-
-    The plan comes from the home server (``POST /plans``: :func:`evsim.planning.plan_trip`
-    with the server's policy over its network snapshot); which stops to book and when
-    (:func:`~evsim.planning.stops_to_book`, :func:`~evsim.planning.next_booking_min`: the
-    ``booking.max_advance_min`` horizon, in the background while driving), how to rebook a
-    REJECTED stop (:func:`~evsim.planning.rebook_choice`: a later window at most
-    ``booking.max_shift_min`` away, else another station -- ``POST /plans`` in ``stop`` mode:
-    :func:`~evsim.planning.choose_again` -- up to ``booking.max_attempts`` requests per
-    round) and which reservations survive a re-plan on leaving a station
-    (:func:`~evsim.planning.kept_stop`) are the same pure functions the simulation uses; the
-    booking round is the simulation's :func:`evsim.booking_app.booking_round`, driven here
-    with asyncio.
-
-    Differences to the simulation: the times are the trip's scenario-time cursor (the vehicle
-    never waits for an answer: the plan's times hold, no ``offset``); a stop is booked at the
-    station, on any connector (the REST API has no connector classes: the participant picks
-    one), not on the planned class; the company server traces the trip requests
-    (``trip_booking`` rows, trip ids ``{vehicle}.{hex}``).
-    """
-
-    def __init__(self, fleet: Fleet, run: VehicleRun, params: VehicleParams, dest: int,
-                 skip_at: set[int]) -> None:
-        self.fleet = fleet
-        self.run = run
-        self.params = params
-        self.dest = dest
-        self.skip_at = skip_at  # the trip loop's: cities where the vehicle charged (or asked)
-        self.cfg = fleet.scenario.booking
-        self.active = True
-        self.plan: tuple[PlannedStop, ...] = ()
-        self.next = 0  # index in plan of the next stop to come
-        self.held: dict[int, Held] = {}  # plan index -> reservation
-        self.busy: dict[int, PlannedStop] = {}  # id -> stop being booked now
-        self.tried: dict[int, PlannedStop] = {}  # id -> stop left to walk in
-        self.at_station = False  # between a decision and leaving the station
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._wake: tuple[float, asyncio.Task[Any]] | None = None
-
-    # -- plans ----------------------------------------------------------------------------
-
-    async def _plans(self, city: int, soc: float, t: float, skip: set[int],
-                     **extra: Any) -> tuple[PlannedStop, ...]:
-        f, p = self.fleet, self.params
-        names = f.world.roads.node_ids
-        body = {
-            "vehicle_id": p.vehicle_id, "city": names[city], "destination": names[self.dest],
-            "soc": min(max(soc, 0.0), 1.0), "battery_kwh": p.battery_kwh,
-            "consumption_kwh_per_km": p.per_km * p.battery_kwh, "max_dc_kw": p.max_dc_kw,
-            "max_ac_kw": p.max_ac_kw, "t_min": max(t, 0.0),
-            "skip_at": [names[n] for n in sorted(skip)], **extra,
-        }
-        try:
-            token = await f._token(self.run, self.run.home)
-            r = await f.servers[self.run.home].call("POST", "/plans", token=token,
-                                                    json_body=body)
-        except ApiError as exc:
-            log.info("%s: planning failed: %s", p.vehicle_id, exc)
-            return ()
-        return tuple(self._stop(d) for d in r.get("stops", []))
-
-    def _stop(self, d: dict[str, Any]) -> PlannedStop:
-        f = self.fleet
-        return PlannedStop(
-            f.world.roads.index[d["decision_city"]], f._station[d["station_id"]],
-            d["station_id"], float(d["arrive_min"]), float(d["soc_in"]), float(d["soc_out"]),
-            float(d["charge_min"]), float(d["power_kw"]), float(d["connector_power_kw"]),
-            str(d["connector_type"]), float(d["detour_km"]), float(d["decide_min"]),
-            float(d["decide_soc"]),
-        )
-
-    async def depart(self, pos: int, soc: float, t: float) -> bool:
-        """Plan at the origin and book the stops within the horizon; False: no stop needed
-        (the app is off: the vehicle charges on arrival)."""
-        stops = await self._plans(pos, soc, t, set(self.skip_at))
-        if not stops:
-            self.active = False
-            return False
-        self._set_plan(stops)
-        due = self._due(t)
-        if due:
-            await self._round(due, kick=False)
-        self._kick()
-        return True
-
-    def _set_plan(self, stops: tuple[PlannedStop, ...]) -> None:
-        """Adopt a new plan; keep the reservations that still fit it, cancel the others."""
-        old, held = self.plan, self.held
-        self.plan, self.next, self.tried, self.held = stops, 0, {}, {}
-        drop: list[str] = []
-        for i, h in held.items():
-            k = kept_stop(old[i], float(h.booking["start_min"]), stops, self.cfg.slot_min,
-                          self.cfg.grace_min, taken=self.held)
-            if k is None:
-                if h.trip_id not in drop:
-                    drop.append(h.trip_id)
-            else:
-                self.held[k] = h
-        for tid in drop:
-            self._drop_trip(tid)
-
-    async def replan_from(self, index: int, soc: float, t: float) -> None:
-        """The vehicle leaves station ``index`` at ``t`` with ``soc``: plan the rest again
-        (from the station's city, after the access road, as the vehicle drives on)."""
-        if not self.active:
-            return
-        st = self.fleet.world.stations
-        node, access = st.node_list[index], st.access_km_list[index]
-        if access > 0:
-            t, soc = t + access_min(access), max(soc - access * self.params.per_km, 0.0)
-        stops = await self._plans(node, soc, t, set(self.skip_at))
-        if not self.active:
-            return
-        self.at_station = False
-        self._set_plan(stops)
-        self._kick()
-
-    # -- booking rounds -------------------------------------------------------------------
-
-    def _blocked(self) -> set[int]:
-        return {i for i in range(self.next, len(self.plan))
-                if id(self.plan[i]) in self.busy or id(self.plan[i]) in self.tried}
-
-    def _due(self, now: float) -> list[int]:
-        if self.at_station:
-            return []  # its times are unknown until it leaves: re-planned then
-        return stops_to_book(self.plan, now, self.cfg.max_advance_min, first=self.next,
-                             held=self.held, blocked=self._blocked())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _kick(self) -> None:
-        """Book what is due now (in the background), or wake up when the next stop is."""
-        if not self.active or self.at_station:
-            return
-        due = self._due(self.fleet.clock())
-        if due:
-            self._spawn(self._round(due))
-            return
-        t = next_booking_min(self.plan, self.cfg.max_advance_min, first=self.next,
-                             held=self.held, blocked=self._blocked())
-        if t is None or (self._wake is not None and not self._wake[1].done()
-                         and self._wake[0] <= t):
-            return
-        if self._wake is not None:
-            self._wake[1].cancel()
-
-        async def wake() -> None:
-            await asyncio.sleep(max(self.fleet.clock.wall_at(t) - time.time(), 0.0))
-            self._wake = None
-            self._kick()
-
-        self._wake = (t, asyncio.create_task(wake()))
-
-    def _request(self, stops: Sequence[PlannedStop],
-                 windows: Sequence[Window]) -> list[dict[str, Any]]:
-        out = []
-        for s, w in zip(stops, windows, strict=True):
-            stop: dict[str, Any] = {"station_id": s.station_id, "start_min": w.start_min,
-                                    "end_min": w.end_min, "grace_min": self.cfg.grace_min}
-            if w.connector_id is not None:
-                stop["connector_id"] = w.connector_id
-            out.append(stop)
-        return out
-
-    async def _round(self, idx: list[int], kick: bool = True) -> None:
-        """Book plan stops ``idx``: drive :func:`evsim.booking_app.booking_round`."""
-        cfg = self.cfg
-        app = booking_round(self, idx, cfg.max_attempts, cfg.max_shift_min)
-        try:
-            reply: Any = None
-            while True:
-                try:
-                    effect = app.send(reply)
-                except StopIteration:
-                    return
-                if isinstance(effect, Send):
-                    reply = await self._send(effect)
-                elif isinstance(effect, Choose):
-                    reply = await self._choose_again(effect.index, effect.stop, effect.excluded)
-                else:
-                    self._spawn(self._cancel(effect.answer.trip_id))
-                    reply = None
-        finally:
-            app.close()
-            if kick:
-                self._kick()
-
-    async def _send(self, e: Send) -> Answer | None:
-        trip = await self.fleet._request_trip(self.run, self._request(e.stops, e.windows))
-        if trip is None:
-            return None
-        outcome = str(trip.get("outcome"))
-        alts = [Alternative(str(a["connector_id"]), float(a["start_min"]), float(a["end_min"]))
-                for a in trip.get("alternatives", [])] if outcome == "REJECTED" else []
-        return Answer(outcome, str(trip.get("trip_id", "")), trip.get("failed_stop"), alts,
-                      trip.get("bookings", []))
-
-    # -- the TripHost side of booking_round
-
-    def window(self, s: PlannedStop) -> Window:
-        start, end = booking_window(s, self.cfg.slot_min)
-        return Window(start, end, None, start)
-
-    def beyond_horizon(self, s: PlannedStop) -> bool:
-        return s.arrive_min > self.fleet.clock() + self.cfg.max_advance_min
-
-    def hold(self, idx: Sequence[int], windows: Sequence[Window], answer: Answer) -> None:
-        for i, b in zip(idx, answer.bookings, strict=False):
-            self.held[i] = Held(answer.trip_id, b)
-
-    async def _choose_again(self, i: int, s: PlannedStop,
-                            excluded: frozenset[int]) -> PlannedStop | None:
-        """The home server's :func:`evsim.planning.choose_again` for plan stop ``i``."""
-        names = self.fleet.world.stations.ids
-        skip = set(self.skip_at) | {p.decision_node for p in self.plan[: i + 1]}
-        got = await self._plans(s.decision_node, s.decide_soc, s.decide_min, skip, mode="stop",
-                                exclude=[names[k] for k in sorted(excluded)])
-        return got[0] if got else None
-
-    def replace(self, i: int, new: PlannedStop) -> None:
-        """Plan stop ``i`` becomes ``new``; the stops after it are unknown until then."""
-        for k in [k for k in self.held if k > i]:
-            h = self.held.get(k)
-            if h is not None:
-                self._drop_trip(h.trip_id)
-        self.plan = (*self.plan[:i], new)
-
-    # -- cancels ---------------------------------------------------------------------------
-
-    def _drop_trip(self, tid: str) -> None:
-        """Forget the reservations of request ``tid`` and cancel it at the home server."""
-        for k in [k for k, h in self.held.items() if h.trip_id == tid]:
-            del self.held[k]
-        self._spawn(self._cancel(tid))
-
-    async def _cancel(self, tid: str) -> None:
-        f = self.fleet
-        for _ in range(20):
-            try:
-                await f.servers[self.run.home].call(
-                    "DELETE", f"/bookings/{tid}", token=self.run.tokens[self.run.home],
-                    ok=(200, 202, 204))
-                return
-            except ApiError as exc:
-                if exc.reason != "trip_pending":
-                    log.info("%s: cancelling trip %s: %s", self.params.vehicle_id, tid, exc)
-                    return
-            await asyncio.sleep(max(self.fleet.poll_s, 0.05))
-
-    # -- the trip loop's hooks -------------------------------------------------------------
-
-    def take(self, pos: int) -> tuple[PlannedStop, Held] | None:
-        """At decision city ``pos``: the booked stop if there is one; None: walk in."""
-        i = self.next
-        self.at_station = True
-        if i < len(self.plan) and self.plan[i].decision_node == pos:
-            self.next = i + 1
-            h = self.held.pop(i, None)
-            if h is not None:
-                return self.plan[i], h
-        return None
-
-    async def finish(self) -> None:
-        """The trip is over: cancel the reservations it did not use, wait for the requests."""
-        self.active = False
-        if self._wake is not None:
-            self._wake[1].cancel()
-            self._wake = None
-        for tid in dict.fromkeys(h.trip_id for h in self.held.values()):
-            self._drop_trip(tid)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 def main(argv: list[str] | None = None) -> int:

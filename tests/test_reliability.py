@@ -2,7 +2,7 @@
 
 * the fault injector (:class:`live.faults.FaultInjector`): spec parsing, counting, the
   spec file (arming, one-shot crash, healing a cut);
-* the invariant checker (:func:`live.faults.check`, :func:`live.faults.lost`) on real
+* the invariant checker (:func:`live.fault_matrix.check`, :func:`live.fault_matrix.lost`) on real
   databases of in-process servers, and on tampered copies of them;
 * in-process: a coordinator "crashes" right after logging its COMMIT decision and is rebuilt
   from its database: the trip still ends BOOKED at both companies;
@@ -28,7 +28,8 @@ from test_live_api import TRIP, Net, book_trip
 from evsim.protocol import BookingCreated, BookingState, TripState, encode_record
 from live.broker import find_mosquitto
 from live.bus import InMemoryBus
-from live.faults import CASES, FAST_CASES, FaultInjector, check, lost, parse_specs, read_db
+from live.fault_matrix import CASES, FAST_CASES, check, lost, read_db
+from live.faults import FaultInjector, parse_specs
 from live.server.world import LiveWorld
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny.toml"
@@ -183,7 +184,7 @@ def _assert_all_or_nothing(results: list) -> None:
 @pytest.mark.broker
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not found")
 def test_kill_coordinator_after_decision_and_participant_after_vote(tmp_path: Path) -> None:
-    from live.faults import run_matrix
+    from live.fault_matrix import run_matrix
 
     results = run_matrix(tmp_path, [c for c in CASES if c.name in FAST_CASES])
     assert [r.case for r in results] == list(FAST_CASES)
@@ -194,7 +195,7 @@ def test_kill_coordinator_after_decision_and_participant_after_vote(tmp_path: Pa
 @pytest.mark.broker
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not found")
 def test_full_fault_matrix(tmp_path: Path) -> None:
-    from live.faults import run_matrix, table
+    from live.fault_matrix import run_matrix, table
 
     results = run_matrix(tmp_path, CASES)
     print(table(results))

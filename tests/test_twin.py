@@ -162,7 +162,7 @@ def test_twin_tiny(tmp_path: Path) -> None:
     from evsim.trace import read_trace
     from live.twin import run_twin
 
-    res = run_twin(TINY, tmp_path / "twin", time_scale=2400.0, warmup_s=8.0)
+    res = run_twin(TINY, tmp_path / "twin", time_scale=1200.0, warmup_s=8.0)
     assert (res.report_dir / "report.html").exists()
     agree = res.report_dir / "agreement.csv"
     assert agree.exists()
@@ -175,7 +175,12 @@ def test_twin_tiny(tmp_path: Path) -> None:
     def trips(df):
         return set(df.loc[df["kind"] == "trip_start", "vehicle_id"])
 
-    assert trips(live) == trips(sim) and len(trips(sim)) > 50
+    assert len(trips(sim)) > 50 and trips(live) <= trips(sim)
+    # the same trips, except that a trip leaving in the last scenario minutes may be cut by
+    # the horizon when the agent lags the scaled clock (1 wall s = 20 scenario min here)
+    missing = trips(sim) - trips(live)
+    left = sim.loc[(sim["kind"] == "trip_start") & sim["vehicle_id"].isin(missing), "t_min"]
+    assert (left >= 720.0 - 20.0).all(), left.tolist()
     assert live["t_min"].max() < 720.0  # cut at the horizon like the simulation
     assert (live["kind"] == "session_start").sum() > 0
     assert res.lag and res.lag["n"] > 0
