@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -320,9 +321,14 @@ def _dask(base: dict[str, Any], specs: list[RunSpec], dask: Any) -> Iterator[dic
     own = not isinstance(dask, Client)
     client = Client(dask) if own else dask
     try:
-        [base_f] = client.scatter([base], broadcast=True)
+        # keys unique to this sweep: a cluster may still be releasing an earlier sweep's
+        # identical keys (same scenario, same runs), and reusing them loses the data
+        token = uuid.uuid4().hex[:8]
+        [base_f] = client.scatter([base], broadcast=True, hash=False)
         futures = [
-            client.submit(run_one, base_f, s, key=f"evsim-run-{_fingerprint({'k': s.key})}")
+            client.submit(
+                run_one, base_f, s, key=f"evsim-run-{_fingerprint({'k': s.key})}-{token}"
+            )
             for s in specs
         ]
         try:
