@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from waiting import wait_for
 
 from evsim.battery import ChargeCurve
 from evsim.scenario import load_scenario
@@ -31,14 +32,6 @@ TINY = Path(__file__).resolve().parents[1] / "data" / "tiny.toml"
 SCALE = 600.0  # 10 scenario minutes per wall second
 
 
-def wait_for(cond: Any, timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Api:

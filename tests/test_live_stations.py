@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
+from waiting import wait_for
 
 from evsim.scenario import load_scenario
 from live.broker import find_mosquitto
@@ -44,15 +45,6 @@ MEASURED: dict[str, float] = {}
 
 
 
-def wait_for(cond: Any, timeout: float = 15.0, what: str = "condition", step: float = 0.05
-             ) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------------- pure decisions
