@@ -5,7 +5,8 @@ servers as ``python -m live server`` subprocesses, each with its own SQLite data
 mode with ``synchronous=FULL``) for a built-in three-company scenario with 20 connectors
 (:func:`write_scenario`), then:
 
-* **throughput**: ``N`` concurrent vehicles (``httpx.AsyncClient``; default N = 1, 8, 32)
+* **throughput**: ``N`` concurrent vehicles (one ``aiohttp`` session with keep-alive
+  connections; default N = 1, 8, 32)
   book one-, two- and three-company trips (``--requests`` bookings per cell, vehicles spread
   over the three home servers, non-conflicting windows so every booking succeeds); prints
   bookings/s and p50/p99 latency per cell;
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json as _json
 import os
 import signal
 import statistics
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,15 +211,51 @@ class Vehicle:
     headers: dict[str, str]
 
 
-async def register(client: httpx.AsyncClient, servers: dict[str, str], home: str,
+class Client:
+    """The load generator's HTTP client: one aiohttp session, keep-alive connections.
+
+    The client shares the machine's cores with the servers it measures, so it must be
+    cheap: on the 2-core test machine ``httpx.AsyncClient`` spent ~2 ms per request (a
+    trivial endpoint measured 280-470 req/s through it, ~4,800 req/s through aiohttp), which
+    made the client, not the servers, the bottleneck of every figure."""
+
+    def __init__(self, connections: int, timeout_s: float = 60.0) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    async def request(self, method: str, url: str, json: Any = None,
+                      headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """(status, decoded JSON body or None)."""
+        async with self._session.request(method, url, json=json, headers=headers) as r:
+            body = await r.read()
+            return r.status, (_json.loads(body) if body else None)
+
+    async def post(self, url: str, json: Any, headers: dict[str, str] | None = None
+                   ) -> tuple[int, Any]:
+        return await self.request("POST", url, json, headers)
+
+    async def get(self, url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        return await self.request("GET", url, None, headers)
+
+
+async def register(client: Client, servers: dict[str, str], home: str,
                    prefix: str = "ev") -> Vehicle:
     vid = f"{home}-{prefix}{next(_vid)}"
-    r = await client.post(f"{servers[home]}/vehicles", json={"vehicle_id": vid})
-    r.raise_for_status()
-    return Vehicle(vid, home, servers[home], {"Authorization": f"Bearer {r.json()['token']}"})
+    code, body = await client.post(f"{servers[home]}/vehicles", {"vehicle_id": vid})
+    if code != 201:
+        raise RuntimeError(f"registering {vid} at {home}: {code} {body}")
+    return Vehicle(vid, home, servers[home], {"Authorization": f"Bearer {body['token']}"})
 
 
-async def register_many(client: httpx.AsyncClient, servers: dict[str, str], n: int,
+async def register_many(client: Client, servers: dict[str, str], n: int,
                         prefix: str = "ev", concurrency: int = 32) -> list[Vehicle]:
     sem = asyncio.Semaphore(concurrency)
 
@@ -259,7 +298,7 @@ class Cell:
         return percentile(self.latencies_s, q) * 1e3
 
 
-async def run_cell(client: httpx.AsyncClient, vehicles: list[Vehicle], size: int,
+async def run_cell(client: Client, vehicles: list[Vehicle], size: int,
                    n_requests: int, base_min: float) -> Cell:
     """``n_requests`` trip bookings of ``size`` stops by ``len(vehicles)`` concurrent loops."""
     counter = itertools.count()
@@ -276,9 +315,9 @@ async def run_cell(client: httpx.AsyncClient, vehicles: list[Vehicle], size: int
             body = {"stops": [{"station_id": s, "start_min": start, "end_min": start + 0.5,
                                "grace_min": 0.0} for s in stations]}
             t0 = time.perf_counter()
-            r = await client.post(f"{v.url}/bookings", json=body, headers=v.headers)
+            code, _ = await client.post(f"{v.url}/bookings", body, v.headers)
             lat.append(time.perf_counter() - t0)
-            codes[r.status_code] += 1
+            codes[code] += 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(loop(v) for v in vehicles))
@@ -334,7 +373,7 @@ def _wait_url(url: str, timeout: float, p: subprocess.Popen[bytes]) -> None:
     raise TimeoutError(url)
 
 
-async def trivial_rate(client: httpx.AsyncClient, url: str, concurrency: int,
+async def trivial_rate(client: Client, url: str, concurrency: int,
                        n_requests: int) -> Cell:
     counter = itertools.count()
     lat: list[float] = []
@@ -343,9 +382,9 @@ async def trivial_rate(client: httpx.AsyncClient, url: str, concurrency: int,
     async def loop() -> None:
         while next(counter) < n_requests:
             t0 = time.perf_counter()
-            r = await client.get(f"{url}/ping")
+            code, _ = await client.get(f"{url}/ping")
             lat.append(time.perf_counter() - t0)
-            codes[r.status_code] += 1
+            codes[code] += 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(loop() for _ in range(concurrency)))
@@ -455,8 +494,7 @@ async def race(net: LoadNetwork, n_vehicles: int, *, seed: int = 1) -> RaceResul
     import random
 
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=n_vehicles + 10, max_keepalive_connections=n_vehicles)
-    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+    async with Client(n_vehicles + 10) as client:
         vehicles = await register_many(client, net.servers, n_vehicles, prefix="race")
         start = net.now() + 600.0
         codes: Counter[int] = Counter()
@@ -474,15 +512,15 @@ async def race(net: LoadNetwork, n_vehicles: int, *, seed: int = 1) -> RaceResul
                               for s in stations]}
             await go.wait()
             try:
-                r = await client.post(f"{v.url}/bookings", json=body, headers=v.headers)
-            except httpx.HTTPError as exc:
+                code, trip = await client.post(f"{v.url}/bookings", body, v.headers)
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 errors.append(f"{v.vehicle_id}: {type(exc).__name__}: {exc}")
                 return
-            codes[r.status_code] += 1
-            if r.status_code >= 500 or r.status_code not in (201, 202, 409):
-                errors.append(f"{v.vehicle_id}: {r.status_code} {r.text[:200]}")
+            codes[code] += 1
+            if code >= 500 or code not in (201, 202, 409):
+                errors.append(f"{v.vehicle_id}: {code} {str(trip)[:200]}")
                 return
-            trips.append((v, r.json()))
+            trips.append((v, trip))
 
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(one(v)) for v in vehicles]
@@ -495,15 +533,14 @@ async def race(net: LoadNetwork, n_vehicles: int, *, seed: int = 1) -> RaceResul
             deadline = time.monotonic() + 30.0
             while trip["outcome"] == "PENDING" and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-                r = await client.get(f"{v.url}/bookings/{trip['trip_id']}", headers=v.headers)
-                trip = r.json()
+                _, trip = await client.get(f"{v.url}/bookings/{trip['trip_id']}", v.headers)
             outcomes[trip["outcome"]] += 1
             if trip["outcome"] == "BOOKED":
                 booked_stops += len(trip["bookings"])
         dt = time.perf_counter() - t0
         # let the participants settle (aborted holds released) before reading the databases
         for _ in range(100):
-            healths = [(await client.get(f"{u}/health")).json() for u in net.servers.values()]
+            healths = [(await client.get(f"{u}/health"))[1] for u in net.servers.values()]
             if all(h["open_trips"] == 0 for h in healths):
                 break
             await asyncio.sleep(0.2)
@@ -519,9 +556,8 @@ async def race(net: LoadNetwork, n_vehicles: int, *, seed: int = 1) -> RaceResul
 async def throughput(net: LoadNetwork, vehicle_counts: list[int], n_requests: int,
                      trivial_url: str) -> tuple[list[Cell], Cell, Cell]:
     nmax = max(vehicle_counts)
-    limits = httpx.Limits(max_connections=nmax + 10, max_keepalive_connections=nmax + 10)
     cells: list[Cell] = []
-    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+    async with Client(nmax + 10) as client:
         vehicles = await register_many(client, net.servers, nmax)
         base = net.now() + 5000.0
         # warm-up: a few bookings of every size

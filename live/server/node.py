@@ -10,9 +10,12 @@ and the ticker alike).  Every call follows the same steps (:meth:`ProtocolHost.e
    ``tracers`` turn the step into trace rows; the step's records (both nodes'
    ``new_records()``, the trace rows and the caller's ``extra`` writes) are queued for the
    committer, in lock order;
-2. release the lock and wait until the **committer thread** has made them durable: it takes
-   every queued step at once and writes them in one transaction (group commit: one fsync for
-   many concurrent requests), in queue order;
+2. release the lock and wait until the step is durable.  Group commit with a **leader**, no
+   thread of its own: the first waiter that finds no commit in progress takes every queued
+   step and writes them in one transaction (one fsync for many concurrent requests), in queue
+   order, while later arrivals queue up behind it for the next batch.  A lone request thus
+   commits on its own thread, with no hand-over to another thread and back (each costs a
+   wake-up on the critical path of every protocol hop);
 3. publish the messages for other companies on ``evsim/protocol/{dst}/{company}`` (QoS 1),
    then run the post-commit hooks (vehicle notifications).  Publishing outside the lock
    means a synchronous bus (tests) or a slow broker can never deadlock two servers.
@@ -25,12 +28,19 @@ that read the database inside ``op`` (``execute(..., pipelined=False)``, the def
 wait for every queued step, so they see their predecessors' rows; the protocol paths
 (messages, timers, bookings) are pipelined: the next step runs while the previous commits.
 
+Batching on the bus: when the bus can say that its worker has run out of queued work
+(``bus.on_idle``, :class:`live.mqtt.MqttBus`), protocol messages that arrive while more are
+queued are buffered and handled together, as one step with one transaction, when the worker
+goes idle (or after :data:`MAX_BATCH` messages).  One message alone is handled at once, as
+before; under load every hop costs one fsync per burst instead of one per message.  A bus
+without ``on_idle`` (:class:`live.bus.InMemoryBus`) gets every message handled on arrival.
+
 Node ids: the participant is ``{company}``, the coordinator ``{company}.coord`` and the API
 front end (the "vehicle node" TripResults go to) ``{company}.api``.  Garbage on the protocol
 topics is logged and dropped; it never reaches the state machines.
 
 Fault injection (:mod:`live.faults`, only when ``EVSIM_FAULT`` / ``EVSIM_FAULT_FILE`` is set):
-the committer calls the injector right after each commit, once per step (step 2), and the
+the commit leader calls the injector right after each commit, once per step (step 2), and the
 host before / after each publish (step 3); it drops protocol traffic in and out while an
 injected partition lasts.
 """
@@ -67,6 +77,8 @@ from live.storage import Storage
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_BATCH = 256  # protocol messages handled in one step at most (bus batching)
 
 
 def node_ids(company: str) -> tuple[str, str, str]:
@@ -145,16 +157,20 @@ class ProtocolHost:
         self.hooks: list[Callable[[Effects], None]] = []
         # tracers(fx) -> trace rows, under the lock; written in the step's own transaction
         self.tracers: list[Callable[[Effects], list[dict[str, Any]]]] = []
-        # group commit: steps queued in lock order, made durable by the committer thread
+        # group commit: steps queued in lock order, made durable by a leader (a waiter)
         self._queue: list[_Step] = []
         self._qcond = threading.Condition(threading.Lock())
         self._enqueued = 0  # seq of the last queued step
         self._durable = 0  # every step with seq <= this is committed
-        self._committer: threading.Thread | None = None
-        self._closing = False
-        self.commits = 0  # transactions written by the committer (for benchmarks)
+        self._committing = False  # a leader is writing a batch
+        self.commits = 0  # transactions written (for benchmarks)
         self._results: dict[str, TripResult] = {}  # also answers for never-started trips
         self.dropped = 0  # garbage / misaddressed protocol payloads ignored
+        # bus batching: (destination node, message) buffered on the bus worker until it
+        # goes idle; only that worker touches the list
+        self._inbox: list[tuple[str, Message]] = []
+        self._batching = False
+        self.batches = 0  # steps that handled buffered bus messages (for benchmarks)
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
         # fault injection (live.faults): None unless EVSIM_FAULT / EVSIM_FAULT_FILE is set
@@ -165,6 +181,10 @@ class ProtocolHost:
     def attach(self, bus: Bus) -> None:
         """Subscribe this company's protocol topics on ``bus`` and send through it."""
         self.bus = bus
+        on_idle = getattr(bus, "on_idle", None)
+        if callable(on_idle):
+            on_idle(self.flush_inbox)
+            self._batching = True
         bus.subscribe(topics.protocol_filter(self.pid), self.on_payload)  # [access] {dst}/+
         bus.subscribe(topics.protocol_filter(self.cid), self.on_payload)
 
@@ -192,6 +212,11 @@ class ProtocolHost:
             log.warning("protocol message from %r on %s (sender %r) ignored", msg.src, topic,
                         info.src)
             return
+        if self._batching:
+            self._inbox.append((info.node_id or "", msg))
+            if len(self._inbox) >= MAX_BATCH:
+                self.flush_inbox()
+            return  # the bus worker calls flush_inbox() as soon as its queue is empty
         try:
             self.deliver(info.node_id or "", msg)
         except Exception:  # state machines reject some inputs with ProtocolError
@@ -201,6 +226,30 @@ class ProtocolHost:
     def deliver(self, dst: str, msg: Message) -> None:
         node: Participant | Coordinator = self.participant if dst == self.pid else self.coordinator
         self.execute(lambda now: (None, node.handle(msg, now)), pipelined=True)
+
+    def flush_inbox(self) -> None:
+        """Handle the buffered bus messages as one step (bus worker; never raises)."""
+        if not self._inbox:
+            return
+        batch, self._inbox = self._inbox, []
+
+        def op(now: float) -> tuple[None, list[Outgoing]]:
+            outs: list[Outgoing] = []
+            for dst, msg in batch:
+                node = self.participant if dst == self.pid else self.coordinator
+                try:
+                    outs.extend(node.handle(msg, now))
+                except Exception:  # one rejected message never costs the others theirs
+                    self.dropped += 1
+                    log.exception("protocol message %s to %s could not be handled",
+                                  msg.msg_id, dst)
+            return None, outs
+
+        try:
+            self.execute(op, pipelined=True)
+            self.batches += 1
+        except Exception:
+            log.exception("a batch of %d protocol messages failed", len(batch))
 
     # ------------------------------------------------------------------ the one path in
 
@@ -254,12 +303,10 @@ class ProtocolHost:
                     or fx.trace_rows:
                 step = self._enqueue(fx, value, extra)
             upto = self._enqueued
-        if step is not None:
-            step.done.wait()
-            if step.error is not None:
-                raise step.error
-        else:
-            self._wait_durable(upto)  # what we send may depend on steps still committing
+        # what we send may depend on steps still committing: wait for all up to ours
+        self._wait_durable(step.seq if step is not None else upto)
+        if step is not None and step.error is not None:
+            raise step.error
         if changed:
             with self.lock:
                 self.changed.notify_all()
@@ -279,22 +326,37 @@ class ProtocolHost:
     # ------------------------------------------------------------------ group commit
 
     def _enqueue(self, fx: Effects, value: Any, extra: Any) -> _Step:
-        """Queue a step for the committer (caller holds ``self.lock``: lock order = seq)."""
+        """Queue a step for the next commit (caller holds ``self.lock``: lock order = seq)."""
         with self._qcond:
             self._enqueued += 1
             step = _Step(self._enqueued, fx, value, extra)
             self._queue.append(step)
-            if self._committer is None:
-                self._committer = threading.Thread(
-                    target=self._commit_loop, name=f"committer-{self.company}", daemon=True)
-                self._committer.start()
-            self._qcond.notify_all()
         return step
 
     def _wait_durable(self, seq: int) -> None:
-        with self._qcond:
-            while self._durable < seq:
-                self._qcond.wait()
+        """Return once every step with ``seq`` or less is committed, leading the commit of
+        the queued batch whenever no other thread is writing one."""
+        while True:
+            with self._qcond:
+                while self._durable < seq and self._committing:
+                    self._qcond.wait()
+                if self._durable >= seq or not self._queue:
+                    return
+                steps, self._queue = self._queue, []
+                self._committing = True
+            try:
+                self._commit(steps)
+            except BaseException as exc:  # the steps' callers raise it; nothing is sent
+                for st in steps:
+                    st.error = st.error or exc
+                raise
+            finally:
+                with self._qcond:
+                    self._committing = False
+                    self._durable = max(self._durable, steps[-1].seq)
+                    self._qcond.notify_all()
+                for st in steps:
+                    st.done.set()
 
     def barrier(self) -> None:
         """Wait until every step queued so far is durable (call before answering a read
@@ -302,21 +364,6 @@ class ProtocolHost:
         with self._qcond:
             upto = self._enqueued
         self._wait_durable(upto)
-
-    def _commit_loop(self) -> None:
-        while True:
-            with self._qcond:
-                while not self._queue and not self._closing:
-                    self._qcond.wait()
-                if not self._queue:
-                    return
-                steps, self._queue = self._queue, []
-            self._commit(steps)
-            with self._qcond:
-                self._durable = steps[-1].seq
-                self._qcond.notify_all()
-            for st in steps:
-                st.done.set()
 
     def _commit(self, steps: list[_Step]) -> None:
         try:
@@ -347,12 +394,8 @@ class ProtocolHost:
                         st.error = exc  # caller raises it, nothing of the step is sent
 
     def close(self) -> None:
-        """Commit what is queued and stop the committer thread."""
-        with self._qcond:
-            self._closing = True
-            self._qcond.notify_all()
-        if self._committer is not None:
-            self._committer.join(timeout=5)
+        """Commit what is queued."""
+        self.barrier()
 
     def _send(self, outs: list[Outgoing]) -> None:
         bus, faults = self.bus, self.faults
