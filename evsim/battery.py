@@ -10,7 +10,7 @@ the connector. Everything is closed form: no time stepping, so a session costs O
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["DRAIN_FACTORS", "MAX_TARGET_SOC", "ChargeCurve", "session_power_kw"]
 
@@ -33,17 +33,15 @@ class ChargeCurve:
     power_kw: float
     taper_soc: float = 0.8
     efficiency: float = 0.95
+    _rate: float = field(init=False, repr=False, compare=False)  # SoC per minute at full power
 
     def __post_init__(self) -> None:
         if self.battery_kwh <= 0 or self.power_kw <= 0:
             raise ValueError("battery_kwh and power_kw must be positive")
         if not 0 < self.taper_soc < 1 or not 0 < self.efficiency <= 1:
             raise ValueError("taper_soc must be in (0, 1) and efficiency in (0, 1]")
-
-    @property
-    def _rate(self) -> float:
-        """SoC per minute at full power."""
-        return self.power_kw * self.efficiency / (self.battery_kwh * 60.0)
+        rate = self.power_kw * self.efficiency / (self.battery_kwh * 60.0)
+        object.__setattr__(self, "_rate", rate)  # frozen: set once, here
 
     def minutes_to(self, soc0: float, soc1: float) -> float:
         """Minutes to charge from soc0 to soc1 (0 when soc1 <= soc0)."""

@@ -19,6 +19,7 @@ import math
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import Literal, Protocol, TypeVar
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "TOPUP_SLACK_SOC",
     "ConnectorLike",
     "PlannedStop",
+    "RouteLegs",
     "TripPlan",
     "VehicleParams",
     "access_min",
@@ -46,9 +48,11 @@ __all__ = [
     "plan_stop",
     "plan_trip",
     "rebook_choice",
+    "route_legs",
     "route_of",
     "stops_to_book",
     "walk_route",
+    "walk_rules",
 ]
 
 TOPUP_SLACK_SOC = 0.15  # charge past the target by up to this much to finish without a stop
@@ -119,6 +123,39 @@ def route_of(roads: RoadNetwork, src: int, dst: int) -> list[int]:
     return route
 
 
+@dataclass(frozen=True, slots=True)
+class RouteLegs:
+    """A route with its legs looked up once: what :func:`walk_rules` walks."""
+
+    nodes: list[int]
+    km: list[float]  # leg j: nodes[j] -> nodes[j + 1]
+    minutes: list[float]
+    to_dest_km: list[float]  # road distance from nodes[j] to the route's end (the table's)
+
+
+_LEGS: weakref.WeakKeyDictionary[RoadNetwork, dict[tuple[int, int], RouteLegs]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def route_legs(roads: RoadNetwork, src: int, dst: int) -> RouteLegs:
+    """:func:`route_of` with its legs, remembered per road network. Shared: do not modify."""
+    cache = _LEGS.get(roads)
+    if cache is None:
+        cache = _LEGS[roads] = {}
+    legs = cache.get((src, dst))
+    if legs is None:
+        nodes = route_of(roads, src, dst)
+        pairs = list(pairwise(nodes))
+        legs = cache[(src, dst)] = RouteLegs(
+            nodes,
+            [roads.dist_km.item(a, b) for a, b in pairs],
+            [roads.time_min.item(a, b) for a, b in pairs],
+            [roads.dist_km.item(a, dst) for a in nodes],
+        )
+    return legs
+
+
 def needs_charge(
     roads: RoadNetwork,
     ch: ChargingBehaviour,
@@ -183,6 +220,36 @@ def walk_route(
     return Walk(j, s, t, km, stop_here, stranded_km)
 
 
+def walk_rules(
+    ch: ChargingBehaviour, legs: RouteLegs, soc: float, per_km: float, skip_at: Collection[int]
+) -> Walk:
+    """``walk_route(roads, legs.nodes, soc, per_km, decide)`` with the driving rules as
+    ``decide`` (:func:`needs_charge` towards the route's end, ``skip_at`` as given): the same
+    walk, the same arithmetic in the same order, without a call per node."""
+    nodes, km_of, min_of, to_dest = legs.nodes, legs.km, legs.minutes, legs.to_dest_km
+    reserve, threshold = ch.reserve_soc, ch.threshold_soc
+    margin = ch.reserve_soc + ch.safety_margin_soc
+    s, t, km = soc, 0.0, 0.0
+    last = len(nodes) - 1
+    for j in range(last):
+        leg = km_of[j]
+        if (
+            s - to_dest[j] * per_km < reserve
+            and nodes[j] not in skip_at
+            and (s <= threshold or s - leg * per_km < margin)
+        ):
+            return Walk(j, s, t, km, True, None)
+        if s - leg * per_km < 0:
+            stranded_km = s / per_km
+            t += min_of[j] * stranded_km / leg
+            km += stranded_km
+            return Walk(j, 0.0, t, km, False, stranded_km)
+        s -= leg * per_km
+        t += min_of[j]
+        km += leg
+    return Walk(max(last, 0), s, t, km, False, None)
+
+
 def charge_request(
     roads: RoadNetwork,
     ch: ChargingBehaviour,
@@ -213,12 +280,12 @@ def choose_station(
     snapshot: NetworkSnapshot,
     now: float,
 ) -> Choice | None:
-    """The policy's choice; if none, an emergency choice that dips into the reserve."""
-    for attempt in fallback_requests(request):
-        choice = policy(attempt, snapshot, now)
-        if choice is not None:
-            return choice
-    return None
+    """The policy's choice; if none, an emergency choice that dips into the reserve (the
+    requests of :func:`fallback_requests`, the second built only when needed)."""
+    choice = policy(request, snapshot, now)
+    if choice is not None or request.reserve_soc <= 0:
+        return choice
+    return policy(replace(request, reserve_soc=0.0), snapshot, now)
 
 
 def fallback_requests(request: ChargeRequest) -> list[ChargeRequest]:

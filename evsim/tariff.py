@@ -6,17 +6,21 @@ restrictions match applies (OCPI semantics): a time-of-day window ``[start_time,
 boundary; energy in each part comes from the charging curve, so a session that crosses into a
 peak window pays the peak rate for the energy delivered inside it. The result is a breakdown
 per component, like an OCPI CDR.
+
+A tariff's windows and restrictions are parsed once per tariff object (:func:`compiled`), so
+pricing a session is arithmetic only.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 
 from evsim.scenario import TariffConfig, TariffElement
 
-__all__ = ["PriceBreakdown", "price_session"]
+__all__ = ["CompiledTariff", "PriceBreakdown", "compiled", "price_session"]
 
 DAY_MIN = 1440.0
 
@@ -67,6 +71,123 @@ def active_element(tariff: TariffConfig, t_min: float, power_kw: float) -> Tarif
     return next((el for el in tariff.elements if _matches(el, mod, power_kw)), None)
 
 
+# an element's restrictions, parsed: (min kW or None, max kW or None, window start and end
+# in minutes of the day or None for all day, the element)
+_Rule = tuple[float | None, float | None, float | None, float | None, TariffElement]
+
+
+class CompiledTariff:
+    """A tariff with its windows and restrictions parsed: what :func:`price_session` needs."""
+
+    __slots__ = ("bounds", "currency", "rules")
+
+    def __init__(self, tariff: TariffConfig) -> None:
+        self.currency = tariff.currency
+        self.bounds = sorted(
+            {_hhmm(x) for el in tariff.elements for x in (el.start_time, el.end_time) if x}
+        )
+        rules: list[_Rule] = []
+        for el in tariff.elements:
+            if el.start_time is None or el.end_time is None:
+                rules.append((el.min_power_kw, el.max_power_kw, None, None, el))
+            else:
+                a, b = _hhmm(el.start_time), _hhmm(el.end_time)
+                rules.append((el.min_power_kw, el.max_power_kw, a, b, el))
+        self.rules = tuple(rules)
+
+    def element(self, t_min: float, power_kw: float) -> TariffElement | None:
+        """:func:`active_element`: the first element whose restrictions match."""
+        mod = t_min % DAY_MIN
+        for lo, hi, a, b, el in self.rules:
+            if lo is not None and power_kw < lo:
+                continue
+            if hi is not None and power_kw >= hi:
+                continue
+            if a is None or b is None:
+                return el
+            if a <= b:
+                if a <= mod < b:
+                    return el
+            elif mod >= a or mod < b:  # window wraps midnight
+                return el
+        return None
+
+    def price(
+        self,
+        start_t_min: float,
+        charge_min: float,
+        energy_kwh_at: Callable[[float], float],
+        power_kw: float,
+        parking_min: float = 0.0,
+    ) -> PriceBreakdown:
+        """:func:`price_session` for this tariff (the same arithmetic, in the same order)."""
+        if charge_min < 0 or parking_min < 0:
+            raise ValueError("charge_min and parking_min must not be negative")
+        bounds = self.bounds
+        end = start_t_min + charge_min + parking_min
+        inside: list[float] = []  # window boundaries strictly inside the session
+        if bounds:
+            day = int(start_t_min // DAY_MIN)
+            while day * DAY_MIN < end:
+                for b in bounds:
+                    t = day * DAY_MIN + b
+                    if start_t_min < t < end:
+                        inside.append(t)
+                day += 1
+        if not inside and not parking_min:
+            # the common case: one part, [start, start + charge_min), if any; what the loop
+            # below computes for it, without building the cuts
+            el = self.element(start_t_min, power_kw)
+            if el is None:
+                return PriceBreakdown(0.0, 0.0, 0.0, 0.0, self.currency)
+            energy = time_ = 0.0
+            if end > start_t_min:  # end is start + charge_min here
+                kwh = energy_kwh_at(end - start_t_min) - energy_kwh_at(start_t_min - start_t_min)
+                energy += kwh * el.energy_per_kwh
+                time_ += (end - start_t_min) / 60.0 * el.time_per_hour
+            return PriceBreakdown(energy, time_, 0.0, el.flat, self.currency)
+        cuts = {start_t_min, end, start_t_min + charge_min, *inside}
+        pts = sorted(cuts)
+        energy = time_ = parking = 0.0
+        charge_end = start_t_min + charge_min
+        element = self.element
+        for a, b in pairwise(pts):
+            el = element(a, power_kw)
+            if el is None or b <= a:
+                continue
+            if b <= charge_end:
+                kwh = energy_kwh_at(b - start_t_min) - energy_kwh_at(a - start_t_min)
+                energy += kwh * el.energy_per_kwh
+                time_ += (b - a) / 60.0 * el.time_per_hour
+            else:
+                parking += (b - a) / 60.0 * el.parking_per_hour
+        first = element(start_t_min, power_kw)
+        flat = first.flat if first is not None else 0.0
+        return PriceBreakdown(energy, time_, parking, flat, self.currency)
+
+
+# compiled tariffs by the id of their (unhashable, immutable) TariffConfig, each entry
+# dropped when its tariff is garbage collected
+_COMPILED: dict[int, tuple[weakref.ref[TariffConfig], CompiledTariff]] = {}
+
+
+def compiled(tariff: TariffConfig) -> CompiledTariff:
+    """The tariff parsed once (remembered while the tariff object lives)."""
+    key = id(tariff)
+    hit = _COMPILED.get(key)
+    if hit is not None and hit[0]() is tariff:
+        return hit[1]
+    c = CompiledTariff(tariff)
+
+    def forget(ref: weakref.ref[TariffConfig], key: int = key) -> None:
+        entry = _COMPILED.get(key)
+        if entry is not None and entry[0] is ref:
+            del _COMPILED[key]
+
+    _COMPILED[key] = (weakref.ref(tariff, forget), c)
+    return c
+
+
 def price_session(
     tariff: TariffConfig | None,
     start_t_min: float,
@@ -84,30 +205,4 @@ def price_session(
         raise ValueError("charge_min and parking_min must not be negative")
     if tariff is None:
         return PriceBreakdown()
-    bounds = sorted({_hhmm(x) for el in tariff.elements for x in (el.start_time, el.end_time) if x})
-    end = start_t_min + charge_min + parking_min
-    cuts = {start_t_min, end, start_t_min + charge_min}
-    if bounds:
-        day = int(start_t_min // DAY_MIN)
-        while day * DAY_MIN < end:
-            for b in bounds:
-                t = day * DAY_MIN + b
-                if start_t_min < t < end:
-                    cuts.add(t)
-            day += 1
-    pts = sorted(cuts)
-    energy = time_ = parking = 0.0
-    charge_end = start_t_min + charge_min
-    for a, b in pairwise(pts):
-        el = active_element(tariff, a, power_kw)
-        if el is None or b <= a:
-            continue
-        if b <= charge_end:
-            kwh = energy_kwh_at(b - start_t_min) - energy_kwh_at(a - start_t_min)
-            energy += kwh * el.energy_per_kwh
-            time_ += (b - a) / 60.0 * el.time_per_hour
-        else:
-            parking += (b - a) / 60.0 * el.parking_per_hour
-    first = active_element(tariff, start_t_min, power_kw)
-    flat = first.flat if first is not None else 0.0
-    return PriceBreakdown(energy, time_, parking, flat, tariff.currency)
+    return compiled(tariff).price(start_t_min, charge_min, energy_kwh_at, power_kw, parking_min)

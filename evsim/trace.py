@@ -37,8 +37,11 @@ of sessions never holds its rows as Python objects.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -89,13 +92,24 @@ COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 )
 SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype in COLUMNS])
 _NAMES = tuple(name for name, _ in COLUMNS)
+# a row tuple is one value of this struct: pyarrow turns a batch of them into columns
+_ROW = pa.struct([pa.field(name, dtype) for name, dtype in COLUMNS])
 
 
 class TraceWriter:
-    """Collects events column-wise and streams them to Parquet in batches.
+    """Collects events as row tuples and streams them to Parquet in column batches.
 
-    ``emit`` takes keyword columns; columns not given are null. With ``path=None`` the rows stay
-    in memory (tests, small runs) and :meth:`to_frame` returns them.
+    ``emit`` takes keyword columns; columns not given are null. Hot paths get a dedicated
+    appender from :meth:`row_writer` instead (positional values, no per-row keyword work).
+    With ``path=None`` the rows stay in memory (tests, small runs) and :meth:`to_frame` returns
+    them.
+
+    Rows are appended in time order. A row known before its time (a simulated event nothing
+    can change any more) may be written *ahead* (``row_writer(..., ahead=True)``): it waits
+    and joins the trace, in time order, just before the first later row, or when
+    :meth:`release` says its time has come; rows at the same time keep the order they were
+    written in, those written ahead after the others. Rows ahead that are not due when the
+    writer closes are not written (they lie past the end of the run).
     """
 
     def __init__(
@@ -108,11 +122,14 @@ class TraceWriter:
         self.path = Path(path) if path is not None else None
         self.batch_rows = batch_rows
         self.rows_written = 0
-        # the column lists live as long as the writer (flush empties them in place), so the
-        # per-signature emitters below can hold their bound ``append`` methods
-        self._cols: dict[str, list[Any]] = {name: [] for name in _NAMES}
+        # one tuple per row, in _NAMES order; the list lives as long as the writer (flush
+        # empties it in place), so the generated appenders can hold its bound ``append``
+        self._rows: list[tuple[Any, ...]] = []
         self._emitters: dict[tuple[str, ...], Callable[..., None]] = {}
-        self._n = 0
+        self._writers: dict[tuple[str | bool, ...], Callable[..., None]] = {}
+        # rows written ahead: (t_min, order written, row), a heap
+        self._ahead: list[tuple[float, int, tuple[Any, ...]]] = []
+        self._ahead_order = itertools.count()
         self._batches: list[pa.RecordBatch] = []
         meta = {b"evsim": json.dumps(dict(run_info or {}), default=str).encode()}
         self._schema = SCHEMA.with_metadata(meta)
@@ -122,32 +139,77 @@ class TraceWriter:
             self._writer = pq.ParquetWriter(self.path, self._schema, compression="zstd")
 
     def emit(self, t_min: float, kind: str, **cols: Any) -> None:
-        # one emitter per distinct set (and order) of keyword columns, checked once
+        # one appender per distinct set (and order) of keyword columns, checked once
         key = tuple(cols)
         fn = self._emitters.get(key)
         if fn is None:
-            fn = self._emitters[key] = self._emitter(key)
+            fn = self._emitters[key] = self._appender(None, key)
         fn(float(t_min), str(kind), *cols.values())
-        self._n += 1
-        if self._n >= self.batch_rows:
-            self.flush()
 
-    def _emitter(self, key: tuple[str, ...]) -> Callable[..., None]:
-        """A function ``(t_min, kind, *values)`` appending one row whose given columns are
-        ``key`` (in that order) and whose other columns are null."""
+    def row_writer(self, kind: str, *columns: str, ahead: bool = False) -> Callable[..., None]:
+        """A function ``(t_min, *values)`` that appends one ``kind`` row whose ``columns``
+        (in that order) get ``values`` and whose other columns are null: what ``emit(t_min,
+        kind, **dict(zip(columns, values)))`` does, for a fixed set of columns, without the
+        per-row keyword and conversion work. ``t_min`` must already be a float (SimPy's
+        clock is one once the run has started; an int is stored as the same float). With
+        ``ahead`` the row is written ahead of time (see the class). One function per distinct
+        ``(kind, *columns, ahead)``, made once."""
+        key = (str(kind), *columns, ahead)
+        fn = self._writers.get(key)
+        if fn is None:
+            fn = self._writers[key] = self._appender(str(kind), columns, ahead)
+        return fn
+
+    def release(self, until: float = math.inf) -> None:
+        """Append the rows written ahead whose time is before ``until`` (all by default)."""
+        ahead, rows = self._ahead, self._rows
+        while ahead and ahead[0][0] < until:
+            rows.append(heapq.heappop(ahead)[2])
+            if len(rows) >= self.batch_rows:
+                self.flush()
+
+    def _appender(
+        self, kind: str | None, key: Sequence[str], ahead: bool = False
+    ) -> Callable[..., None]:
+        """Generate the appender for rows whose given columns are ``key``: ``(t_min, kind,
+        *values)``, or ``(t_min, *values)`` with ``kind`` fixed. Generated source (as
+        ``dataclasses`` and ``namedtuple`` do) so a row is a single tuple display."""
         unknown = set(key) - set(_NAMES[2:])
         if unknown:
             raise TypeError(f"unknown trace column(s): {sorted(unknown)}")
-        given = [self._cols[name].append for name in ("t_min", "kind", *key)]
-        missing = tuple(self._cols[name].append for name in _NAMES[2:] if name not in key)
-
-        def emit_row(*values: Any) -> None:
-            for append, v in zip(given, values, strict=False):  # same length by construction
-                append(v)
-            for append in missing:
-                append(None)
-
-        return emit_row
+        if len(set(key)) != len(key):
+            raise TypeError(f"repeated trace column(s) in {key}")
+        args = [f"_v{i}" for i in range(len(key))]
+        slot = dict(zip(key, args, strict=True))
+        params = ["t_min", *([] if kind is not None else ["kind"]), *args]
+        cells = ["t_min", "kind", *(slot.get(name, "None") for name in _NAMES[2:])]
+        if ahead:
+            src = (
+                f"def append_row({', '.join(params)}):\n"
+                f"    push(later, (t_min, next(order), ({', '.join(cells)})))\n"
+            )
+        else:  # rows written ahead that are due first go first
+            src = (
+                f"def append_row({', '.join(params)}):\n"
+                f"    if later and later[0][0] < t_min:\n"
+                f"        release(t_min)\n"
+                f"    append(({', '.join(cells)}))\n"
+                f"    if len(rows) >= writer.batch_rows:\n"
+                f"        flush()\n"
+            )
+        scope: dict[str, Any] = {
+            "append": self._rows.append,
+            "rows": self._rows,
+            "writer": self,
+            "flush": self.flush,
+            "kind": kind,
+            "later": self._ahead,
+            "release": self.release,
+            "push": heapq.heappush,
+            "order": self._ahead_order,
+        }
+        exec(src, scope)  # the source above is built from known column names only
+        return scope["append_row"]  # type: ignore[no-any-return]
 
     def extend(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append already-formed rows (for example events gathered by the live network)."""
@@ -156,20 +218,17 @@ class TraceWriter:
             self.emit(row.pop("t_min"), row.pop("kind"), **row)
 
     def flush(self) -> None:
-        if self._n == 0:
+        rows = self._rows
+        if not rows:
             return
-        batch = pa.RecordBatch.from_arrays(
-            [pa.array(self._cols[name], type=dtype) for name, dtype in COLUMNS],
-            schema=self._schema,
-        )
+        columns = pa.RecordBatch.from_struct_array(pa.array(rows, type=_ROW)).columns
+        batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
         if self._writer is not None:
             self._writer.write_batch(batch)
         else:
             self._batches.append(batch)
-        self.rows_written += self._n
-        for col in self._cols.values():
-            col.clear()
-        self._n = 0
+        self.rows_written += len(rows)
+        rows.clear()
 
     def close(self) -> None:
         self.flush()
@@ -177,10 +236,13 @@ class TraceWriter:
             self._writer.close()
             self._writer = None
 
-    def to_frame(self) -> pd.DataFrame:
-        """All rows so far as a DataFrame (in-memory writers only)."""
+    def to_frame(self, ahead: bool = True) -> pd.DataFrame:
+        """All rows so far as a DataFrame (in-memory writers only), with the rows written
+        ahead (``ahead``: for a run that has ended, when no later row can come) or without."""
         if self.path is not None:
             raise RuntimeError("to_frame() is for in-memory traces; use read_trace(path)")
+        if ahead:
+            self.release()
         self.flush()
         table = pa.Table.from_batches(self._batches, schema=self._schema)
         return _to_pandas(table)

@@ -7,7 +7,8 @@ decide on a snapshot that is as stale as the scenario says.
 
 from __future__ import annotations
 
-from functools import partial
+import math
+from collections import deque
 from typing import TYPE_CHECKING
 
 import simpy
@@ -30,6 +31,10 @@ class CompanyServer:
         self.delay = status_delay_min
         self.stations: list[SimStation] = []
         self.up = True
+        # reports in flight, grouped by the instant they were sent (one timeout per group:
+        # a station usually reports twice at once, e.g. a vehicle arriving and plugging in)
+        self._in_flight: deque[list[tuple[int, tuple[int, int, bool, float, float]]]] = deque()
+        self._last_sent = -math.inf
 
     def report(self, station: SimStation) -> None:
         """Publish a station's state; it lands on the board after the status delay.
@@ -40,18 +45,25 @@ class CompanyServer:
         if not self.up:
             return
         env = self.env
-        values = (station.busy, station.waiting, station.online, env.now, station.mean_session_min)
+        now = env.now
+        values = (station.busy, station.waiting, station.online, now, station.mean_session_min)
         if self.delay <= 0:
             self.board.set(station.index, *values)
             return
-        # a plain Timeout (what env.timeout makes) with one bound callback: the same event,
-        # scheduled at the same point, as before; just less Python per report
-        ev = simpy.Timeout(env, self.delay)
-        ev.callbacks.append(partial(self._land, station.index, values))
+        if now == self._last_sent:  # lands with the group sent at this instant
+            self._in_flight[-1].append((station.index, values))
+            return
+        self._last_sent = now
+        self._in_flight.append([(station.index, values)])
+        # a plain Timeout (what env.timeout makes) with one bound callback; every report
+        # sent at one instant lands at one instant, in the order sent, so one timeout per
+        # instant lands them as one per report did
+        simpy.Timeout(env, self.delay).callbacks.append(self._land)
 
-    def _land(
-        self, index: int, values: tuple[int, int, bool, float, float], _ev: object = None
-    ) -> None:
-        # messages can be overtaken by none (fixed delay), but keep the newest anyway
-        if values[3] >= self.board.observed_t_min[index]:
-            self.board.set(index, *values)
+    def _land(self, _ev: object = None) -> None:
+        board = self.board
+        observed = board.observed_t_min
+        for index, values in self._in_flight.popleft():
+            # messages can be overtaken by none (fixed delay), but keep the newest anyway
+            if values[3] >= observed[index]:
+                board.set(index, *values)

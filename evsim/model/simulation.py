@@ -5,11 +5,13 @@ departure time; stations, company servers and the status board hold the state; t
 the pure function resolved from the registry. Events stream into a :class:`TraceWriter`.
 
 ``booking_mode`` (default: the scenario's ``booking.mode``) picks how vehicles get a charger:
-``"on_arrival"`` (:func:`~evsim.model.vehicle.trip_process`) or ``"trip"``
-(:func:`~evsim.model.booking.booked_trip_process`: book every stop through the reservation
-protocol, run by :class:`~evsim.model.protocol_bus.ProtocolBus`). The bus also runs whenever
-the scenario has server outages; without outages the ``on_arrival`` mode never builds it, so
-its runs are event for event what they were before the protocol existed.
+``"on_arrival"`` (:func:`~evsim.model.vehicle.prepare` and :func:`~evsim.model.vehicle.depart`)
+or ``"trip"`` (:func:`~evsim.model.booking.booked_trip_process`: book every stop through the
+reservation protocol, run by :class:`~evsim.model.protocol_bus.ProtocolBus`). The bus also runs
+whenever the scenario has server outages; without outages the ``on_arrival`` mode never builds
+it. In the ``on_arrival`` mode a trip with no charging decision on the way has no process and
+no event: its rows are written to the trace ahead of time, and the source only wakes up for
+the trips that will stop. The trace is row for row what one process per trip wrote.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from evsim.model.company import CompanyServer
 from evsim.model.demand import Trips, generate_trips
 from evsim.model.protocol_bus import ProtocolBus
 from evsim.model.station import SimStation
-from evsim.model.vehicle import trip_process
+from evsim.model.vehicle import DriveKit, depart, prepare
 from evsim.model.world import World
 from evsim.policies import resolve
 from evsim.scenario import Scenario
@@ -138,16 +140,42 @@ class Simulation:
             assert self.bus is not None
             for s in self.stations:
                 s.attach_desk(self.bus.desks[s.index])
-        self._vehicle = booked_trip_process if self.booking_mode == "trip" else trip_process
+        self.drive_kit = DriveKit(self)
 
     def _source(self) -> Generator[simpy.Event, Any, None]:
+        """Release every trip at its departure time."""
         env = self.env
         # Python floats, not numpy scalars: the same values, but SimPy's clock (and every
         # time computed from it) would otherwise become np.float64, which is slow arithmetic
-        for k, t in enumerate(self.trips.depart_t_min.tolist()):
-            if t > env.now:
-                yield env.timeout(t - env.now)
-            env.process(self._vehicle(self, k))
+        times = self.trips.depart_t_min.tolist()
+        if self.booking_mode == "trip":
+            for k, t in enumerate(times):
+                if t > env.now:
+                    yield env.timeout(t - env.now)
+                env.process(booked_trip_process(self, k))
+            return
+        # on_arrival: wake up only for the trips that will stop to charge; the others are
+        # written ahead (vehicle.prepare). ``clock`` is the time each trip leaves: where one
+        # timeout per trip (``t - now`` each) put SimPy's clock, to the last bit
+        clock: float = env.now
+        passed: list[float] = []  # departures since the source last woke up
+        for k, t in enumerate(times):
+            if t > clock:
+                clock = clock + (t - clock)
+            leaving = prepare(self, k, clock)
+            if leaving is None:
+                passed.append(t)
+                continue
+            if clock > env.now:
+                delay = clock - env.now
+                if env.now + delay == clock:
+                    yield simpy.Timeout(env, delay)
+                else:  # one timeout lands elsewhere: step through the departures instead
+                    for tp in (*passed, t):
+                        if tp > env.now:
+                            yield simpy.Timeout(env, tp - env.now)
+            passed.clear()
+            depart(self, *leaving)
 
     def run(self, progress: Callable[[float], None] | None = None, steps: int = 100) -> SimResult:
         """Run to the horizon. ``progress(t_min)`` is called ``steps`` times along the way."""
@@ -161,9 +189,11 @@ class Simulation:
             for i in range(1, steps + 1):
                 self.env.run(until=self.horizon_min * i / steps)
                 progress(self.env.now)
+        # the rows written ahead up to the stop; the later ones belong to events not reached
+        self.trace.release(self.env.now)
         self.trace.close()
         wall = time.perf_counter() - t0
-        frame = self.trace.to_frame() if self.trace.path is None else None
+        frame = self.trace.to_frame(ahead=False) if self.trace.path is None else None
         return SimResult(
             scenario=self.scenario.name,
             policy=self.policy_name,

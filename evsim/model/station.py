@@ -2,9 +2,11 @@
 
 Vehicles queue first-come first-served for any free connector (the most powerful free one is
 handed out first: :func:`evsim.queueing.assign_walkins`, the rule the live company servers
-apply to their walk-in queues; the plain FIFO below gets the same order from a
-``PriorityStore`` keyed ``(-power_kw, index)`` served to ``get`` requests in arrival order).
-A vehicle that waits longer than its patience leaves (``abandon``). What a
+apply to their walk-in queues; the plain FIFO below keeps its idle connectors in a heap
+keyed ``(-power_kw, index)`` and hands a freed connector to the first vehicle in line).
+A vehicle that finds a connector idle plugs in at once, with no event in between; one that
+waits is woken by the event its connector is handed over with, or by its patience timer,
+whichever comes first, and then leaves (``abandon``). What a
 session does once plugged in (how long, how much energy, what it costs) is the caller's
 ``plan`` function, so the same station serves the EV model and the queueing-theory checks.
 Every change is reported to the owning company server, which publishes it with a delay.
@@ -20,8 +22,11 @@ the plain FIFO above, event for event.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from functools import partial
+from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Any, Protocol
 
 import simpy
@@ -95,9 +100,14 @@ class SimStation:
         self.connectors = connectors
         self.trace = trace
         self.company = company
-        self._free = simpy.PriorityStore(env)
-        for k, spec in enumerate(connectors):
-            self._free.put(simpy.PriorityItem((-spec.power_kw, k), spec))
+        # plain FIFO: idle connectors, the most powerful first, and the vehicles in line (each
+        # an event that succeeds with its connector, or with None when its patience ran out);
+        # a connector is idle only while nobody waits
+        self._idle: list[tuple[float, int, ConnectorSpec]] = [
+            (-spec.power_kw, k, spec) for k, spec in enumerate(connectors)
+        ]
+        self._idle.sort()
+        self._line: deque[simpy.Event] = deque()
         self._order = {spec.connector_id: k for k, spec in enumerate(connectors)}
         self.waiting = 0
         self.busy = 0
@@ -105,6 +115,32 @@ class SimStation:
         self.mean_session_min = default_session_min
         self._alpha = ewma_alpha
         self._desk: ConnectorDesk | None = None
+        row = trace.row_writer
+        base = ("vehicle_id", "station_id", "company_id")
+        self._abandon_row = row(Kind.ABANDON, *base, "session_id", "soc", "wait_min", "queue_len")
+        self._arrive_row = row(Kind.ARRIVE, *base, "session_id", "booking_id", "soc", "queue_len")
+        self._start_row = row(
+            Kind.SESSION_START,
+            *base,
+            "connector_id",
+            "session_id",
+            "booking_id",
+            "soc",
+            "wait_min",
+            "queue_len",
+        )
+        self._end_row = row(
+            Kind.SESSION_END,
+            *base,
+            "connector_id",
+            "session_id",
+            "booking_id",
+            "soc",
+            "energy_kwh",
+            "price",
+            "power_kw",
+            "queue_len",
+        )
 
     def attach_desk(self, desk: ConnectorDesk) -> None:
         """Honour reservations from now on (call before the run starts)."""
@@ -136,19 +172,25 @@ class SimStation:
         env = self.env
         t_arrive = env.now
         self._arrive(vehicle_id, session_id, soc)
-        get = self._free.get()
-        if patience_min == float("inf"):
-            item = yield get
+        spec: ConnectorSpec | None
+        if self._idle:  # nobody is in line: plug in now
+            spec = heappop(self._idle)[2]
         else:
-            timeout = env.timeout(patience_min)
-            fired = yield get | timeout
-            if get not in fired:
-                get.cancel()
+            turn = simpy.Event(env)
+            self._line.append(turn)
+            if patience_min != float("inf"):
+                simpy.Timeout(env, patience_min).callbacks.append(partial(self._give_up, turn))
+            spec = yield turn
+            if spec is None:
                 return self._abandon(vehicle_id, session_id, soc, t_arrive)
-            item = fired[get]
-        spec: ConnectorSpec = item.item
         p = plan(spec, env.now)  # pure: sizing before or after the start row is the same
         return (yield from self._session(vehicle_id, session_id, soc, spec, p, t_arrive))
+
+    def _give_up(self, turn: simpy.Event, _timer: simpy.Event) -> None:
+        """A waiting vehicle's patience ran out: out of the line, unless it was served."""
+        if turn in self._line:
+            self._line.remove(turn)
+            turn.succeed(None)
 
     # ------------------------------------------------------------------ reservations (desk)
 
@@ -157,16 +199,16 @@ class SimStation:
     ) -> SessionResult:
         """The vehicle gave up waiting: leave the queue, trace it."""
         self.waiting -= 1
-        self.trace.emit(
-            self.env.now,
-            Kind.ABANDON,
-            vehicle_id=vehicle_id,
-            station_id=self.station_id,
-            company_id=self.company_id,
-            session_id=session_id,
-            soc=soc,
-            wait_min=self.env.now - t_arrive,
-            queue_len=self.waiting,
+        now = self.env.now
+        self._abandon_row(
+            now,
+            vehicle_id,
+            self.station_id,
+            self.company_id,
+            session_id,
+            soc,
+            now - t_arrive,
+            self.waiting,
         )
         self._changed()
         return SessionResult(None, self.env.now - t_arrive, None)
@@ -175,16 +217,15 @@ class SimStation:
         self, vehicle_id: str, session_id: str, soc: float | None, booking_id: str | None = None
     ) -> None:
         self.waiting += 1
-        self.trace.emit(
+        self._arrive_row(
             self.env.now,
-            Kind.ARRIVE,
-            vehicle_id=vehicle_id,
-            station_id=self.station_id,
-            company_id=self.company_id,
-            session_id=session_id,
-            booking_id=booking_id,
-            soc=soc,
-            queue_len=self.waiting,
+            vehicle_id,
+            self.station_id,
+            self.company_id,
+            session_id,
+            booking_id,
+            soc,
+            self.waiting,
         )
         self._changed()
 
@@ -292,22 +333,21 @@ class SimStation:
         t_arrive: float,
         booking_id: str | None = None,
     ) -> Generator[simpy.Event, Any, SessionResult]:
-        env, tr = self.env, self.trace
+        env = self.env
         self.waiting -= 1
         self.busy += 1
         wait = env.now - t_arrive
-        tr.emit(
+        self._start_row(
             env.now,
-            Kind.SESSION_START,
-            vehicle_id=vehicle_id,
-            station_id=self.station_id,
-            company_id=self.company_id,
-            connector_id=spec.connector_id,
-            session_id=session_id,
-            booking_id=booking_id,
-            soc=soc,
-            wait_min=wait,
-            queue_len=self.waiting,
+            vehicle_id,
+            self.station_id,
+            self.company_id,
+            spec.connector_id,
+            session_id,
+            booking_id,
+            soc,
+            wait,
+            self.waiting,
         )
         self._changed()
         try:
@@ -316,28 +356,35 @@ class SimStation:
             self.busy -= 1
             self._release(spec)
         self.mean_session_min += self._alpha * (p.charge_min - self.mean_session_min)
-        tr.emit(
+        self._end_row(
             env.now,
-            Kind.SESSION_END,
-            vehicle_id=vehicle_id,
-            station_id=self.station_id,
-            company_id=self.company_id,
-            connector_id=spec.connector_id,
-            session_id=session_id,
-            booking_id=booking_id,
-            soc=p.soc_after,
-            energy_kwh=p.energy_kwh,
-            price=p.price,
-            power_kw=p.power_kw,
-            queue_len=self.waiting,
+            vehicle_id,
+            self.station_id,
+            self.company_id,
+            spec.connector_id,
+            session_id,
+            booking_id,
+            p.soc_after,
+            p.energy_kwh,
+            p.price,
+            p.power_kw,
+            self.waiting,
         )
         self._changed()
         return SessionResult(spec, wait, p)
 
     def _release(self, spec: ConnectorSpec) -> None:
         k = self._order[spec.connector_id]
-        if self._desk is None:  # plain FIFO: the store hands out the most powerful first
-            self._free.put(simpy.PriorityItem((-spec.power_kw, k), spec))
+        if self._desk is None:  # plain FIFO: to the first in line, else idle
+            if self._line:
+                # the connector is the first waiter's now; it plugs in after one hop more
+                # through the event queue (what a store's put and get took), so vehicles that
+                # carry on at the same instant (the one leaving, say) go first, as they did
+                handover = simpy.Event(self.env)
+                handover.callbacks.append(partial(_wake, self._line.popleft(), spec))
+                handover.succeed()
+            else:
+                heappush(self._idle, (-spec.power_kw, k, spec))
             return
         self._free_now[k] = spec
         self._dispatch()
@@ -386,6 +433,10 @@ class SimStation:
         if self._retry_at == t:
             self._retry_at = float("inf")
         self._dispatch()
+
+
+def _wake(turn: simpy.Event, spec: ConnectorSpec, _handover: simpy.Event) -> None:
+    turn.succeed(spec)
 
 
 @dataclass(slots=True)

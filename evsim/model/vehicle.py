@@ -8,16 +8,23 @@ snapshot; the vehicle drives there (the detour is recorded), queues, charges wit
 curve, pays the tariff and continues from the station. A battery that hits 0 strands the car.
 Stretches with no decision are driven in one timeout, so a trip costs a handful of events.
 
-The driving rules live in :mod:`evsim.planning` (shared with the trip planner). In the
-``trip`` booking mode :mod:`evsim.model.booking` runs the same :func:`drive` loop with a
+The driving rules live in :mod:`evsim.planning` (shared with the trip planner). Since they
+depend on the route and the SoC only, never on the clock, a trip's first stretch is walked
+before it leaves (:func:`prepare`): one that reaches its destination (or runs dry) without a
+charging decision on the way meets nothing and nobody, so it needs no process and no event:
+its TRIP_START and TRIP_END (or STRANDED) rows are written to the trace ahead of time, and
+join it in time order. The others leave at their time as a :func:`drive` process
+(:func:`depart`). In the ``trip`` booking mode
+:mod:`evsim.model.booking` runs the same :func:`drive` loop with a
 :class:`~evsim.model.booking.BookedTrip`: at a decision node where a stop is booked the
 vehicle goes to the booked station instead of asking the policy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import simpy
@@ -27,24 +34,36 @@ from evsim.model.station import SessionPlan
 from evsim.model.world import ConnectorSpec
 from evsim.planning import (
     TOPUP_SLACK_SOC,
+    RouteLegs,
     VehicleParams,
+    Walk,
     access_min,
     charge_request,
     charge_target,
     choose_station,
-    needs_charge,
-    route_of,
-    walk_route,
+    route_legs,
+    walk_rules,
 )
 from evsim.scenario import VehicleModelConfig
-from evsim.tariff import price_session
+from evsim.tariff import CompiledTariff, compiled
 from evsim.trace import Kind
 
 if TYPE_CHECKING:
     from evsim.model.booking import BookedTrip
     from evsim.model.simulation import Simulation
 
-__all__ = ["TOPUP_SLACK_SOC", "Drive", "drive", "start_trip", "trip_process"]
+__all__ = [
+    "TOPUP_SLACK_SOC",
+    "Drive",
+    "DriveKit",
+    "depart",
+    "drive",
+    "prepare",
+    "start_trip",
+    "trip_process",
+]
+
+_NOWHERE: frozenset[int] = frozenset()  # a trip's skip_at when it leaves
 
 
 @dataclass
@@ -62,36 +81,117 @@ class Drive:
     n_sessions: int = 0
     skip_at: set[int] = field(default_factory=set)  # nodes where asking again would not help
 
-    @property
+    @cached_property
     def params(self) -> VehicleParams:
-        return VehicleParams(
-            self.vid, self.vm.battery_kwh, self.per_km, self.vm.max_charge_kw, self.vm.max_ac_kw
+        vm = self.vm
+        return VehicleParams(self.vid, vm.battery_kwh, self.per_km, vm.max_charge_kw, vm.max_ac_kw)
+
+
+class DriveKit:
+    """What every vehicle of a run shares, looked up once per run: the trace's row
+    appenders, the stations' static columns as Python lists, tariffs parsed, charging
+    curves by vehicle model and connector class."""
+
+    def __init__(self, sim: Simulation) -> None:
+        world, trace = sim.world, sim.trace
+        self.roads = world.roads
+        self.ch = world.scenario.charging
+        self.node_ids = world.roads.node_ids
+        self.station_node = world.stations.node_list
+        self.station_access = world.stations.access_km_list
+        self.tariffs: tuple[CompiledTariff | None, ...] = tuple(
+            None if t is None else compiled(t) for t in world.tariffs
         )
+        # (battery, max DC, max AC, connector kW, type) -> (session kW, its curve)
+        self._curves: dict[tuple[float, float, float, float, str], tuple[float, ChargeCurve]] = {}
+        self._od: dict[tuple[int, int], str] = {}
+        self._legs: dict[tuple[int, int], RouteLegs] = {}
+        self.trips = sim.trips  # one trip's values as Python scalars: ``.item(k)``
+        row = trace.row_writer
+        self.trip_start = row(Kind.TRIP_START, "vehicle_id", "booking_id", "soc", "detail")
+        self.trip_end = row(Kind.TRIP_END, "vehicle_id", "booking_id", "soc", "distance_km")
+        self.stranded = row(
+            Kind.STRANDED, "vehicle_id", "booking_id", "soc", "distance_km", "detail"
+        )
+        self.no_station = row(Kind.NO_STATION, "vehicle_id", "soc", "detail")
+        # the rows of trips with no charging decision, written ahead (see prepare)
+        self.trip_start_ahead = row(
+            Kind.TRIP_START, "vehicle_id", "booking_id", "soc", "detail", ahead=True
+        )
+        self.trip_end_ahead = row(
+            Kind.TRIP_END, "vehicle_id", "booking_id", "soc", "distance_km", ahead=True
+        )
+        self.stranded_ahead = row(
+            Kind.STRANDED, "vehicle_id", "booking_id", "soc", "distance_km", "detail", ahead=True
+        )
+        self.chosen = row(
+            Kind.STATION_CHOSEN,
+            "vehicle_id",
+            "station_id",
+            "company_id",
+            "soc",
+            "distance_km",
+            "detail",
+        )
+
+    @staticmethod
+    def of(sim: Simulation) -> DriveKit:
+        """The run's kit (the simulation builds it; made here for a bare one)."""
+        kit: DriveKit | None = getattr(sim, "drive_kit", None)
+        if kit is None:
+            kit = DriveKit(sim)
+            sim.drive_kit = kit
+        return kit
+
+    def od_detail(self, origin: int, dest: int) -> str:
+        text = self._od.get((origin, dest))
+        if text is None:
+            text = self._od[(origin, dest)] = f"{self.node_ids[origin]}->{self.node_ids[dest]}"
+        return text
+
+    def curve(self, vm: VehicleModelConfig, spec: ConnectorSpec) -> tuple[float, ChargeCurve]:
+        """The session power of model ``vm`` on ``spec`` and its charging curve."""
+        key = (vm.battery_kwh, vm.max_charge_kw, vm.max_ac_kw, spec.power_kw, spec.type)
+        hit = self._curves.get(key)
+        if hit is None:
+            power = session_power_kw(spec.power_kw, spec.type, vm.max_charge_kw, vm.max_ac_kw)
+            ch = self.ch
+            hit = self._curves[key] = (
+                power,
+                ChargeCurve(vm.battery_kwh, power, ch.taper_soc, ch.efficiency),
+            )
+        return hit
+
+    def walk(self, d: Drive) -> Walk:
+        """Walk ``d`` from where it is by the driving rules (no clock involved)."""
+        return walk_rules(self.ch, self.legs(d.pos, d.dest), d.soc, d.per_km, d.skip_at)
+
+    def legs(self, src: int, dst: int) -> RouteLegs:
+        """:func:`~evsim.planning.route_legs`, with this run's own dictionary in front."""
+        legs = self._legs.get((src, dst))
+        if legs is None:
+            legs = self._legs[(src, dst)] = route_legs(self.roads, src, dst)
+        return legs
+
+    def end(self, d: Drive, w: Walk, t_min: float) -> None:
+        """The trip ends after walk ``w``, at ``t_min``: its TRIP_END or STRANDED row."""
+        if w.stranded_km is not None:
+            self.stranded(t_min, d.vid, d.vid, 0.0, d.driven_km, self.node_ids[d.pos])
+        else:
+            self.trip_end(t_min, d.vid, d.vid, d.soc, d.driven_km)
 
 
 def start_trip(sim: Simulation, k: int) -> Drive:
     """The vehicle of trip ``k`` at its origin; emits TRIP_START."""
-    env, world, trace, trips = sim.env, sim.world, sim.trace, sim.trips
-    roads = world.roads
-    vm = world.vehicle_models[int(trips.model[k])]
-    per_km = vm.consumption_kwh_per_km * float(trips.drain[k]) / vm.battery_kwh
+    kit = DriveKit.of(sim)
+    trips = kit.trips
+    vm = sim.world.vehicle_models[trips.model.item(k)]
+    per_km = vm.consumption_kwh_per_km * trips.drain.item(k) / vm.battery_kwh
+    vid = f"v{k}"
     d = Drive(
-        k,
-        f"v{k}",
-        vm,
-        per_km,
-        int(trips.origin[k]),
-        int(trips.destination[k]),
-        float(trips.soc0[k]),
+        k, vid, vm, per_km, trips.origin.item(k), trips.destination.item(k), trips.soc0.item(k)
     )
-    trace.emit(
-        env.now,
-        Kind.TRIP_START,
-        vehicle_id=d.vid,
-        booking_id=d.vid,
-        soc=d.soc,
-        detail=f"{roads.node_ids[d.pos]}->{roads.node_ids[d.dest]}",
-    )
+    kit.trip_start(sim.env.now, vid, vid, d.soc, kit.od_detail(d.pos, d.dest))
     return d
 
 
@@ -99,51 +199,69 @@ def trip_process(sim: Simulation, k: int) -> Generator[simpy.Event, Any, None]:
     yield from drive(sim, start_trip(sim, k))
 
 
+def prepare(sim: Simulation, k: int, t_min: float) -> tuple[Drive, Walk] | None:
+    """Trip ``k``, leaving at ``t_min`` (the ``on_arrival`` mode; the run's source calls this
+    at or before that time): its vehicle and first stretch, for :func:`depart` at ``t_min``;
+    or None for a trip with no charging decision on the way, whose rows are then written
+    ahead: TRIP_START at ``t_min``, TRIP_END (or STRANDED) when the stretch ends, the same
+    rows at the same times as :func:`trip_process` writes."""
+    kit = DriveKit.of(sim)
+    trips = kit.trips
+    vm = sim.world.vehicle_models[trips.model.item(k)]
+    per_km = vm.consumption_kwh_per_km * trips.drain.item(k) / vm.battery_kwh
+    origin, dest, soc = trips.origin.item(k), trips.destination.item(k), trips.soc0.item(k)
+    legs = kit.legs(origin, dest)
+    w = walk_rules(kit.ch, legs, soc, per_km, _NOWHERE)
+    vid = f"v{k}"
+    if w.stop_here:
+        return Drive(k, vid, vm, per_km, origin, dest, soc), w
+    kit.trip_start_ahead(t_min, vid, vid, soc, kit.od_detail(origin, dest))
+    t_end = t_min + w.minutes if w.minutes > 0 else t_min
+    km = 0.0 + w.km  # the distance a Drive adds up from 0.0
+    if w.stranded_km is not None:
+        kit.stranded_ahead(t_end, vid, vid, 0.0, km, kit.node_ids[legs.nodes[w.j]])
+    else:
+        kit.trip_end_ahead(t_end, vid, vid, w.soc, km)
+    return None
+
+
+def depart(sim: Simulation, d: Drive, first: Walk) -> None:
+    """The vehicle of :func:`prepare` leaves now: TRIP_START, then its :func:`drive`."""
+    kit = DriveKit.of(sim)
+    kit.trip_start(sim.env.now, d.vid, d.vid, d.soc, kit.od_detail(d.pos, d.dest))
+    sim.env.process(drive(sim, d, first=first))
+
+
+def _arrived(kit: DriveKit, d: Drive, w: Walk) -> None:
+    """``d`` after walk ``w`` (as :func:`drive` updates it when the stretch's timeout fires)."""
+    d.soc, d.driven_km = w.soc, d.driven_km + w.km
+    d.pos = kit.legs(d.pos, d.dest).nodes[w.j]
+
+
 def drive(
-    sim: Simulation, d: Drive, booked: BookedTrip | None = None
+    sim: Simulation, d: Drive, booked: BookedTrip | None = None, first: Walk | None = None
 ) -> Generator[simpy.Event, Any, None]:
-    """Drive to the destination, charging where needed (at booked stations when given)."""
-    env, world, trace = sim.env, sim.world, sim.trace
+    """Drive to the destination, charging where needed (at booked stations when given).
+    ``first``: the first stretch, already walked from where ``d`` is (:func:`depart`)."""
+    env, world = sim.env, sim.world
+    kit = DriveKit.of(sim)
     roads = world.roads
     ch = world.scenario.charging
     vm, vid, per_km, dest = d.vm, d.vid, d.per_km, d.dest
-    battery = vm.battery_kwh
-
-    def decide(node: int, s: float, nxt: int | None) -> bool:
-        return needs_charge(roads, ch, per_km, dest, d.skip_at, node, s, nxt)
-
+    w = first  # the next stretch, when already walked
     while True:
-        route = route_of(roads, d.pos, dest)
-        w = walk_route(roads, route, d.soc, per_km, decide)
+        if w is None:
+            w = kit.walk(d)
         if w.minutes > 0:
             yield env.timeout(w.minutes)
-        d.soc, d.driven_km, d.pos = w.soc, d.driven_km + w.km, route[w.j]
+        _arrived(kit, d, w)
         pos = d.pos
-        if w.stranded_km is not None:
-            trace.emit(
-                env.now,
-                Kind.STRANDED,
-                vehicle_id=vid,
-                booking_id=vid,
-                soc=0.0,
-                distance_km=d.driven_km,
-                detail=roads.node_ids[pos],
-            )
-            if booked is not None:
-                booked.finish("stranded")
-            return
         if not w.stop_here:
-            trace.emit(
-                env.now,
-                Kind.TRIP_END,
-                vehicle_id=vid,
-                booking_id=vid,
-                soc=d.soc,
-                distance_km=d.driven_km,
-            )
+            kit.end(d, w, env.now)
             if booked is not None:
-                booked.finish("trip_ended")
+                booked.finish("stranded" if w.stranded_km is not None else "trip_ended")
             return
+        w = None
         stop = booked.take(pos) if booked is not None else None
         if stop is not None:
             index, detour_km = stop[0].station_index, stop[0].detour_km
@@ -152,39 +270,28 @@ def drive(
             choice = choose_station(sim.policy, request, sim.snapshot, env.now)
             d.skip_at.add(pos)
             if choice is None:
-                trace.emit(
-                    env.now, Kind.NO_STATION, vehicle_id=vid, soc=d.soc, detail=roads.node_ids[pos]
-                )
+                kit.no_station(env.now, vid, d.soc, kit.node_ids[pos])
                 continue
             index, detour_km = choice.station_index, choice.detour_km
         d.skip_at.add(pos)
         station = sim.stations[index]
-        trace.emit(
+        kit.chosen(
             env.now,
-            Kind.STATION_CHOSEN,
-            vehicle_id=vid,
-            station_id=station.station_id,
-            company_id=station.company_id,
-            soc=d.soc,
-            distance_km=detour_km,
-            detail=sim.policy_name,
+            vid,
+            station.station_id,
+            station.company_id,
+            d.soc,
+            detour_km,
+            sim.policy_name,
         )
-        st_node = world.stations.node_list[index]
-        access = world.stations.access_km_list[index]
+        st_node = kit.station_node[index]
+        access = kit.station_access[index]
         go_km = roads.dist_km.item(pos, st_node) + access
         go_min = roads.time_min.item(pos, st_node) + access_min(access)
         soc = d.soc
         if soc - go_km * per_km < 0:  # a stale or optimistic choice: run dry on the way
             yield env.timeout(go_min * (soc / per_km) / go_km)
-            trace.emit(
-                env.now,
-                Kind.STRANDED,
-                vehicle_id=vid,
-                booking_id=vid,
-                soc=0.0,
-                distance_km=d.driven_km + soc / per_km,
-                detail=station.station_id,
-            )
+            kit.stranded(env.now, vid, vid, 0.0, d.driven_km + soc / per_km, station.station_id)
             if booked is not None:
                 booked.finish("stranded")
             return
@@ -193,37 +300,19 @@ def drive(
         d.driven_km += go_km
         d.pos = pos = st_node
         target = charge_target(roads, ch, per_km, pos, dest, access)
-        tariff = world.tariffs[index]
-        soc_in = soc
-
-        def plan(
-            spec: ConnectorSpec,
-            t_start: float,
-            soc_in: float = soc_in,
-            target: float = target,
-            tariff: Any = tariff,
-        ) -> SessionPlan:
-            power = session_power_kw(spec.power_kw, spec.type, vm.max_charge_kw, vm.max_ac_kw)
-            curve = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency)
-            soc_out = max(min(target, MAX_TARGET_SOC), soc_in)
-            minutes = curve.minutes_to(soc_in, soc_out)
-            price = price_session(
-                tariff,
-                t_start,
-                minutes,
-                lambda e: curve.energy_kwh(soc_in, curve.soc_after(soc_in, e)),
-                power,
-            ).total
-            return SessionPlan(minutes, curve.energy_kwh(soc_in, soc_out), price, soc_out, power)
-
+        plan = _planner(kit, vm, kit.tariffs[index], soc, target)
         d.n_sessions += 1
         session_id = f"{vid}-{d.n_sessions}"
-        if stop is not None:
-            assert booked is not None
-            visit = booked.visit(station, stop, session_id, soc, plan, ch.max_wait_min)
-        else:
-            visit = station.visit(vid, session_id, soc, plan, ch.max_wait_min)
-        result = yield env.process(visit)
+        if booked is None:
+            # in this process: no child process to start and join
+            result = yield from station.visit(vid, session_id, soc, plan, ch.max_wait_min)
+        else:  # the trip mode's visit stays a process of its own (its traces depend on it)
+            visit = (
+                booked.visit(station, stop, session_id, soc, plan, ch.max_wait_min)
+                if stop is not None
+                else station.visit(vid, session_id, soc, plan, ch.max_wait_min)
+            )
+            result = yield env.process(visit)
         if result.plan is not None and result.plan.soc_after is not None:
             soc = result.plan.soc_after  # pos stays in skip_at: one charge per city per trip
         d.soc = soc
@@ -232,3 +321,31 @@ def drive(
             yield env.timeout(access_min(access))
             d.soc = max(d.soc - access * per_km, 0.0)
             d.driven_km += access
+
+
+def _planner(
+    kit: DriveKit,
+    vm: VehicleModelConfig,
+    tariff: CompiledTariff | None,
+    soc_in: float,
+    target: float,
+) -> Callable[[ConnectorSpec, float], SessionPlan]:
+    """The session a vehicle arriving with ``soc_in`` will charge on a given connector,
+    starting at a given time: to ``target`` (at most MAX_TARGET_SOC), priced by the tariff."""
+    soc_out = max(min(target, MAX_TARGET_SOC), soc_in)
+
+    def plan(spec: ConnectorSpec, t_start: float) -> SessionPlan:
+        power, curve = kit.curve(vm, spec)
+        minutes = curve.minutes_to(soc_in, soc_out)
+        if tariff is None:
+            price = 0.0
+        else:
+            price = tariff.price(
+                t_start,
+                minutes,
+                lambda e: curve.energy_kwh(soc_in, curve.soc_after(soc_in, e)),
+                power,
+            ).total
+        return SessionPlan(minutes, curve.energy_kwh(soc_in, soc_out), price, soc_out, power)
+
+    return plan
