@@ -75,6 +75,8 @@ class Settings(BaseModel):
     trace_dir: Path | None = None
     tick_s: float = Field(default=0.2, gt=0)
     booking_wait_s: float = Field(default=5.0, ge=0)
+    reconcile_s: float = Field(default=10.0, ge=0, description="wall seconds between session "
+                               "reconciliations of one station (live.server.reconcile)")
 
     @property
     def database_url(self) -> str:
@@ -117,6 +119,7 @@ class Settings(BaseModel):
             ("trace_dir", "TRACE_DIR"),
             ("tick_s", "TICK_S"),
             ("booking_wait_s", "BOOKING_WAIT_S"),
+            ("reconcile_s", "RECONCILE_S"),
         ]:
             v = get(var)
             if v is not None:

@@ -28,7 +28,10 @@ Per station the agent
   running session.
 
 Garbage commands (not JSON, wrong types) are logged and ignored. Duplicate ``start`` commands
-(QoS 1 redelivery) re-publish the ``session_started`` event instead of starting twice.
+(QoS 1 redelivery, or a company server re-sending after its restart) re-publish the
+session's latest event (``session_started``, or ``session_finished`` once it ended) instead
+of starting twice. Each connector in the status names the session occupying it
+(``session_id``), so its server can reconcile (:mod:`live.server.reconcile`).
 """
 
 from __future__ import annotations
@@ -160,6 +163,7 @@ class Session:
     curve: ChargeCurve
     charge_min: float
     finished: bool = False
+    end: dict[str, Any] | None = None  # the session_finished event, once finished
 
     def soc_at(self, t_min: float) -> float:
         return self.curve.soc_after(self.soc0, min(max(t_min - self.t_start, 0.0), self.charge_min))
@@ -194,6 +198,10 @@ class StationState:
             return "Available"
         return "Finishing" if s.finished else "Charging"
 
+    def _session_id(self, cid: str) -> str | None:
+        s = self.sessions.get(cid)
+        return None if s is None else s.session_id
+
     def status(self, t_min: float, online: bool = True,
                heartbeat_s: float | None = None) -> dict[str, Any]:
         out = {
@@ -210,6 +218,7 @@ class StationState:
                     "power_kw": c.power_kw,
                     "type": c.type,
                     "status": self.connector_status(c.connector_id),
+                    "session_id": self._session_id(c.connector_id),
                 }
                 for c in self.connectors
             ],
@@ -373,8 +382,11 @@ class StationAgent:
         vid = str(cmd.get("vehicle_id", ""))
         spec = st.by_id.get(cid)
         running = st.sessions.get(cid)
-        if running is not None and running.session_id == sid:  # QoS 1 redelivery
-            self._started_event(st, running)
+        if running is not None and running.session_id == sid:  # QoS 1 redelivery, or the
+            if running.end is not None:  # server re-sending after a restart: say where it is
+                self._event(st, EV_SESSION_FINISHED, **running.end)
+            else:
+                self._started_event(st, running)
             return
         reason = None
         if spec is None:
@@ -415,10 +427,11 @@ class StationAgent:
         t = s.t_start + s.charge_min if t_end is None else min(t_end, s.t_start + s.charge_min)
         t = max(t, s.t_start)
         st.mean_session_min += SESSION_EWMA_ALPHA * ((t - s.t_start) - st.mean_session_min)
-        self._event(st, EV_SESSION_FINISHED, session_id=s.session_id,
-                    connector_id=s.connector.connector_id, vehicle_id=s.vehicle_id,
-                    energy_kwh=s.energy_at(t), soc=s.soc_at(t), power_kw=s.power_kw,
-                    charge_min=t - s.t_start, t_min=t, reason=reason)
+        s.end = {"session_id": s.session_id, "connector_id": s.connector.connector_id,
+                 "vehicle_id": s.vehicle_id, "energy_kwh": s.energy_at(t), "soc": s.soc_at(t),
+                 "power_kw": s.power_kw, "charge_min": t - s.t_start, "t_min": t,
+                 "reason": reason}
+        self._event(st, EV_SESSION_FINISHED, **s.end)
         self._publish_status(st)
 
     def _stop(self, st: StationState, cmd: dict[str, Any]) -> None:

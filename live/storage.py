@@ -51,6 +51,7 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    or_,
     select,
     text,
     update,
@@ -405,7 +406,10 @@ class Storage:
         with self.begin() as conn:
             conn.execute(
                 update(sessions)
-                .where(sessions.c.session_id == session_id, sessions.c.status == "ACTIVE")
+                .where(sessions.c.session_id == session_id, sessions.c.status == "ACTIVE",
+                       # cumulative: a late or repeated reading never lowers it
+                       or_(sessions.c.metered_kwh.is_(None),
+                           sessions.c.metered_kwh < energy_kwh))
                 .values(metered_kwh=energy_kwh)
             )
 

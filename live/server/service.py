@@ -112,6 +112,9 @@ class CompanyService:
         from live.server.sessions import SessionManager
 
         self.sessions = SessionManager(self)
+        from live.server.reconcile import Reconciler
+
+        self.reconciler = Reconciler(self, settings.reconcile_s)
         # own stations that went offline (station_id -> t_min), handled by _outage_loop
         self.offline_since: dict[str, float] = {}
         self.outage_min = settings.outage_min

@@ -41,6 +41,7 @@ from evsim.tariff import price_session
 from live import topics
 from live.bus import BadPayload, decode_json
 from live.server import models as m
+from live.server.reconcile import start_command
 from live.server.service import ApiError, owner_of
 from live.storage import Storage
 
@@ -252,13 +253,8 @@ class SessionManager:
 
     def _command_start(self, row: dict[str, Any], body: m.SessionCreate) -> None:
         svc = self.svc
-        svc.publish(topics.cmd_topic(svc.company, row["station_id"]), {
-            "cmd": topics.CMD_START, "session_id": row["session_id"],
-            "connector_id": row["connector_id"], "vehicle_id": row["vehicle_id"],
-            "soc": body.soc, "battery_kwh": body.battery_kwh, "target_soc": body.target_soc,
-            "max_dc_kw": body.max_dc_kw, "max_ac_kw": body.max_ac_kw,
-            "t_min": row["start_t_min"],
-        })
+        svc.publish(topics.cmd_topic(svc.company, row["station_id"]),
+                    start_command(row, body.max_dc_kw, body.max_ac_kw))
         svc.notify(row["vehicle_id"], "charging_started", session_id=row["session_id"],
                    station_id=row["station_id"], connector_id=row["connector_id"],
                    t_min=row["start_t_min"])
