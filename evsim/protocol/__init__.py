@@ -48,7 +48,9 @@ from evsim.protocol.messages import (
     TripResult,
     Vote,
     decode,
+    decode_batch,
     encode,
+    encode_batch,
 )
 from evsim.protocol.participant import BookingView, Participant
 from evsim.protocol.states import (
@@ -102,9 +104,11 @@ __all__ = [
     "Vote",
     "booking_id_for",
     "decode",
+    "decode_batch",
     "decode_record",
     "dump_log",
     "encode",
+    "encode_batch",
     "encode_record",
     "load_log",
 ]

@@ -35,7 +35,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -426,12 +426,19 @@ def encode_tagged(obj: Any) -> str:
     return json.dumps(d, separators=(",", ":"), allow_nan=False)
 
 
-def decode_tagged(text: str | bytes, registry: dict[str, type], what: str) -> Any:
-    """Parse tagged JSON into the registered dataclass; raise ProtocolError if bad."""
+def _parse_json(text: str | bytes, what: str) -> Any:
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"{what}: invalid JSON: {exc}") from None
+
+
+def decode_tagged(text: str | bytes, registry: dict[str, type], what: str) -> Any:
+    """Parse tagged JSON into the registered dataclass; raise ProtocolError if bad."""
+    return _from_data(_parse_json(text, what), registry, what)
+
+
+def _from_data(data: Any, registry: dict[str, type], what: str) -> Any:
     if not isinstance(data, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(data).__name__}")
     tag = data.get("type")
@@ -452,3 +459,29 @@ def decode(text: str | bytes) -> Message:
     """Decode JSON text produced by :func:`encode`; raise ProtocolError if malformed."""
     msg = decode_tagged(text, MESSAGE_TYPES, "message")
     return typing.cast(Message, msg)
+
+
+MAX_BATCH = 1024  # messages in one encode_batch() payload at most
+
+
+def encode_batch(msgs: Sequence[Message]) -> str:
+    """Several messages (one sender to one node, in order) as one JSON array of
+    :func:`encode` objects: a transport batches them into one payload."""
+    if not 0 < len(msgs) <= MAX_BATCH:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH} messages, got {len(msgs)}")
+    return "[" + ",".join(encode(m) for m in msgs) + "]"
+
+
+def decode_batch(text: str | bytes) -> list[Message]:
+    """Decode :func:`encode` or :func:`encode_batch` output: the messages in order. Raise
+    ProtocolError naming the first bad element; a batch is taken whole or not at all."""
+    data = _parse_json(text, "message")
+    if isinstance(data, dict):
+        return [typing.cast(Message, _from_data(data, MESSAGE_TYPES, "message"))]
+    if not isinstance(data, list):
+        raise ProtocolError(f"message: expected a JSON object or array, got "
+                            f"{type(data).__name__}")
+    if not 0 < len(data) <= MAX_BATCH:
+        raise ProtocolError(f"message batch: 1..{MAX_BATCH} messages, got {len(data)}")
+    return [typing.cast(Message, _from_data(d, MESSAGE_TYPES, f"message[{i}]"))
+            for i, d in enumerate(data)]
