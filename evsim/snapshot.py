@@ -1,7 +1,9 @@
 """What a policy sees: a read-only snapshot of the network, the request, and the choice.
 
 * :class:`StationTable` is the static part (ids, owners, positions, connectors, tariff prices
-  by hour) with a k-d tree over station positions for range queries.
+  by hour) with a k-d tree over station positions for range queries from any point, and,
+  built on first use per road table, a :class:`NodeIndex`: per road node, every station
+  sorted by road distance, so the stations within a range of a node are a prefix.
 * :class:`StatusBoard` is the replicated status a company server holds (busy connectors,
   queue, online flag, observed-at time). The simulation updates it with a delay; the live
   servers update it from MQTT status messages.
@@ -12,7 +14,9 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -22,7 +26,14 @@ from evsim.geo import EARTH_RADIUS_KM, RoadNetwork, haversine_km, to_unit_xyz
 from evsim.scenario import Scenario
 from evsim.tariff import active_element
 
-__all__ = ["ChargeRequest", "Choice", "NetworkSnapshot", "StationTable", "StatusBoard"]
+__all__ = [
+    "ChargeRequest",
+    "Choice",
+    "NetworkSnapshot",
+    "NodeIndex",
+    "StationTable",
+    "StatusBoard",
+]
 
 ACCESS_SPEED_KMH = 50.0  # speed on a station's access road (evsim.planning re-exports it)
 _CHORD_SLACK = 1e-12  # on the unit sphere: about 6 micrometres on the ground
@@ -31,6 +42,24 @@ _CHORD_SLACK = 1e-12  # on the unit sphere: about 6 micrometres on the ground
 def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.flags.writeable = False
+    return v
+
+
+_VIEWS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _readonly_once(a: np.ndarray | None) -> np.ndarray | None:
+    """A read-only view of ``a``, the same object for the same array (kept for a few
+    arrays), so that what is keyed by it (a node index) is found again."""
+    if a is None or not a.flags.writeable:
+        return a
+    hit = _VIEWS.get(id(a))
+    if hit is not None and hit[0] is a:
+        return hit[1]
+    if len(_VIEWS) >= 16:
+        _VIEWS.clear()
+    v = _readonly(a)
+    _VIEWS[id(a)] = (a, v)
     return v
 
 
@@ -57,6 +86,8 @@ class StationTable:
     # derived, precomputed once (read-only) so a policy decision does less work per call
     access_min: np.ndarray = field(init=False, repr=False)  # access road time, 50 km/h
     n_connectors_div: np.ndarray = field(init=False, repr=False)  # max(n, 1) as float
+    n_connectors_m1: np.ndarray = field(init=False, repr=False)  # n - 1 (int32)
+    node_ip: np.ndarray = field(init=False, repr=False)  # node as intp (fast gathers)
     energy_price_by_hour_t: np.ndarray = field(init=False, repr=False)  # (24, n) contiguous
     time_price_by_hour_t: np.ndarray = field(init=False, repr=False)
     flat_by_hour_t: np.ndarray = field(init=False, repr=False)
@@ -71,11 +102,17 @@ class StationTable:
     _power: dict[tuple[float, float], np.ndarray] = field(
         init=False, repr=False, default_factory=dict
     )
+    _min_per_kwh: dict[tuple[float, float], np.ndarray] = field(
+        init=False, repr=False, default_factory=dict
+    )
+    _node_indexes: list[NodeIndex] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         derived = {
             "access_min": self.access_km / ACCESS_SPEED_KMH * 60.0,
             "n_connectors_div": np.maximum(self.n_connectors, 1).astype(float),
+            "n_connectors_m1": (self.n_connectors - 1).astype(np.int32),
+            "node_ip": self.node.astype(np.intp),
             "energy_price_by_hour_t": np.ascontiguousarray(self.energy_price_by_hour.T),
             "time_price_by_hour_t": np.ascontiguousarray(self.time_price_by_hour.T),
             "flat_by_hour_t": np.ascontiguousarray(self.flat_by_hour.T),
@@ -195,6 +232,18 @@ class StationTable:
             self._power[key] = p
         return p
 
+    def charge_min_per_kwh(self, max_dc_kw: float, max_ac_kw: float) -> np.ndarray:
+        """``60 / session_power_kw(max_dc_kw, max_ac_kw)``: minutes to charge one kWh
+        (rounded once more than ``kwh / power * 60``: for bounds, not for estimates)."""
+        key = (max_dc_kw, max_ac_kw)
+        m = self._min_per_kwh.get(key)
+        if m is None:
+            m = _readonly(60.0 / self.session_power_kw(max_dc_kw, max_ac_kw))
+            if len(self._min_per_kwh) >= 256:
+                self._min_per_kwh.clear()
+            self._min_per_kwh[key] = m
+        return m
+
     def within_km(self, lat: float, lon: float, radius_km: float) -> np.ndarray:
         """Indices of stations within ``radius_km`` great-circle distance (k-d tree query),
         sorted ascending. A radius of 0 still finds a station at the query point itself;
@@ -212,6 +261,143 @@ class StationTable:
         idx = np.array(self.tree.query_ball_point(q, r=chord), dtype=np.int64)
         idx.sort()
         return idx
+
+    def node_index(
+        self,
+        dist_km: np.ndarray,
+        time_min: np.ndarray,
+        node_lat: np.ndarray | None,
+        node_lon: np.ndarray | None,
+    ) -> NodeIndex | None:
+        """The :class:`NodeIndex` of this table over the road tables ``dist_km`` and
+        ``time_min`` whose nodes stand at ``node_lat``/``node_lon``, built on first use and
+        kept (for the last two road tables). None without node positions or with writeable
+        road tables (an index caches what it derives from them, so they must not change
+        under it; a :class:`~evsim.geo.RoadNetwork`'s are read-only): callers then use
+        :meth:`within_km`."""
+        for ix in self._node_indexes:
+            if (
+                ix.dist_km is dist_km
+                and ix.time_min is time_min
+                and ix.node_lat is node_lat
+                and ix.node_lon is node_lon
+            ):
+                return ix
+        if (
+            node_lat is None
+            or node_lon is None
+            or dist_km.flags.writeable
+            or time_min.flags.writeable
+        ):
+            return None
+        ix = NodeIndex(self, dist_km, time_min, node_lat, node_lon)
+        self._node_indexes.insert(0, ix)
+        del self._node_indexes[2:]
+        return ix
+
+
+def _chord_bound(radius_km: np.ndarray) -> np.ndarray:
+    """:meth:`StationTable.within_km`'s widened chord for each radius (>= 0), vectorised."""
+    ang = np.minimum(radius_km / EARTH_RADIUS_KM, math.pi)
+    return 2.0 * np.sin(ang / 2.0) * (1 + 1e-9) + _CHORD_SLACK
+
+
+Row = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class NodeIndex:
+    """Per road node, every station sorted by road distance from it, with that distance and
+    the driving time: ``dist_km[node, station node] + access_km`` and ``time_min[node,
+    station node] + access_min``, the very sums a policy computes (bit for bit), ties by
+    station index. The stations within a range ``r`` of a node are then a prefix of its row:
+    one ``searchsorted(r, "right")`` and slices (views, nearest first) instead of a k-d tree
+    query (a list of indices to sort), gathers and a road-distance test.
+
+    A policy's range query is "within ``r`` great-circle km of the vehicle (the k-d tree),
+    then within ``r`` road km": the prefix is that set exactly when the vehicle stands at its
+    node's position and no station is nearer by road than the tree finds it (every road at
+    least the great circle: generated roads and access roads are great-circle x circuity
+    >= 1). :meth:`row` checks the second once per node, in :meth:`StationTable.within_km`'s
+    own chord arithmetic with a margin, and answers None for a node where it fails (a road
+    given shorter than the great circle) and for a request off its node's position (live
+    requests at a free lat/lon); callers then query the k-d tree, so answers never change.
+
+    Rows are built on first use (an argsort over the stations) and kept up to
+    :attr:`MAX_BYTES` (oldest dropped first): 24 bytes per station and node (index, km,
+    min), 48 MB for 10,000 stations x 200 nodes. Thread-safe (live servers share a table).
+    """
+
+    MAX_BYTES: Final = 96 * 2**20
+    MARGIN: Final = 1e-10  # relative, on chords: far above rounding, far below any real gap
+
+    def __init__(
+        self,
+        table: StationTable,
+        dist_km: np.ndarray,
+        time_min: np.ndarray,
+        node_lat: np.ndarray,
+        node_lon: np.ndarray,
+    ) -> None:
+        self.table = table
+        self.dist_km = dist_km
+        self.time_min = time_min
+        self.node_lat = node_lat
+        self.node_lon = node_lon
+        self._lat_list: list[float] = np.asarray(node_lat, float).tolist()
+        self._lon_list: list[float] = np.asarray(node_lon, float).tolist()
+        self._xyz = to_unit_xyz(table.lat, table.lon)  # what the k-d tree holds
+        self._rows: dict[int, Row | None] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def row(self, node: int, lat: float, lon: float) -> Row | None:
+        """``(stations, road_km, eta_min)`` for a vehicle at road node ``node`` standing at
+        ``lat``/``lon``: station indices (intp) sorted by road distance, those distances and
+        the driving times, all read-only; None where the k-d tree must answer instead (see
+        the class docstring)."""
+        if lat != self._lat_list[node] or lon != self._lon_list[node]:
+            return None
+        try:
+            return self._rows[node]
+        except KeyError:
+            return self._build(node)
+
+    def within(self, node: int, radius_km: float) -> np.ndarray | None:
+        """Indices of the stations within ``radius_km`` road km of ``node``, nearest first
+        (None where the k-d tree must answer; empty for a negative or NaN radius)."""
+        r = self.row(node, self._lat_list[node], self._lon_list[node])
+        if r is None:
+            return None
+        if not radius_km >= 0:
+            return r[0][:0]
+        return r[0][: r[1].searchsorted(radius_km, "right")]
+
+    def _build(self, node: int) -> Row | None:
+        st = self.table
+        d = self.dist_km[node].take(st.node_ip)
+        d += st.access_km
+        la, lo = math.radians(self._lat_list[node]), math.radians(self._lon_list[node])
+        cla = math.cos(la)  # the query point exactly as within_km computes it
+        q = np.array((cla * math.cos(lo), cla * math.sin(lo), math.sin(la)))
+        chord = np.sqrt(np.square(self._xyz - q).sum(axis=1))
+        # the tree finds station s for every radius >= d[s] (NaN: never in range)
+        found = chord * (1 + self.MARGIN) <= _chord_bound(np.maximum(d, 0.0))
+        row: Row | None = None
+        if bool(np.all(found | np.isnan(d))):
+            order = np.argsort(d, kind="stable").astype(np.intp)  # ties by index; NaN last
+            eta = self.time_min[node].take(st.node_ip[order])
+            eta += st.access_min[order]
+            row = (_readonly(order), _readonly(d[order]), _readonly(eta))
+        size = 0 if row is None else sum(a.nbytes for a in row)
+        with self._lock:
+            if node in self._rows:
+                return self._rows[node]
+            while self._rows and self._bytes + size > self.MAX_BYTES:
+                old = self._rows.pop(next(iter(self._rows)))
+                self._bytes -= 0 if old is None else sum(a.nbytes for a in old)
+            self._rows[node] = row
+            self._bytes += size
+        return row
 
 
 class StatusBoard:
@@ -264,6 +450,10 @@ class NetworkSnapshot:
     online: np.ndarray
     mean_session_min: np.ndarray
     observed_t_min: np.ndarray
+    # road nodes' positions (a RoadNetwork's lat/lon): with them, and read-only road tables,
+    # range queries from a node use the stations' NodeIndex instead of the k-d tree
+    node_lat: np.ndarray | None = None
+    node_lon: np.ndarray | None = None
 
     @classmethod
     def of(cls, stations: StationTable, roads: RoadNetwork, board: StatusBoard) -> NetworkSnapshot:
@@ -276,7 +466,14 @@ class NetworkSnapshot:
             online=_readonly(board.online),
             mean_session_min=_readonly(board.mean_session_min),
             observed_t_min=_readonly(board.observed_t_min),
+            node_lat=_readonly_once(getattr(roads, "lat", None)),
+            node_lon=_readonly_once(getattr(roads, "lon", None)),
         )
+
+    def node_index(self) -> NodeIndex | None:
+        """The stations' :class:`NodeIndex` over this snapshot's road tables (None: use the
+        k-d tree, :meth:`StationTable.within_km`)."""
+        return self.stations.node_index(self.dist_km, self.time_min, self.node_lat, self.node_lon)
 
 
 @dataclass(frozen=True, slots=True)

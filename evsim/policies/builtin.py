@@ -14,8 +14,7 @@ __all__ = ["balanced", "least_wait", "nearest"]
 @register("nearest")
 def nearest(request: ChargeRequest, snapshot: NetworkSnapshot, now: float) -> Choice | None:
     """The closest reachable online station by road (what the course systems do)."""
-    c = candidates(request, snapshot, now)
-    return choose(c, snapshot, c.distance_km)
+    return candidates(request, snapshot, now).nearest()  # choose(c, snapshot, c.distance_km)
 
 
 @register("least_wait")
@@ -28,9 +27,9 @@ def least_wait(
 ) -> Choice | None:
     """Least time until back on the road at the destination: drive there, expected wait,
     charge (weighted by ``w_charge``), drive on to the destination."""
-    c = candidates(request, snapshot, now)
-    score = c.eta_min + c.expected_wait_min + w_charge * c.charge_min + c.onward_min
-    return choose(c, snapshot, score)
+    # choose(c, snapshot, c.eta_min + c.expected_wait_min + w_charge * c.charge_min
+    #                    + c.onward_min), computed on a lower bound first
+    return candidates(request, snapshot, now).least_time(w_charge)
 
 
 @register("balanced")
@@ -48,7 +47,7 @@ def balanced(
     """Weighted cost in minutes: detour time, expected wait, price (per currency unit), and
     load evenness: a station's occupancy and its company's occupancy above the network mean
     are penalised, steering demand to idle stations and under-used companies."""
-    c = candidates(request, snapshot, now)
+    c = candidates(request, snapshot, now, every_estimate=True)
     if len(c) == 0:
         return None
     st = snapshot.stations
