@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,live
 
-.PHONY: run test test-slow lint bench bench-protocol lab diagrams test-protocol-long clean
+.PHONY: run test test-slow lint bench bench-protocol bench-live lab diagrams test-protocol-long clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench: $(STAMP)
 
 bench-protocol: $(STAMP)
 	$(BIN)/python bench/protocol_throughput.py
+
+bench-live: $(STAMP)
+	$(BIN)/python bench/live_load.py
 
 diagrams: $(STAMP)
 	$(BIN)/python docs/make_diagrams.py
