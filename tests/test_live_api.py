@@ -91,6 +91,17 @@ def book_trip(net: Net, h: dict[str, str], body: dict = TRIP) -> dict:
     return r.json()
 
 
+def charge_first_stop(net: Net, h: dict[str, str], trip: dict) -> tuple[dict, dict]:
+    """Charge at the trip's first stop (acme_alpha) from t=110 to t=130: (session, CDR)."""
+    net.clock.t = 110.0
+    s = net.c["acme"].post("/sessions", headers=h, json={
+        "booking_id": trip["bookings"][0]["booking_id"], "station_id": "acme_alpha",
+        "soc": 0.2, "battery_kwh": 60}).json()
+    net.clock.t = 130.0
+    cdr = net.c["acme"].post(f"/sessions/{s['session_id']}/stop", headers=h).json()
+    return s, cdr
+
+
 def expected_price(station: str, connector_kw: float, ctype: str, start: float, end: float,
                    soc: float, target: float, battery: float, max_dc: float = 150.0,
                    max_ac: float = 11.0) -> tuple[float, float]:

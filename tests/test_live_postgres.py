@@ -24,7 +24,7 @@ pytest.importorskip("psycopg")
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
-from test_live_api import TINY, Net, book_trip
+from test_live_api import TINY, Net, book_trip, charge_first_stop
 
 from evsim.protocol import BookingState
 from live.bus import InMemoryBus
@@ -98,12 +98,7 @@ def test_trip_session_restart_and_cancel_on_postgres(tmp_path: Path,
     vid, h = net.register()
     trip = book_trip(net, h)
     assert trip["outcome"] == "BOOKED"
-    net.clock.t = 110.0
-    s = net.c["acme"].post("/sessions", headers=h, json={
-        "booking_id": trip["bookings"][0]["booking_id"], "station_id": "acme_alpha",
-        "soc": 0.2, "battery_kwh": 60}).json()
-    net.clock.t = 130.0
-    cdr = net.c["acme"].post(f"/sessions/{s['session_id']}/stop", headers=h).json()
+    _, cdr = charge_first_stop(net, h, trip)
     assert cdr["status"] == "COMPLETED" and cdr["price"]["total"] > 0
     durable = {c: (net.svc(c).host.participant.durable_state(),
                    net.svc(c).host.coordinator.durable_state()) for c in ("acme", "zap")}

@@ -11,7 +11,7 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient
 from sqlalchemy import text
-from test_live_api import TRIP, Net, book_trip
+from test_live_api import TRIP, Net, book_trip, charge_first_stop
 
 from evsim.protocol import BookingState, TripState
 from live.bus import InMemoryBus
@@ -40,12 +40,7 @@ def test_restart_keeps_trips_bookings_sessions_and_protocol_state(tmp_path: Path
     net = Net(tmp_path)
     vid, h = net.register()
     trip = book_trip(net, h)
-    net.clock.t = 110.0
-    s = net.c["acme"].post("/sessions", headers=h, json={
-        "booking_id": trip["bookings"][0]["booking_id"], "station_id": "acme_alpha",
-        "soc": 0.2, "battery_kwh": 60}).json()
-    net.clock.t = 130.0
-    cdr = net.c["acme"].post(f"/sessions/{s['session_id']}/stop", headers=h).json()
+    s, cdr = charge_first_stop(net, h, trip)
     walk = net.c["acme"].post("/sessions", headers=h, json={
         "station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 60}).json()
     durable = {c: (net.svc(c).host.participant.durable_state(),
