@@ -95,7 +95,6 @@ class _Step:
     fx: Effects
     value: Any
     extra: Callable[[Connection, Any, Effects], None] | None
-    done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
     def write(self, conn: Connection, pid: str, cid: str) -> None:
@@ -361,8 +360,6 @@ class ProtocolHost:
                     self._committing = False
                     self._durable = max(self._durable, steps[-1].seq)
                     self._qcond.notify_all()
-                for st in steps:
-                    st.done.set()
 
     def barrier(self) -> None:
         """Wait until every step queued so far is durable (call before answering a read
