@@ -11,7 +11,7 @@ Tables
 ``vehicles``      registered vehicles: id, SHA-256 of the bearer token, home company.
 ``protocol_log``  append-only protocol records (``evsim.protocol.encode_record``) per node id,
                   ordered by ``seq`` (written by :class:`live.server.node.ProtocolHost`'s
-                  committer thread, many concurrent steps per transaction: group commit);
+                  commit leader, many concurrent steps per transaction: group commit);
                   ``Participant.from_log`` / ``Coordinator.from_log`` rebuild the nodes from
                   it after a restart.  Written *before* the messages returned by the same
                   protocol call are sent (write-ahead rule).

@@ -89,7 +89,7 @@ def node_ids(company: str) -> tuple[str, str, str]:
 
 @dataclass(slots=True)
 class _Step:
-    """One step queued for the committer."""
+    """One step queued for the next group commit."""
 
     seq: int
     fx: Effects
@@ -268,7 +268,7 @@ class ProtocolHost:
         """Run ``op(now)`` on the nodes, persist, then send; returns op's value.
 
         ``extra(conn, value, effects)`` runs inside the same transaction as the protocol
-        records (on the committer thread, after the operation and its local deliveries: it
+        records (on the thread leading the commit, after the operation and its local deliveries: it
         must only write what ``value`` / ``effects`` say).  ``pipelined=False`` (default)
         waits for every queued step before running ``op``, for operations that read the
         database; the protocol paths pass ``True``.

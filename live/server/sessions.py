@@ -411,7 +411,7 @@ class SessionManager:
                     p.cancel(out["rejected"].booking_id, now, "walk_in_failed")
             out["queue_len"] = len(q)
             # decided here, under the lock: the queue thread may move ``new`` on before this
-            # step's extra runs on the committer
+            # step's extra runs on the commit leader
             out["enqueued"] = new is not None and new.queue and new.status == "QUEUED"
             return None, []
 
