@@ -9,7 +9,7 @@ and the ticker alike).  Every call follows the same steps (:meth:`ProtocolHost.e
    needs no broker round trip), TripResults addressed to the API node are collected; the
    ``tracers`` turn the step into trace rows; the step's records (both nodes'
    ``new_records()``, the trace rows and the caller's ``extra`` writes) are queued for the
-   committer, in lock order;
+   next group commit, in lock order;
 2. release the lock and wait until the step is durable.  Group commit with a **leader**, no
    thread of its own: the first waiter that finds no commit in progress takes every queued
    step and writes them in one transaction (one fsync for many concurrent requests), in queue
