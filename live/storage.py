@@ -30,6 +30,7 @@ Tables
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -204,6 +205,7 @@ class _Append:
 
 _append_log = _Append(protocol_log, ("node_id", "record"))
 _append_trace = _Append(trace, TRACE_NAMES)
+_append_trip = _Append(trips, ("trip_id", "vehicle_id", "created_t_min", "request"))
 
 
 class StorageError(RuntimeError):
@@ -239,6 +241,7 @@ class Storage:
         self.url = url
         self.engine = make_engine(url)
         self._write = threading.Lock()  # SQLite has one writer; serialise to avoid busy errors
+        self._writer: Connection | None = None  # the connection writes use (see begin)
         # token hash -> vehicle row: vehicles are never deleted nor re-keyed, so a hit stays
         # valid; saves a query on every authenticated request
         self._by_token: dict[str, dict[str, Any]] = {}
@@ -264,13 +267,32 @@ class Storage:
                 )
 
     def close(self) -> None:
+        with self._write:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         self.engine.dispose()
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
-        """One write transaction (committed on exit, rolled back on error)."""
-        with self._write, self.engine.begin() as conn:
-            yield conn
+        """One write transaction (committed on exit, rolled back on error).
+
+        Writes share one connection kept open (they are serialised anyway): no pool
+        check-out and reset-on-return (a ROLLBACK) around every group commit.  After any
+        error the connection is closed and the next write opens a fresh one, so a broken
+        connection (a restarted PostgreSQL) costs one failed transaction."""
+        with self._write:
+            conn = self._writer
+            if conn is None:
+                conn = self._writer = self.engine.connect()
+            try:
+                with conn.begin():
+                    yield conn
+            except BaseException:
+                self._writer = None
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise
 
     def journal_mode(self) -> str:
         """SQLite journal mode (``wal``), or the dialect name for other databases."""
@@ -322,6 +344,11 @@ class Storage:
             row = conn.execute(select(vehicles).where(vehicles.c.vehicle_id == vehicle_id)).first()
         return None if row is None else dict(row._mapping)
 
+    def cached_vehicle(self, token_hash: str) -> dict[str, Any] | None:
+        """The vehicle row for ``token_hash`` if it is cached (no query), else None."""
+        hit = self._by_token.get(token_hash)
+        return None if hit is None else dict(hit)
+
     def vehicle_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
         hit = self._by_token.get(token_hash)
         if hit is not None:
@@ -341,12 +368,8 @@ class Storage:
     def add_trip(
         conn: Connection, trip_id: str, vehicle_id: str, t_min: float, request: Any
     ) -> None:
-        conn.execute(
-            insert(trips).values(
-                trip_id=trip_id, vehicle_id=vehicle_id, created_t_min=t_min,
-                request=json.dumps(request),
-            )
-        )
+        _append_trip(conn, [{"trip_id": trip_id, "vehicle_id": vehicle_id,
+                             "created_t_min": t_min, "request": json.dumps(request)}])
 
     def trip(self, trip_id: str) -> dict[str, Any] | None:
         hit = self._trips.get(trip_id)

@@ -42,10 +42,12 @@ from evsim.protocol import (
     Message,
     Outgoing,
     Participant,
+    Prepare,
     StopRequest,
     TripRequest,
     TripResult,
     TripState,
+    split_before_log,
 )
 
 STATIONS = {
@@ -116,8 +118,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     # ----------------------------------------------------------------- rules
 
-    @rule(coord=st.sampled_from(COORDS), legs=legs_st)
-    def request_trip(self, coord: str, legs: list[tuple[str, int, int, bool]]) -> None:
+    def _new_trip(self, coord: str, legs: list[tuple[str, int, int, bool]]) -> TripRequest:
         self.n_trips += 1
         tid, vid = f"T{self.n_trips}", f"V{self.n_trips}"
         stops = tuple(
@@ -127,9 +128,30 @@ class ProtocolMachine(RuleBasedStateMachine):
         )
         req = TripRequest(f"{vid}:req", vid, tid, vid, stops)
         self.trips[tid] = (coord, req)
+        return req
+
+    @rule(coord=st.sampled_from(COORDS), legs=legs_st)
+    def request_trip(self, coord: str, legs: list[tuple[str, int, int, bool]]) -> None:
+        req = self._new_trip(coord, legs)
         node = self.nodes[coord]
         assert isinstance(node, Coordinator)
         self.dispatch(coord, node.request_trip(req, self.local(coord)))
+
+    @rule(coord=st.sampled_from(COORDS), legs=legs_st)
+    def request_trip_then_crash(self, coord: str,
+                                legs: list[tuple[str, int, int, bool]]) -> None:
+        """Presumed abort: the PREPAREs leave before TripStarted is durable
+        (``BEFORE_LOG``) and the coordinator crashes before it is: the trip's record and
+        every message that had to wait for it are lost."""
+        req = self._new_trip(coord, legs)
+        node = self.nodes[coord]
+        assert isinstance(node, Coordinator)
+        early, _after = split_before_log(node.request_trip(req, self.local(coord)))
+        assert all(isinstance(o.msg, Prepare) for o in early)
+        self.in_flight.extend(early)
+        node.new_records()  # never written: they die with the process
+        self.nodes[coord] = build(coord, list(self.persisted[coord]))
+        assert self.nodes[coord].trip_state(req.trip_id) is None  # type: ignore[union-attr]
 
     @precondition(lambda self: self.in_flight)
     @rule(i=st.integers(0, 10_000), action=st.sampled_from(["deliver"] * 3 + ["drop", "dup"]))
@@ -140,6 +162,24 @@ class ProtocolMachine(RuleBasedStateMachine):
         if action == "dup":
             self.in_flight.append(o)
         self.deliver(o)
+
+    @precondition(lambda self: any(o.dst in COORDS for o in self.in_flight))
+    @rule(i=st.integers(0, 10_000))
+    def deliver_then_crash(self, i: int) -> None:
+        """A coordinator handles a message, sends only what may precede its records
+        (``before_log``: a BOOKED answer after the last COMMIT_ACK, say) and crashes
+        before the records are durable."""
+        mine = [k for k, o in enumerate(self.in_flight) if o.dst in COORDS]
+        o = self.in_flight.pop(mine[i % len(mine)])
+        node = self.nodes[o.dst]
+        early, _after = split_before_log(node.handle(o.msg, self.local(o.dst)))
+        for e in early:
+            if e.dst in self.nodes:
+                self.in_flight.append(e)
+            else:  # the vehicle's answer
+                self.deliver(e)
+        node.new_records()  # never written: they die with the process
+        self.nodes[o.dst] = build(o.dst, list(self.persisted[o.dst]))
 
     @rule(dt=st.sampled_from([0.1, 0.3, 0.5, 1.0, 2.5]))
     def advance(self, dt: float) -> None:

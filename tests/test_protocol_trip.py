@@ -28,6 +28,7 @@ from evsim.protocol import (
     Vote,
     dump_log,
     load_log,
+    split_before_log,
 )
 
 LEGS = [("P1", 100.0, 130.0), ("P2", 200.0, 230.0), ("P3", 300.0, 330.0)]
@@ -338,6 +339,59 @@ def test_coordinator_restart_while_committing_resends_decision() -> None:
     # the booked connectors survive another restart
     c = restart_coordinator(link, c)
     assert c.trip_result("t1").bookings[2].connector_id == "P3-c1"
+
+
+def test_booked_answer_before_all_acked_is_durable_survives_a_restart() -> None:
+    """BOOKED may leave before ALL_ACKED is durable (``before_log``).  A coordinator that
+    crashes right then restarts in COMMITTING and, not knowing whether the vehicle was
+    told BOOKED, waits for every stop instead of compensating at its ack deadline."""
+    link, c, ps = setup(ack_timeout_min=5.0)
+    link.send(c.request_trip(trip("t1", LEGS), 0.0))
+    link.deliver(1.0)  # votes
+    link.deliver(1.0)  # ALL_YES (durable before the COMMITs leave), COMMITs
+    link.deliver(1.1)  # each participant commits (durable), then acknowledges
+    durable = list(c.log)
+    out: list[Outgoing] = []
+    for o in link.take():  # the three COMMIT_ACKs
+        out += c.handle(o.msg, 1.2)
+    early, after = split_before_log(out)
+    assert [(o.dst, o.msg.outcome) for o in early] == [("V", "BOOKED")]
+    assert after == []
+    link.send(early)
+    # the crash loses ALL_ACKED
+    c = Coordinator.from_log("C", load_log(dump_log(durable)), ack_timeout_min=5.0)
+    link.nodes["C"] = c
+    assert c.trip_state("t1") is TripState.COMMITTING
+    cut = lambda o: "P3" in (o.dst, o.msg.src)  # noqa: E731 (P3 unreachable for long)
+    t = 1.5
+    while t < 20.0:  # well past decided (1.0) + ack_timeout_min (5.0)
+        link.tick(t)
+        link.pump(t, drop=cut)
+        t += 0.5
+    assert c.trip_state("t1") is TripState.COMMITTING  # no ACK_TIMEOUT compensation
+    assert [state(ps, f"t1/{i}") for i in range(3)] == [BookingState.RESERVED] * 3
+    link.tick(t)  # the partition heals: P3 answers from state
+    link.pump(t)
+    assert c.trip_state("t1") is TripState.BOOKED
+    assert {r.outcome for r in results(link)} == {"BOOKED"}
+
+
+def test_trip_decided_after_a_restart_keeps_its_ack_deadline() -> None:
+    link, c, _ps = setup(ack_timeout_min=5.0)
+    link.send(c.request_trip(trip("t1", LEGS), 0.0))
+    link.take()  # crash before any PREPARE arrived
+    c = restart_coordinator(link, c, ack_timeout_min=5.0)
+    link.tick(0.5)  # re-sent PREPAREs
+    link.deliver(1.0)
+    link.deliver(1.0)  # this incarnation decides ALL_YES at 1.0
+    assert c.trip_state("t1") is TripState.COMMITTING
+    cut = lambda o: "P3" in (o.dst, o.msg.src)  # noqa: E731
+    t = 1.0
+    while c.trip_state("t1") is TripState.COMMITTING and t < 30.0:
+        link.pump(t, drop=cut)
+        t += 0.25
+        link.tick(t)
+    assert t == 6.0 and results(link)[0].reason == "ack_timeout"
 
 
 def test_participant_restart_asks_coordinator_for_the_decision() -> None:

@@ -47,10 +47,12 @@ from evsim.protocol.messages import (
     TripRequest,
     TripResult,
     Vote,
+    before_log,
     decode,
     decode_batch,
     encode,
     encode_batch,
+    split_before_log,
 )
 from evsim.protocol.participant import BookingView, Participant
 from evsim.protocol.states import (
@@ -102,6 +104,7 @@ __all__ = [
     "TripStarted",
     "TripState",
     "Vote",
+    "before_log",
     "booking_id_for",
     "decode",
     "decode_batch",
@@ -111,4 +114,5 @@ __all__ = [
     "encode_batch",
     "encode_record",
     "load_log",
+    "split_before_log",
 ]

@@ -47,7 +47,40 @@ logged, so the first ``tick`` re-sends the current phase's messages to every
 stop (PREPARE keeps the original deadline; participants answer duplicates
 from their state).  A participant unsure of a decision sends QueryDecision;
 the coordinator answers from its log, and with ABORT for a trip it does not
-know (presumed abort: by the write-ahead rule a trip with holds is logged).
+know (presumed abort).
+
+Presumed abort, and why TripStarted is not forced
+-------------------------------------------------
+Every record is written ahead of the messages of its step, with one exception:
+PREPARE may leave before ``TripStarted`` is durable (``Prepare.BEFORE_LOG``), so
+an adapter overlaps the coordinator's first write with the first hop.  If the
+coordinator then crashes before the record is durable, it restarts knowing
+nothing of the trip, and every outcome stays safe: no decision can have been
+made (the decision's own write comes after TripStarted in the log), so a
+participant holding for the trip either gets ABORT when it asks (unknown trip =
+ABORT) or lets its lease run out; nothing was reserved and the vehicle, whose
+request died with the coordinator, was told nothing.  A retry of the same trip
+id then starts afresh, and its stops answer from their state (a released hold
+is never resurrected: the retry is REJECTED).  The decision (ALL_YES) and the
+participants' holds and commits stay forced: those are what BOOKED rests on.
+``tests/test_protocol_stateful.py`` crashes coordinators between the PREPAREs
+and their TripStarted (rule ``request_trip_then_crash``).
+
+ALL_ACKED is not forced either
+------------------------------
+The vehicle may be told BOOKED before the ALL_ACKED record is durable
+(:func:`~evsim.protocol.messages.before_log`): by then the ALL_YES decision is
+durable (it was written before any COMMIT left) and so is every participant's
+reservation (each forces its commit before it acknowledges), so a crash can
+only lose the fact that the ACKs came in.  A coordinator restarted in
+COMMITTING therefore cannot know whether the vehicle was told BOOKED, and it
+does not compensate when its ack deadline passes: it re-sends COMMIT until
+every stop answers, COMMIT_ACK (from state: the stop is reserved) or
+COMMIT_FAILED (the hold ran out first: compensate, nobody was told BOOKED).
+The answer bound above (``vote_timeout_min + ack_timeout_min``) is for a
+coordinator that stays up; after a restart a trip waits for its stops, as
+two-phase commit does.  The stateful test crashes coordinators right after
+they emit BOOKED (rule ``deliver_then_crash``).
 """
 
 from __future__ import annotations
@@ -109,6 +142,8 @@ class _Trip:
     failed_stop: int | None = None
     alternatives: tuple[Alternative, ...] = ()
     connectors: tuple[str, ...] = ()
+    # rebuilt from the log by a restarted coordinator (see "ALL_ACKED is not forced")
+    restored: bool = False
     # volatile (rebuilt empty after a restart; re-collected by re-sending)
     votes: dict[int, Vote] = field(default_factory=dict)
     acked: dict[int, str] = field(default_factory=dict)
@@ -165,6 +200,8 @@ class Coordinator(EventSourced):
         """Rebuild a coordinator from its persisted records (after a crash)."""
         node = cls(node_id, **config)
         node._replay(records)
+        for t in node._trips.values():
+            t.restored = True
         return node
 
     def _apply(self, rec: Record) -> None:
@@ -221,6 +258,7 @@ class Coordinator(EventSourced):
     ) -> list[Outgoing]:
         """Log a trip event, then send what the new state calls for."""
         trip_next(t.state, event)  # validate before logging
+        t.restored = False  # this incarnation decides (and answers) from here on
         self._emit(
             TripChanged(
                 t.trip_id, event.value, now_min, reason, failed_stop, alternatives, connectors
@@ -477,7 +515,8 @@ class Coordinator(EventSourced):
         for t in list(self._open.values()):
             if t.state is _S.PREPARING and now_min >= t.vote_deadline_min:
                 out += self._change(t, TripEvent.VOTE_TIMEOUT, now_min, "vote_timeout")
-            elif t.state is _S.COMMITTING and now_min >= t.decided_min + self.ack_timeout_min:
+            elif (t.state is _S.COMMITTING and not t.restored
+                  and now_min >= t.decided_min + self.ack_timeout_min):
                 out += self._change(t, TripEvent.ACK_TIMEOUT, now_min, "ack_timeout")
             elif now_min >= t.next_retry_min:
                 out += self._phase_messages(t, now_min)

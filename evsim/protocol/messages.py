@@ -82,9 +82,18 @@ class BookedStop:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """Base of all wire messages."""
+    """Base of all wire messages.
+
+    ``BEFORE_LOG``: the write-ahead rule (persist ``new_records()``, then send) holds for
+    every message except those whose class sets it, and BOOKED answers
+    (:func:`before_log`).  :class:`Prepare` sets it: under presumed abort a coordinator
+    need not force its TripStarted record before the PREPAREs leave (see
+    :mod:`evsim.protocol.coordinator`), so adapters may send it while the step's records
+    are still being written (:func:`split_before_log`).
+    """
 
     TYPE: ClassVar[str] = ""
+    BEFORE_LOG: ClassVar[bool] = False
     msg_id: str
     src: str
 
@@ -125,6 +134,7 @@ class Prepare(Message):
     """Coordinator -> participant: place a hold (tentative booking) with a lease."""
 
     TYPE: ClassVar[str] = "PREPARE"
+    BEFORE_LOG: ClassVar[bool] = True  # presumed abort: TripStarted is not forced
     trip_id: str
     booking_id: str
     station_id: str
@@ -291,6 +301,27 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         BookReply,
     )
 }
+
+
+def before_log(msg: Message) -> bool:
+    """May ``msg`` leave before the records of the step that made it are durable?
+
+    PREPARE (``BEFORE_LOG``), and a BOOKED :class:`TripResult`: what BOOKED rests on is
+    already durable when the last COMMIT_ACK comes in (the ALL_YES decision was forced
+    before any COMMIT left, each participant forced its commit before acknowledging), and
+    a coordinator restarted without the ALL_ACKED record waits for every stop's answer
+    instead of compensating on its ack deadline (:mod:`evsim.protocol.coordinator`)."""
+    return msg.BEFORE_LOG or (isinstance(msg, TripResult) and msg.outcome == "BOOKED")
+
+
+def split_before_log(outs: Sequence[Outgoing]) -> tuple[list[Outgoing], list[Outgoing]]:
+    """``(early, after)``: the messages that may be sent before the step's records are
+    durable (:func:`before_log`), and the rest, which must wait for them."""
+    early: list[Outgoing] = []
+    after: list[Outgoing] = []
+    for o in outs:
+        (early if before_log(o.msg) else after).append(o)
+    return early, after
 
 
 def msg_id(src: str, kind: str, key: str) -> str:

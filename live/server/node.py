@@ -20,7 +20,11 @@ and the ticker alike).  Every call follows the same steps (:meth:`ProtocolHost.e
    then run the post-commit hooks (vehicle notifications).  Publishing outside the lock
    means a synchronous bus (tests) or a slow broker can never deadlock two servers.
 
-Write-ahead rule: nothing of a step is sent or answered before its records are committed.
+Write-ahead rule: nothing of a step is sent or answered before its records are committed,
+except what the protocol says may precede them (:func:`evsim.protocol.before_log`): PREPARE
+(presumed abort) leaves as soon as the step has run, so a trip's first hop overlaps the
+coordinator's first commit, and a BOOKED answer wakes its request while ALL_ACKED is still
+being written (see :mod:`evsim.protocol.coordinator` for why both are safe).
 A step that wrote nothing still waits until every step queued before it is durable (what it
 sends may depend on their effects), and readers that answer from in-memory state
 (:meth:`barrier`) do the same, so no reply shows a state that a crash could undo.  Steps
@@ -66,8 +70,10 @@ from evsim.protocol import (
     ProtocolError,
     Record,
     TripResult,
+    before_log,
     decode_batch,
     encode,
+    split_before_log,
 )
 from evsim.protocol.messages import MAX_BATCH as PROTOCOL_MAX_BATCH
 from live import topics
@@ -308,6 +314,16 @@ class ProtocolHost:
                     or fx.trace_rows:
                 step = self._enqueue(fx, value, extra)
             upto = self._enqueued
+        early, remote = split_before_log(remote)
+        if early:  # PREPAREs (presumed abort): they need not wait for the commit below
+            self._send(early)
+        booked = [r for r in fx.results if before_log(r)]
+        if booked:  # nor does a BOOKED answer (ALL_ACKED is not forced): wake its request
+            with self.lock:
+                for res in booked:
+                    ev = self._waiters.get(res.trip_id)
+                    if ev is not None:
+                        ev.set()
         # what we send may depend on steps still committing: wait for all up to ours
         self._wait_durable(step.seq if step is not None else upto)
         if step is not None and step.error is not None:
@@ -476,21 +492,24 @@ class ProtocolHost:
             return self.coordinator.trip_result(trip_id) or self._results.get(trip_id)
 
     def wait_result(self, trip_id: str, timeout_s: float) -> TripResult | None:
-        """Block up to ``timeout_s`` wall seconds for a trip's definitive result."""
+        """Block up to ``timeout_s`` wall seconds for a trip's definitive result.
+
+        Answers nothing a crash could still undo: it waits until what is queued is durable,
+        except for a BOOKED result, which rests only on records already durable
+        (:func:`evsim.protocol.before_log`)."""
         with self.lock:
             res = self.result(trip_id)
             if res is None:
                 ev = self._waiters.setdefault(trip_id, threading.Event())
-        if res is not None:
+        if res is None:
+            try:
+                ev.wait(timeout_s)
+            finally:
+                with self.lock:
+                    self._waiters.pop(trip_id, None)
+            res = self.result(trip_id)
+        if res is None or not before_log(res):
             self.barrier()
-            return res
-        try:
-            ev.wait(timeout_s)
-        finally:
-            with self.lock:
-                self._waiters.pop(trip_id, None)
-        res = self.result(trip_id)
-        self.barrier()  # answer nothing a crash could still undo
         return res
 
 

@@ -42,6 +42,7 @@ from evsim.protocol import (
     StopRequest,
     TripRequest,
     TripResult,
+    before_log,
 )
 from evsim.scenario import load_scenario
 from evsim.snapshot import ChargeRequest
@@ -199,6 +200,12 @@ class CompanyService:
 
     def authenticate(self, token: str) -> str | None:
         row = self.storage.vehicle_by_token_hash(hash_token(token))
+        return None if row is None else str(row["vehicle_id"])
+
+    def authenticate_cached(self, token: str) -> str | None:
+        """The token's vehicle if the storage cache knows it (never touches the database);
+        None means "ask :meth:`authenticate`"."""
+        row = self.storage.cached_vehicle(hash_token(token))
         return None if row is None else str(row["vehicle_id"])
 
     # ------------------------------------------------------------------ stations
@@ -365,21 +372,25 @@ class CompanyService:
         coord = self.host.coordinator
         bound_min = coord.vote_timeout_min + coord.ack_timeout_min
         bound_s = bound_min * 60.0 / self.settings.time_scale + 1.0
-        self.host.wait_result(trip_id, min(self.settings.booking_wait_s, bound_s))
-        trip = self.trip(trip_id)
+        res = self.host.wait_result(trip_id, min(self.settings.booking_wait_s, bound_s))
+        # BOOKED rests on durable records only (wait_result): no barrier for it either
+        trip = self.trip(trip_id, durable=res is None or not before_log(res))
         code = {"BOOKED": 201, "REJECTED": 409, "FAILED": 409, "CANCELED": 409}.get(
             trip.outcome, 202
         )
         return code, trip
 
-    def trip(self, trip_id: str) -> m.TripPublic:
+    def trip(self, trip_id: str, *, durable: bool = True) -> m.TripPublic:
+        """A trip as its vehicle sees it; ``durable=False`` skips the barrier (for a BOOKED
+        answer, which no crash can undo)."""
         row = self.storage.trip(trip_id)
         with self.host.lock:
             coord = self.host.coordinator
             state = coord.trip_state(trip_id)
             res = self.host.result(trip_id)
             bids = list(coord.booking_ids(trip_id)) if state is not None else []
-        self.host.barrier()  # show nothing a crash could still undo
+        if durable:
+            self.host.barrier()  # show nothing a crash could still undo
         if row is None and state is None:
             raise ApiError(404, f"unknown trip {trip_id!r}", "not_found")
         vehicle = row["vehicle_id"] if row else owner_of(trip_id)
