@@ -13,7 +13,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +135,45 @@ def test_station_owner_cancel_cancels_the_trip_at_its_coordinator(net: Net) -> N
     assert events.count("booking_cancelled") >= 2  # the station's note and the trip's
     trip_note = [n for n in net.notes(vid) if n.get("outcome") == "CANCELED"]
     assert trip_note and trip_note[-1]["trip_id"] == tid
+
+
+def test_booked_answer_waits_for_the_step_that_decided_the_trip(net: Net) -> None:
+    """A BOOKED answer may skip waiting for ALL_ACKED (``before_log``), never for the
+    decision: a trip with every stop at home is decided and booked in one step, and a
+    second request waiting for it must not answer before that step is committed."""
+    vid, h = net.register()
+    svc = net.svc("acme")
+    host = svc.host
+    trip_id = svc.trip_id_for(vid, "local-1")
+    gate = threading.Event()
+    committing = threading.Event()
+    real_begin = svc.storage.begin
+
+    @contextmanager
+    def slow_begin() -> Iterator[Any]:
+        committing.set()
+        assert gate.wait(10.0)
+        with real_begin() as conn:
+            yield conn
+
+    svc.storage.begin = slow_begin  # type: ignore[method-assign]
+    body = {"stops": [TRIP["stops"][0]]}  # acme_alpha only: all at home
+    first: dict[str, Any] = {}
+    a = threading.Thread(target=lambda: first.update(r=net.c["acme"].post(
+        "/bookings", json=body, headers={**h, "Idempotency-Key": "local-1"})))
+    a.start()
+    assert committing.wait(10.0)  # the trip's only step is run, its commit is held up
+    assert host.result(trip_id) is not None and host.result(trip_id).outcome == "BOOKED"
+    answered: dict[str, Any] = {}
+    b = threading.Thread(target=lambda: answered.update(
+        res=host.wait_result(trip_id, 5.0), t=time.monotonic()))
+    b.start()
+    b.join(0.3)
+    assert b.is_alive(), "BOOKED answered before its decision was committed"
+    opened = time.monotonic()
+    gate.set()
+    b.join(10.0)
+    a.join(10.0)
+    svc.storage.begin = real_begin  # type: ignore[method-assign]
+    assert answered["res"].outcome == "BOOKED" and answered["t"] >= opened
+    assert first["r"].status_code == 201

@@ -69,6 +69,8 @@ from evsim.protocol import (
     Participant,
     ProtocolError,
     Record,
+    TripChanged,
+    TripEvent,
     TripResult,
     before_log,
     decode_batch,
@@ -86,6 +88,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 256  # protocol messages handled in one step at most (bus batching)
+_ALL_YES = TripEvent.ALL_YES.value
 
 
 def node_ids(company: str) -> tuple[str, str, str]:
@@ -171,6 +174,9 @@ class ProtocolHost:
         self._committing = False  # a leader is writing a batch
         self.commits = 0  # transactions written (for benchmarks)
         self._results: dict[str, TripResult] = {}  # also answers for never-started trips
+        # trip id -> seq of the step that logged its ALL_YES decision, while that step may
+        # not be durable yet: a BOOKED answer waits for that step (and no other)
+        self._decided: dict[str, int] = {}
         self.dropped = 0  # garbage / misaddressed protocol payloads ignored
         # bus batching: (destination node, message) buffered on the bus worker until it
         # goes idle; only that worker touches the list
@@ -313,12 +319,16 @@ class ProtocolHost:
             if fx.participant_records or fx.coordinator_records or extra is not None \
                     or fx.trace_rows:
                 step = self._enqueue(fx, value, extra)
+                for rec in fx.coordinator_records:
+                    if isinstance(rec, TripChanged) and rec.event == _ALL_YES:
+                        self._decided[rec.trip_id] = step.seq
             upto = self._enqueued
         early, remote = split_before_log(remote)
         if early:  # PREPAREs (presumed abort): they need not wait for the commit below
             self._send(early)
         booked = [r for r in fx.results if before_log(r)]
-        if booked:  # nor does a BOOKED answer (ALL_ACKED is not forced): wake its request
+        if booked:  # nor does a BOOKED answer (ALL_ACKED is not forced): wake its request,
+            # which still waits for the step that decided the trip (wait_result)
             with self.lock:
                 for res in booked:
                     ev = self._waiters.get(res.trip_id)
@@ -376,6 +386,21 @@ class ProtocolHost:
                     self._committing = False
                     self._durable = max(self._durable, steps[-1].seq)
                     self._qcond.notify_all()
+
+    def wait_decided(self, trip_id: str) -> None:
+        """Return once the step that logged ``trip_id``'s ALL_YES decision is durable: all a
+        BOOKED answer rests on besides the stops' own commits.  (Usually it already is; not
+        when the trip was decided and booked in one step, every stop at home.)"""
+        with self.lock:
+            seq = self._decided.get(trip_id)
+        if seq is None:
+            return
+        self._wait_durable(seq)
+        with self.lock:
+            self._decided.pop(trip_id, None)
+            if len(self._decided) > 4096:  # decisions nobody waited for, long durable
+                done = self._durable
+                self._decided = {t: q for t, q in self._decided.items() if q > done}
 
     def barrier(self) -> None:
         """Wait until every step queued so far is durable (call before answering a read
@@ -495,7 +520,9 @@ class ProtocolHost:
         """Block up to ``timeout_s`` wall seconds for a trip's definitive result.
 
         Answers nothing a crash could still undo: it waits until what is queued is durable,
-        except for a BOOKED result, which rests only on records already durable
+        except for a BOOKED result, which rests only on the trip's decision (and the stops'
+        commits, durable before they were acknowledged): it waits for the step that logged
+        the decision (:meth:`wait_decided`), not for ALL_ACKED
         (:func:`evsim.protocol.before_log`)."""
         with self.lock:
             res = self.result(trip_id)
@@ -510,6 +537,8 @@ class ProtocolHost:
             res = self.result(trip_id)
         if res is None or not before_log(res):
             self.barrier()
+        else:
+            self.wait_decided(trip_id)
         return res
 
 
