@@ -231,6 +231,17 @@ class BookingConfig(_Model):
     ack_timeout_min: PosFloat = 10.0
     retry_min: PosFloat = 0.5
 
+    def coordinator_config(self) -> dict[str, float]:
+        """Keyword arguments of :class:`evsim.protocol.Coordinator`: the same timers for a
+        simulated company server and a live one."""
+        return {
+            "lease_min": self.lease_min,
+            "vote_timeout_min": self.vote_timeout_min,
+            "commit_margin_min": self.commit_margin_min,
+            "ack_timeout_min": self.ack_timeout_min,
+            "retry_min": self.retry_min,
+        }
+
     @model_validator(mode="after")
     def _lease_fits(self) -> BookingConfig:
         if self.vote_timeout_min + self.commit_margin_min > self.lease_min:

@@ -90,13 +90,7 @@ class ProtocolBus:
         self.cfg = sc.booking
         self.rng = random.Random(f"evsim-network-{sim.seed}")
         self.companies = [c.id for c in sc.companies]
-        self._coord_config: dict[str, Any] = {
-            "lease_min": self.cfg.lease_min,
-            "vote_timeout_min": self.cfg.vote_timeout_min,
-            "commit_margin_min": self.cfg.commit_margin_min,
-            "ack_timeout_min": self.cfg.ack_timeout_min,
-            "retry_min": self.cfg.retry_min,
-        }
+        self._coord_config: dict[str, Any] = self.cfg.coordinator_config()
         # connector classes per company: class key -> connector ids; and back to stations
         self.station_maps: dict[str, dict[str, list[str]]] = {c: {} for c in self.companies}
         self.class_station: dict[str, int] = {}

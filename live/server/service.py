@@ -100,7 +100,9 @@ class CompanyService:
         self.clock = clock or settings.wall_clock()
         self.storage = Storage(settings.database_url)
         self.host = ProtocolHost(
-            self.company, self.world.protocol_stations(self.company), self.storage, self.clock
+            self.company, self.world.protocol_stations(self.company), self.storage, self.clock,
+            # the scenario's timers, as the simulated company servers use them
+            coordinator_config=scenario.booking.coordinator_config(),
         )
         self.host.hooks.append(self._after_protocol)
         self.host.tracers.append(self._trace_rows)  # written in the step's own transaction
