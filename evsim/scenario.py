@@ -224,12 +224,19 @@ class BookingConfig(_Model):
     max_advance_min: PosFloat = 120.0  # book a stop only once its window starts this soon
     max_attempts: Annotated[int, Field(ge=1)] = 3  # trip requests per booking round
     max_shift_min: NonNegFloat = 10.0  # take a later window at the same station if <= this
+    # station owners (participants): the share of each station's connectors never booked,
+    # kept for vehicles that turn up without a booking (0: any connector can be booked)
+    walkin_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # coordinator (vehicle's home company server) protocol timers, see evsim.protocol
     lease_min: PosFloat = 10.0
     vote_timeout_min: PosFloat = 3.0
     commit_margin_min: NonNegFloat = 2.0
     ack_timeout_min: PosFloat = 10.0
     retry_min: PosFloat = 0.5
+
+    def participant_config(self) -> dict[str, float]:
+        """Keyword arguments of :class:`evsim.protocol.Participant` (sim and live alike)."""
+        return {"walkin_share": self.walkin_share}
 
     def coordinator_config(self) -> dict[str, float]:
         """Keyword arguments of :class:`evsim.protocol.Coordinator`: the same timers for a

@@ -506,17 +506,19 @@ def test_trip_waits_for_remote_votes_then_polls(tmp_path: Path) -> None:
     assert ca.get(f"/bookings/{trip_id}", headers=h).json()["outcome"] == "BOOKED"
 
 
-def test_server_coordinator_uses_the_scenario_booking_timers(tmp_path: Path) -> None:
-    """A live company server runs the protocol with the scenario's timers, as the simulated
-    company servers do (evsim.scenario.BookingConfig.coordinator_config)."""
+def test_server_protocol_nodes_use_the_scenario_booking_config(tmp_path: Path) -> None:
+    """A live company server runs the protocol with the scenario's timers and walk-in share,
+    as the simulated company servers do (evsim.scenario.BookingConfig)."""
     text = TINY.read_text() + (
         "\n[booking]\nlease_min = 7.0\nvote_timeout_min = 2.0\ncommit_margin_min = 1.5\n"
-        "ack_timeout_min = 4.0\nretry_min = 0.25\n"
+        "ack_timeout_min = 4.0\nretry_min = 0.25\nwalkin_share = 0.5\n"
     )
     scen = tmp_path / "timers.toml"
     scen.write_text(text)
     settings = Settings(company="acme", scenario=scen,
                         db_url=f"sqlite:///{tmp_path / 'acme.db'}")
-    coord = create_app(settings, InMemoryBus(), Clock()).state.service.host.coordinator
+    host = create_app(settings, InMemoryBus(), Clock()).state.service.host
+    coord = host.coordinator
     assert (coord.lease_min, coord.vote_timeout_min, coord.commit_margin_min,
             coord.ack_timeout_min, coord.retry_min) == (7.0, 2.0, 1.5, 4.0, 0.25)
+    assert host.participant.walkin_share == 0.5

@@ -275,3 +275,42 @@ def test_restart_rebuilds_identical_state() -> None:
     assert q.durable_state() == p.durable_state()
     assert q.log == p.log
     assert q.new_records() == []
+
+
+# ----------------------------------------------------------------------------- walk-in share
+
+
+def test_walkin_share_keeps_connectors_free_at_every_instant() -> None:
+    """4 connectors, walkin_share 0.5: at most 2 bookings active at any instant; the third
+    overlapping one is refused ``walkin_reserve`` even though a connector is free, with
+    alternatives that keep the share; windows that only touch are fine."""
+    st = {"S": ["c1", "c2", "c3", "c4"]}
+    p = Participant("P", st, walkin_share=0.5)
+    assert p.book("b1", "S", 10.0, 40.0, 0.0).state == "RESERVED"
+    assert p.book("b2", "S", 30.0, 60.0, 0.0).state == "RESERVED"
+    third = p.book("b3", "S", 35.0, 50.0, 0.0)
+    assert (third.state, third.reason) == ("REJECTED", "walkin_reserve")
+    assert third.alternatives and all(a.start_min >= 40.0 for a in third.alternatives)
+    assert p.book("b4", "S", 60.0, 90.0, 0.0).state == "RESERVED"  # touches b2: allowed
+    assert p.book("b5", "S", 0.0, 10.0, 0.0).state == "RESERVED"  # touches b1: allowed
+    # a trip hold is held to the same rule, and counts against it while PENDING
+    out = p.handle(Prepare("m", "C", "t1", "t1/0", "S", None, 38.0, 45.0, 5.0, 10.0, 38.0), 0.0)
+    (vote,) = [o.msg for o in out]
+    assert vote.yes is False and vote.reason == "walkin_reserve"  # b1 + b2 at 38-40
+    out = p.handle(Prepare("m", "C", "t2", "t2/0", "S", None, 40.0, 55.0, 5.0, 10.0, 40.0), 0.0)
+    assert out[0].msg.yes is True
+    assert p.book("b6", "S", 50.0, 58.0, 0.0).reason == "walkin_reserve"
+    # without the share the same station books all four connectors
+    q = Participant("Q", st)
+    assert [q.book(f"b{i}", "S", 10.0, 40.0, 0.0).state for i in range(5)] == [
+        "RESERVED"] * 4 + ["REJECTED"]
+
+
+def test_walkin_share_rounds_down_per_station() -> None:
+    p = Participant("P", {"one": ["a1"], "three": ["t1", "t2", "t3"]}, walkin_share=0.4)
+    assert p.book("x1", "one", 0.0, 10.0, 0.0).state == "RESERVED"  # floor(0.4) = 0 kept
+    assert p.book("y1", "three", 0.0, 10.0, 0.0).state == "RESERVED"
+    assert p.book("y2", "three", 0.0, 10.0, 0.0).state == "RESERVED"
+    assert p.book("y3", "three", 0.0, 10.0, 0.0).reason == "walkin_reserve"  # 1 of 3 kept
+    with pytest.raises(ValueError, match="walkin_share"):
+        Participant("P", {"s": ["c"]}, walkin_share=1.0)

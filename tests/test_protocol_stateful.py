@@ -6,7 +6,8 @@ duplicates; time advances in steps (every node ticks), and any node may crash
 and be rebuilt from its persisted log.  Invariants after every step:
 
 * no connector has two active bookings (PENDING / RESERVED / charging) with
-  overlapping windows;
+  overlapping windows, and P1 (``walkin_share`` 0.5) never has both its connectors
+  booked at once;
 * no hold outlives its lease (nodes tick on every time step);
 * logs only grow, each node's log equals what was persisted, and a node
   rebuilt from its log has exactly the state it had before the crash;
@@ -61,6 +62,7 @@ OFFSETS = {"C1": 0.0, "C2": 0.37, "P1": -0.21, "P2": 0.0, "P3": 0.55}
 COORD_CFG = {"lease_min": 6.0, "vote_timeout_min": 2.0, "commit_margin_min": 1.5,
              "ack_timeout_min": 4.0, "retry_min": 0.5}
 PART_CFG = {"retry_min": 0.7, "query_after_min": 1.5}
+WALKIN = {"P1": 0.5}  # S1: one of its two connectors is never booked (walkin_share)
 ACTIVE = (BookingState.PENDING, BookingState.RESERVED)
 
 legs_st = st.lists(
@@ -78,7 +80,8 @@ legs_st = st.lists(
 def build(nid: str, records: list | None = None) -> Coordinator | Participant:
     recs = records or []
     if nid in STATIONS:
-        return Participant.from_log(nid, STATIONS[nid], recs, **PART_CFG)
+        return Participant.from_log(nid, STATIONS[nid], recs, **PART_CFG,
+                                    walkin_share=WALKIN.get(nid, 0.0))
     return Coordinator.from_log(nid, recs, **COORD_CFG)
 
 
@@ -219,6 +222,20 @@ class ProtocolMachine(RuleBasedStateMachine):
                 ws.sort()
                 for (s1, e1, b1), (s2, _e2, b2) in itertools.pairwise(ws):
                     assert e1 <= s2, f"{p.node_id}/{cid}: {b1} [{s1},{e1}) overlaps {b2}"
+
+    @invariant()
+    def walkin_share_is_kept(self) -> None:
+        for p in self.participants():
+            for sid, cids in p.stations.items():
+                room = len(cids) - int(p.walkin_share * len(cids))
+                edges = sorted(
+                    (t, step)
+                    for b in p.bookings()
+                    if b.station_id == sid and (b.state in ACTIVE or b.charging)
+                    for t, step in ((b.start_min, 1), (b.end_min, -1))
+                )
+                active = list(itertools.accumulate(step for _, step in edges))
+                assert max(active, default=0) <= room, f"{p.node_id}/{sid}: {edges}"
 
     @invariant()
     def no_hold_outlives_its_lease(self) -> None:

@@ -337,3 +337,20 @@ def test_scenario_network_and_booking_validation() -> None:
     assert parse_scenario(data).booking.mode == "trip"
     with pytest.raises(ValueError, match="unknown booking mode"):
         Simulation(parse_scenario(data), booking_mode="sometimes")
+
+
+def test_walkin_share_stops_walkins_starving_behind_bookings() -> None:
+    """Bahia in trip mode: with every connector bookable, walk-ins at pools booked back to
+    back give up after ``max_wait_min``; keeping half of each pool free
+    (``booking.walkin_share``) lets them charge, at hardly any cost in sessions."""
+    base = load_scenario(DATA / "bahia.toml")
+
+    def run(share: float) -> pd.DataFrame:
+        b = base.booking.model_copy(update={"mode": "trip", "walkin_share": share})
+        return Simulation(base.model_copy(update={"booking": b}), seed=1).run().trace
+
+    plain, kept = run(0.0), run(0.5)
+    abandons = [int((t["kind"] == "abandon").sum()) for t in (plain, kept)]
+    assert abandons[0] >= 5 and abandons[1] <= abandons[0] // 3, abandons
+    sessions = [int((t["kind"] == "session_start").sum()) for t in (plain, kept)]
+    assert sessions[1] >= 0.95 * sessions[0], sessions

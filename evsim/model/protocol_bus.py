@@ -127,11 +127,12 @@ class ProtocolBus:
         smap = self.station_maps[company]
         if fresh:
             coord = Coordinator(cid, **self._coord_config)
-            part = Participant(pid, smap)
+            part = Participant(pid, smap, **self.cfg.participant_config())
             self.persisted[cid], self.persisted[pid] = [], []
         else:  # recovery: rebuild from the durable logs
             coord = Coordinator.from_log(cid, self.persisted[cid], **self._coord_config)
-            part = Participant.from_log(pid, smap, self.persisted[pid])
+            part = Participant.from_log(pid, smap, self.persisted[pid],
+                                        **self.cfg.participant_config())
         self.nodes[cid], self.nodes[pid] = coord, part
         self.company_of[cid] = self.company_of[pid] = company
         self.participants[company] = part

@@ -20,6 +20,12 @@ What it does
   has run out); ``Abort`` / ``CancelRequest`` release it; ``tick`` releases
   holds whose lease ended and, while a hold waits for its decision, asks the
   coordinator with ``QueryDecision`` every ``retry_min``.
+* Walk-ins (``walkin_share``): at every station at most ``connectors -
+  floor(walkin_share x connectors)`` bookings are active at any instant, so
+  that share of its connectors stays free for vehicles that turn up without a
+  booking; a request that would break it is refused with reason
+  ``walkin_reserve`` (alternatives are windows that keep it).  0 (the default)
+  keeps nothing back.
 * Contention between trips (no-wait / wound-wait, nobody ever blocks): a
   ``Prepare`` that conflicts with a *hold* of another trip compares
   ``(priority_start_min, trip_id)``; the lower wins.  If the newcomer wins the
@@ -36,11 +42,12 @@ overtaken by its own ABORT can never create an orphan hold.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from evsim.protocol.calendar import BookingCalendar
 from evsim.protocol.log import (
     BookingChanged,
     BookingCreated,
@@ -117,7 +124,7 @@ class BookingView:
     lease_until_min: float | None
 
 
-class Participant(EventSourced):
+class Participant(BookingCalendar, EventSourced):
     """State machine of one station-owning company server."""
 
     def __init__(
@@ -129,9 +136,18 @@ class Participant(EventSourced):
         query_after_min: float = 2.0,
         max_lease_min: float = 60.0,
         max_alternatives: int = 3,
+        walkin_share: float = 0.0,
     ) -> None:
+        if not 0.0 <= walkin_share < 1.0:
+            raise ValueError(f"walkin_share must be in [0, 1), got {walkin_share!r}")
         self.node_id = node_id
         self.stations: dict[str, tuple[str, ...]] = {s: tuple(c) for s, c in stations.items()}
+        # per station, how many bookings may be active at any instant: all connectors but
+        # floor(walkin_share x connectors), which stay free for vehicles that just turn up
+        self.walkin_share = walkin_share
+        self._reservable: dict[str, int] = {
+            s: len(c) - math.floor(walkin_share * len(c) + 1e-9) for s, c in self.stations.items()
+        }
         self._station_of: dict[str, str] = {}
         for sid, cids in self.stations.items():
             for cid in cids:
@@ -231,38 +247,7 @@ class Participant(EventSourced):
         booking_next(b.state, event)  # validate before logging
         self._emit(BookingChanged(b.booking_id, event.value, now_min, reason))
 
-    # ------------------------------------------------------------------ connector index
-
-    def _index(self, b: _Booking) -> None:
-        starts, ids = self._starts[b.connector_id], self._ids[b.connector_id]
-        i = bisect_left(starts, b.start_min)
-        starts.insert(i, b.start_min)
-        ids.insert(i, b.booking_id)
-
-    def _unindex(self, b: _Booking) -> None:
-        starts = self._starts.get(b.connector_id)
-        if starts is None:
-            return
-        ids = self._ids[b.connector_id]
-        i = bisect_left(starts, b.start_min)
-        while i < len(ids) and starts[i] == b.start_min:
-            if ids[i] == b.booking_id:
-                del starts[i], ids[i]
-                return
-            i += 1
-
-    def _conflicts(self, connector_id: str, start_min: float, end_min: float) -> list[_Booking]:
-        """Active bookings on the connector overlapping ``[start_min, end_min)``."""
-        starts, ids = self._starts[connector_id], self._ids[connector_id]
-        j = bisect_left(starts, end_min) - 1
-        found: list[_Booking] = []
-        while j >= 0:
-            b = self._bookings[ids[j]]
-            if b.end_min <= start_min:
-                break
-            found.append(b)
-            j -= 1
-        return found
+    # ------------------------------------------------------------------ requests
 
     def _check_request(
         self,
@@ -279,60 +264,6 @@ class Participant(EventSourced):
         if not end_min > start_min or grace_min < 0:
             return "invalid_window"
         return ""
-
-    def _choose(
-        self,
-        station_id: str,
-        connector_id: str | None,
-        start_min: float,
-        end_min: float,
-        priority: tuple[float, str] | None,
-    ) -> tuple[str | None, list[_Booking]]:
-        """Pick a connector: a free one, else one where every conflict can be wounded."""
-        cands = (connector_id,) if connector_id is not None else self.stations[station_id]
-        woundable: tuple[str, list[_Booking]] | None = None
-        for cid in cands:
-            conf = self._conflicts(cid, start_min, end_min)
-            if not conf:
-                return cid, []
-            if (
-                priority is not None
-                and woundable is None
-                and all(
-                    b.state is _PENDING
-                    and b.trip_id != priority[1]
-                    and (b.priority_start_min, b.trip_id) > priority
-                    for b in conf
-                )
-            ):
-                woundable = (cid, conf)
-        if woundable is not None:
-            return woundable
-        return None, []
-
-    def _alternatives(
-        self, station_id: str, connector_id: str | None, start_min: float, end_min: float
-    ) -> tuple[Alternative, ...]:
-        """Free windows near the refused one: other connectors, then later starts."""
-        if station_id not in self.stations or not end_min > start_min:
-            return ()
-        alts: list[Alternative] = []
-        cids = self.stations[station_id]
-        for cid in cids:
-            if cid != connector_id and not self._conflicts(cid, start_min, end_min):
-                alts.append(Alternative(cid, start_min, end_min))
-        dur = end_min - start_min
-        for cid in (connector_id,) if connector_id is not None else cids:
-            s = start_min
-            for _ in range(50):
-                conf = self._conflicts(cid, s, s + dur)
-                if not conf:
-                    if s != start_min:
-                        alts.append(Alternative(cid, s, s + dur))
-                    break
-                s = max(b.end_min for b in conf)
-        alts.sort(key=lambda a: (a.start_min, a.connector_id))
-        return tuple(alts[: self.max_alternatives])
 
     # ------------------------------------------------------------------ messages
 
@@ -405,6 +336,8 @@ class Participant(EventSourced):
             )
             if cid is None:
                 reason = "conflict"
+            elif not self._walkins_keep(m.station_id, m.start_min, m.end_min, wounded):
+                cid, wounded, reason = None, [], "walkin_reserve"
             for w in wounded:
                 self._change(w, BookingEvent.WOUND, now_min, "preempted")
                 out.append(Outgoing(w.coordinator, self._vote(w)))
@@ -572,6 +505,8 @@ class Participant(EventSourced):
                 cid, _ = self._choose(station_id, connector_id, start_min, end_min, None)
                 if cid is None:
                     reason = "conflict"
+                elif not self._walkins_keep(station_id, start_min, end_min):
+                    cid, reason = None, "walkin_reserve"
             self._emit(
                 BookingCreated(
                     booking_id,

@@ -1,0 +1,146 @@
+"""The booking calendar of a participant: per connector, its active bookings in time order.
+
+A mixin of :class:`evsim.protocol.participant.Participant` (it holds the state: the
+bookings by id, and per connector the start times and ids of the active ones, which never
+overlap), answering the questions a booking request asks: what conflicts with a window on a
+connector, how many bookings are active at once at a station (the walk-in share), which
+connector to hold (a free one, else one whose holds can all be wounded) and which nearby
+windows to offer instead.  No I/O and no clock, like the rest of :mod:`evsim.protocol`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from evsim.protocol.messages import Alternative
+from evsim.protocol.states import BookingState
+
+if TYPE_CHECKING:
+    from evsim.protocol.participant import _Booking
+
+_PENDING = BookingState.PENDING
+
+
+class BookingCalendar:
+    """Connector calendars and the choices made from them (state kept by the subclass)."""
+
+    stations: dict[str, tuple[str, ...]]
+    max_alternatives: int
+    _bookings: dict[str, _Booking]
+    _starts: dict[str, list[float]]  # connector -> start_min of its active bookings, sorted
+    _ids: dict[str, list[str]]  # connector -> their booking ids, in the same order
+    _reservable: dict[str, int]  # station -> bookings that may be active at once
+
+    def _index(self, b: _Booking) -> None:
+        starts, ids = self._starts[b.connector_id], self._ids[b.connector_id]
+        i = bisect_left(starts, b.start_min)
+        starts.insert(i, b.start_min)
+        ids.insert(i, b.booking_id)
+
+    def _unindex(self, b: _Booking) -> None:
+        starts = self._starts.get(b.connector_id)
+        if starts is None:
+            return
+        ids = self._ids[b.connector_id]
+        i = bisect_left(starts, b.start_min)
+        while i < len(ids) and starts[i] == b.start_min:
+            if ids[i] == b.booking_id:
+                del starts[i], ids[i]
+                return
+            i += 1
+
+    def _conflicts(self, connector_id: str, start_min: float, end_min: float) -> list[_Booking]:
+        """Active bookings on the connector overlapping ``[start_min, end_min)``."""
+        starts, ids = self._starts[connector_id], self._ids[connector_id]
+        j = bisect_left(starts, end_min) - 1
+        found: list[_Booking] = []
+        while j >= 0:
+            b = self._bookings[ids[j]]
+            if b.end_min <= start_min:
+                break
+            found.append(b)
+            j -= 1
+        return found
+
+    def _peak(self, station_id: str, start_min: float, end_min: float,
+              skip: Iterable[_Booking] = ()) -> int:
+        """Most bookings active at once at the station during ``[start_min, end_min)``
+        (``skip``: bookings about to be wounded)."""
+        gone = {b.booking_id for b in skip}
+        edges: list[tuple[float, int]] = []
+        for cid in self.stations[station_id]:
+            for b in self._conflicts(cid, start_min, end_min):
+                if b.booking_id not in gone:
+                    edges.append((max(b.start_min, start_min), 1))
+                    edges.append((min(b.end_min, end_min), -1))
+        edges.sort()  # at the same instant an end (-1) comes before a start (+1)
+        peak = cur = 0
+        for _, step in edges:
+            cur += step
+            peak = max(peak, cur)
+        return peak
+
+    def _walkins_keep(self, station_id: str, start_min: float, end_min: float,
+                      skip: Iterable[_Booking] = ()) -> bool:
+        """Would one more booking over the window leave the walk-in share free?"""
+        room = self._reservable[station_id]
+        if room >= len(self.stations[station_id]):
+            return True  # walkin_share 0: nothing kept back
+        return self._peak(station_id, start_min, end_min, skip) < room
+
+    def _choose(
+        self,
+        station_id: str,
+        connector_id: str | None,
+        start_min: float,
+        end_min: float,
+        priority: tuple[float, str] | None,
+    ) -> tuple[str | None, list[_Booking]]:
+        """Pick a connector: a free one, else one where every conflict can be wounded."""
+        cands = (connector_id,) if connector_id is not None else self.stations[station_id]
+        woundable: tuple[str, list[_Booking]] | None = None
+        for cid in cands:
+            conf = self._conflicts(cid, start_min, end_min)
+            if not conf:
+                return cid, []
+            if (
+                priority is not None
+                and woundable is None
+                and all(
+                    b.state is _PENDING
+                    and b.trip_id != priority[1]
+                    and (b.priority_start_min, b.trip_id) > priority
+                    for b in conf
+                )
+            ):
+                woundable = (cid, conf)
+        if woundable is not None:
+            return woundable
+        return None, []
+
+    def _alternatives(
+        self, station_id: str, connector_id: str | None, start_min: float, end_min: float
+    ) -> tuple[Alternative, ...]:
+        """Free windows near the refused one: other connectors, then later starts."""
+        if station_id not in self.stations or not end_min > start_min:
+            return ()
+        alts: list[Alternative] = []
+        cids = self.stations[station_id]
+        for cid in cids:
+            if cid != connector_id and not self._conflicts(cid, start_min, end_min):
+                alts.append(Alternative(cid, start_min, end_min))
+        dur = end_min - start_min
+        for cid in (connector_id,) if connector_id is not None else cids:
+            s = start_min
+            for _ in range(50):
+                conf = self._conflicts(cid, s, s + dur)
+                if not conf:
+                    if s != start_min:
+                        alts.append(Alternative(cid, s, s + dur))
+                    break
+                s = max(b.end_min for b in conf)
+        alts = [a for a in alts if self._walkins_keep(station_id, a.start_min, a.end_min)]
+        alts.sort(key=lambda a: (a.start_min, a.connector_id))
+        return tuple(alts[: self.max_alternatives])
