@@ -1,8 +1,9 @@
 """docker-compose.yml: valid against the Compose spec schema, and the same topology as the
 launcher for the default scenario (broker, one server + station agent per company, vehicles).
 
-``tests/compose-spec.json`` is a strict *subset* of the official Compose Specification schema
-(the official file is not installed here; see its ``description``).
+The schema is the official Compose Specification schema (compose-spec/compose-spec,
+``schema/compose-spec.json``) as the ``check-jsonschema`` package vendors it
+(``check_jsonschema/builtin_schemas/vendor/compose-spec.json``, a dev dependency).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 yaml = pytest.importorskip("yaml")
+vendor = pytest.importorskip("check_jsonschema.builtin_schemas.vendor")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +31,11 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def validator() -> Any:
-    schema = json.loads((Path(__file__).parent / "compose-spec.json").read_text())
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema)
+    schema = json.loads((resources.files(vendor) / "compose-spec.json").read_text())
+    assert schema["$id"] == "compose_spec.json" and "services" in schema["properties"]
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
