@@ -330,10 +330,7 @@ class ProtocolHost:
         if booked:  # nor does a BOOKED answer (ALL_ACKED is not forced): wake its request,
             # which still waits for the step that decided the trip (wait_result)
             with self.lock:
-                for res in booked:
-                    ev = self._waiters.get(res.trip_id)
-                    if ev is not None:
-                        ev.set()
+                self._wake(booked)
         # what we send may depend on steps still committing: wait for all up to ours
         self._wait_durable(step.seq if step is not None else upto)
         if step is not None and step.error is not None:
@@ -341,10 +338,7 @@ class ProtocolHost:
         if changed:
             with self.lock:
                 self.changed.notify_all()
-                for res in fx.results:
-                    ev = self._waiters.get(res.trip_id)
-                    if ev is not None:
-                        ev.set()
+                self._wake(fx.results)
         self._send(remote)
         if changed:
             for hook in self.hooks:
@@ -353,6 +347,13 @@ class ProtocolHost:
                 except Exception:
                     log.exception("post-commit hook %r failed", hook)
         return value
+
+    def _wake(self, results: Sequence[TripResult]) -> None:
+        """Wake the requests waiting for these trips' results (caller holds the lock)."""
+        for res in results:
+            ev = self._waiters.get(res.trip_id)
+            if ev is not None:
+                ev.set()
 
     # ------------------------------------------------------------------ group commit
 
