@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from itertools import pairwise
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -41,6 +41,7 @@ __all__ = [
     "booking_window",
     "charge_request",
     "charge_target",
+    "charge_target_on",
     "choose_again",
     "kept_stop",
     "needs_charge",
@@ -127,10 +128,12 @@ def route_of(roads: RoadNetwork, src: int, dst: int) -> list[int]:
 class RouteLegs:
     """A route with its legs looked up once: what :func:`walk_rules` walks."""
 
-    nodes: list[int]
-    km: list[float]  # leg j: nodes[j] -> nodes[j + 1]
-    minutes: list[float]
-    to_dest_km: list[float]  # road distance from nodes[j] to the route's end (the table's)
+    # (tuples of numbers: the cyclic garbage collector stops looking at them, where it would
+    # go through thousands of these lists in each full collection of a run)
+    nodes: tuple[int, ...]  # the route (route_of)
+    km: tuple[float, ...]  # leg j: nodes[j] -> nodes[j + 1]
+    minutes: tuple[float, ...]
+    to_dest_km: tuple[float, ...]  # road distance from nodes[j] to the route's end (the table's)
 
 
 _LEGS: weakref.WeakKeyDictionary[RoadNetwork, dict[tuple[int, int], RouteLegs]] = (
@@ -148,10 +151,10 @@ def route_legs(roads: RoadNetwork, src: int, dst: int) -> RouteLegs:
         nodes = route_of(roads, src, dst)
         pairs = list(pairwise(nodes))
         legs = cache[(src, dst)] = RouteLegs(
-            nodes,
-            [roads.dist_km.item(a, b) for a, b in pairs],
-            [roads.time_min.item(a, b) for a, b in pairs],
-            [roads.dist_km.item(a, dst) for a in nodes],
+            tuple(nodes),
+            tuple([roads.dist_km.item(a, b) for a, b in pairs]),
+            tuple([roads.time_min.item(a, b) for a, b in pairs]),
+            tuple([roads.dist_km.item(a, dst) for a in nodes]),
         )
     return legs
 
@@ -179,8 +182,7 @@ def needs_charge(
     return nxt is not None and s - dist.item(node, nxt) * per_km < margin
 
 
-@dataclass(frozen=True, slots=True)
-class Walk:
+class Walk(NamedTuple):  # (a tuple: made for every stretch driven, at a third of the cost)
     j: int  # index in the route where the walk stopped
     soc: float
     minutes: float
@@ -233,18 +235,19 @@ def walk_rules(
     last = len(nodes) - 1
     for j in range(last):
         leg = km_of[j]
+        used = leg * per_km  # (one product, the same number each time)
         if (
             s - to_dest[j] * per_km < reserve
             and nodes[j] not in skip_at
-            and (s <= threshold or s - leg * per_km < margin)
+            and (s <= threshold or s - used < margin)
         ):
             return Walk(j, s, t, km, True, None)
-        if s - leg * per_km < 0:
+        if s - used < 0:
             stranded_km = s / per_km
             t += min_of[j] * stranded_km / leg
             km += stranded_km
             return Walk(j, 0.0, t, km, False, stranded_km)
-        s -= leg * per_km
+        s -= used
         t += min_of[j]
         km += leg
     return Walk(max(last, 0), s, t, km, False, None)
@@ -258,20 +261,44 @@ def charge_request(
     dest: int,
     soc: float,
 ) -> ChargeRequest:
-    return ChargeRequest(
-        vehicle_id=v.vehicle_id,
-        node=pos,
-        lat=roads.lat.item(pos),
-        lon=roads.lon.item(pos),
-        dest_node=dest,
-        soc=soc,
-        battery_kwh=v.battery_kwh,
-        consumption_kwh_per_km=v.per_km * v.battery_kwh,
-        max_dc_kw=v.max_dc_kw,
-        max_ac_kw=v.max_ac_kw,
-        reserve_soc=ch.reserve_soc,
-        target_soc=ch.target_soc,
-    )
+    # ChargeRequest(vehicle_id=..., node=pos, ...) at half the cost of a frozen dataclass's
+    # __init__ (a setattr through object.__setattr__ per field): the slots' own setters, in
+    # the order of _REQUEST_FIELDS, then the same checks (__post_init__)
+    r = object.__new__(ChargeRequest)
+    s = _REQUEST_SETTERS
+    s[0](r, v.vehicle_id)
+    s[1](r, pos)
+    s[2](r, roads.lat.item(pos))
+    s[3](r, roads.lon.item(pos))
+    s[4](r, dest)
+    s[5](r, soc)
+    s[6](r, v.battery_kwh)
+    s[7](r, v.per_km * v.battery_kwh)
+    s[8](r, v.max_dc_kw)
+    s[9](r, v.max_ac_kw)
+    s[10](r, ch.reserve_soc)
+    s[11](r, ch.target_soc)
+    r.__post_init__()
+    return r
+
+
+_REQUEST_FIELDS = (
+    "vehicle_id",
+    "node",
+    "lat",
+    "lon",
+    "dest_node",
+    "soc",
+    "battery_kwh",
+    "consumption_kwh_per_km",
+    "max_dc_kw",
+    "max_ac_kw",
+    "reserve_soc",
+    "target_soc",
+)
+if tuple(f.name for f in fields(ChargeRequest)) != _REQUEST_FIELDS:  # pragma: no cover
+    raise ImportError("evsim.snapshot.ChargeRequest has changed: update evsim.planning")
+_REQUEST_SETTERS = tuple(getattr(ChargeRequest, name).__set__ for name in _REQUEST_FIELDS)
 
 
 def choose_station(
@@ -302,8 +329,21 @@ def charge_target(
     to reach the next city, or to the destination if that costs at most TOPUP_SLACK_SOC more."""
     route_on = route_of(roads, pos, dest)
     next_leg = roads.dist_km.item(pos, route_on[1]) if len(route_on) > 1 else 0.0
-    finish = (roads.dist_km.item(pos, dest) + access) * per_km + ch.reserve_soc + 0.01
-    target = max(ch.target_soc, (next_leg + access) * per_km + ch.reserve_soc + 0.01)
+    return _target(ch, per_km, next_leg, roads.dist_km.item(pos, dest), access)
+
+
+def charge_target_on(ch: ChargingBehaviour, legs: RouteLegs, per_km: float, access: float) -> float:
+    """:func:`charge_target` at the first node of ``legs`` (a route that exists: its nodes
+    not empty), from the distances ``legs`` looked up already: the same number."""
+    next_leg = legs.km[0] if len(legs.nodes) > 1 else 0.0
+    return _target(ch, per_km, next_leg, legs.to_dest_km[0], access)
+
+
+def _target(
+    ch: ChargingBehaviour, per_km: float, next_leg_km: float, to_dest_km: float, access: float
+) -> float:
+    finish = (to_dest_km + access) * per_km + ch.reserve_soc + 0.01
+    target = max(ch.target_soc, (next_leg_km + access) * per_km + ch.reserve_soc + 0.01)
     if target < finish <= min(target + TOPUP_SLACK_SOC, MAX_TARGET_SOC):
         target = finish
     return target

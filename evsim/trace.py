@@ -92,12 +92,11 @@ COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 )
 SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype in COLUMNS])
 _NAMES = tuple(name for name, _ in COLUMNS)
-# a row tuple is one value of this struct: pyarrow turns a batch of them into columns
-_ROW = pa.struct([pa.field(name, dtype) for name, dtype in COLUMNS])
+_WIDTH = len(_NAMES)  # cells per row
 
 
 class TraceWriter:
-    """Collects events as row tuples and streams them to Parquet in column batches.
+    """Collects events as rows and streams them to Parquet in column batches.
 
     ``emit`` takes keyword columns; columns not given are null. Hot paths get a dedicated
     appender from :meth:`row_writer` instead (positional values, no per-row keyword work).
@@ -122,9 +121,11 @@ class TraceWriter:
         self.path = Path(path) if path is not None else None
         self.batch_rows = batch_rows
         self.rows_written = 0
-        # one tuple per row, in _NAMES order; the list lives as long as the writer (flush
-        # empties it in place), so the generated appenders can hold its bound ``append``
-        self._rows: list[tuple[Any, ...]] = []
+        # the rows' cells one after the other (_WIDTH per row, in _NAMES order): a row adds
+        # no object of its own that the cyclic garbage collector would have to look at (a
+        # tuple per row set it off every few hundred rows). The list lives as long as the
+        # writer (flush empties it in place): the generated appenders hold its ``extend``
+        self._rows: list[Any] = []
         self._emitters: dict[tuple[str, ...], Callable[..., None]] = {}
         self._writers: dict[tuple[str | bool, ...], Callable[..., None]] = {}
         # rows written ahead: (t_min, order written, row), a heap
@@ -164,8 +165,8 @@ class TraceWriter:
         """Append the rows written ahead whose time is before ``until`` (all by default)."""
         ahead, rows = self._ahead, self._rows
         while ahead and ahead[0][0] < until:
-            rows.append(heapq.heappop(ahead)[2])
-            if len(rows) >= self.batch_rows:
+            rows.extend(heapq.heappop(ahead)[2])
+            if len(rows) >= self.batch_rows * _WIDTH:
                 self.flush()
 
     def _appender(
@@ -173,7 +174,8 @@ class TraceWriter:
     ) -> Callable[..., None]:
         """Generate the appender for rows whose given columns are ``key``: ``(t_min, kind,
         *values)``, or ``(t_min, *values)`` with ``kind`` fixed. Generated source (as
-        ``dataclasses`` and ``namedtuple`` do) so a row is a single tuple display."""
+        ``dataclasses`` and ``namedtuple`` do) so a row is a single tuple display (added
+        cell by cell to the rows; kept whole while written ahead)."""
         unknown = set(key) - set(_NAMES[2:])
         if unknown:
             raise TypeError(f"unknown trace column(s): {sorted(unknown)}")
@@ -193,12 +195,12 @@ class TraceWriter:
                 f"def append_row({', '.join(params)}):\n"
                 f"    if later and later[0][0] < t_min:\n"
                 f"        release(t_min)\n"
-                f"    append(({', '.join(cells)}))\n"
-                f"    if len(rows) >= writer.batch_rows:\n"
+                f"    extend(({', '.join(cells)}))\n"
+                f"    if len(rows) >= writer.batch_rows * {_WIDTH}:\n"
                 f"        flush()\n"
             )
         scope: dict[str, Any] = {
-            "append": self._rows.append,
+            "extend": self._rows.extend,
             "rows": self._rows,
             "writer": self,
             "flush": self.flush,
@@ -221,13 +223,14 @@ class TraceWriter:
         rows = self._rows
         if not rows:
             return
-        columns = pa.RecordBatch.from_struct_array(pa.array(rows, type=_ROW)).columns
+        # column c: every _WIDTH-th cell from c on
+        columns = [pa.array(rows[c::_WIDTH], type=t) for c, (_, t) in enumerate(COLUMNS)]
         batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
         if self._writer is not None:
             self._writer.write_batch(batch)
         else:
             self._batches.append(batch)
-        self.rows_written += len(rows)
+        self.rows_written += len(rows) // _WIDTH
         rows.clear()
 
     def close(self) -> None:

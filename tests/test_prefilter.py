@@ -286,6 +286,24 @@ def test_candidate_arrays_are_the_scan_arrays(seed: int, n_nodes: int) -> None:
             assert same(choose(c, snap, score), scan_pick(snap, want, score[order]))
 
 
+def random_board(rng: np.random.Generator, t: StationTable, offline_p: float) -> StatusBoard:
+    """Random status: some connectors busy, queues only where all are, ``offline_p`` of the
+    stations offline, mean sessions of 20-60 min."""
+    board = StatusBoard(len(t))
+    for i in range(len(t)):
+        n = int(t.n_connectors[i])
+        busy = int(rng.integers(0, n + 1))
+        board.update(
+            i,
+            busy=busy,
+            queued=int(rng.integers(0, 3)) if busy == n else 0,
+            online=bool(rng.random() > offline_p),
+            t_min=0.0,
+            mean_session_min=float(rng.uniform(20.0, 60.0)),
+        )
+    return board
+
+
 @pytest.mark.parametrize("path", [DATA_DIR / "bahia.toml", DATA_DIR / "tiny.toml"])
 def test_policies_pick_what_a_scan_picks_on_the_scenarios(path) -> None:
     """The shipped road networks (tiny's roads have given lengths), random status."""
@@ -293,19 +311,7 @@ def test_policies_pick_what_a_scan_picks_on_the_scenarios(path) -> None:
     roads, t = w.roads, w.stations
     rng = np.random.default_rng(7)
     for _ in range(15):
-        board = StatusBoard(len(t))
-        for i in range(len(t)):
-            n = int(t.n_connectors[i])
-            busy = int(rng.integers(0, n + 1))
-            board.update(
-                i,
-                busy=busy,
-                queued=int(rng.integers(0, 3)) if busy == n else 0,
-                online=bool(rng.random() > 0.1),
-                t_min=0.0,
-                mean_session_min=float(rng.uniform(20.0, 60.0)),
-            )
-        snap = NetworkSnapshot.of(t, roads, board)
+        snap = NetworkSnapshot.of(t, roads, random_board(rng, t, offline_p=0.1))
         for k in range(20):
             req = request(rng, roads, off_node=k % 5 == 4)
             now = float(rng.uniform(0.0, 2880.0))

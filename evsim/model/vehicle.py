@@ -40,6 +40,7 @@ from evsim.planning import (
     access_min,
     charge_request,
     charge_target,
+    charge_target_on,
     choose_station,
     route_legs,
     walk_rules,
@@ -66,7 +67,7 @@ __all__ = [
 _NOWHERE: frozenset[int] = frozenset()  # a trip's skip_at when it leaves
 
 
-@dataclass
+@dataclass(slots=True)
 class Drive:
     """A vehicle's state along its trip."""
 
@@ -80,11 +81,18 @@ class Drive:
     driven_km: float = 0.0
     n_sessions: int = 0
     skip_at: set[int] = field(default_factory=set)  # nodes where asking again would not help
+    _params: VehicleParams | None = field(default=None, init=False, repr=False, compare=False)
 
-    @cached_property
+    @property
     def params(self) -> VehicleParams:
-        vm = self.vm
-        return VehicleParams(self.vid, vm.battery_kwh, self.per_km, vm.max_charge_kw, vm.max_ac_kw)
+        """The vehicle as the planner sees it (made on first use)."""
+        p = self._params
+        if p is None:
+            vm = self.vm
+            p = self._params = VehicleParams(
+                self.vid, vm.battery_kwh, self.per_km, vm.max_charge_kw, vm.max_ac_kw
+            )
+        return p
 
 
 class DriveKit:
@@ -106,7 +114,8 @@ class DriveKit:
         self._curves: dict[tuple[float, float, float, float, str], tuple[float, ChargeCurve]] = {}
         self._od: dict[tuple[int, int], str] = {}
         self._legs: dict[tuple[int, int], RouteLegs] = {}
-        self.trips = sim.trips  # one trip's values as Python scalars: ``.item(k)``
+        self.trips = sim.trips
+        self.vehicle_models = world.vehicle_models
         row = trace.row_writer
         self.trip_start = row(Kind.TRIP_START, "vehicle_id", "booking_id", "soc", "detail")
         self.trip_end = row(Kind.TRIP_END, "vehicle_id", "booking_id", "soc", "distance_km")
@@ -132,6 +141,21 @@ class DriveKit:
             "soc",
             "distance_km",
             "detail",
+        )
+
+    @cached_property
+    def trip_columns(
+        self,
+    ) -> tuple[list[int], list[float], list[int], list[int], list[float]]:
+        """The trips' vehicle model, drain, origin, destination and initial SoC as Python
+        lists (what ``.item(k)`` gives, made once when the run first asks)."""
+        t = self.trips
+        return (
+            t.model.tolist(),
+            t.drain.tolist(),
+            t.origin.tolist(),
+            t.destination.tolist(),
+            t.soc0.tolist(),
         )
 
     @staticmethod
@@ -184,13 +208,11 @@ class DriveKit:
 def start_trip(sim: Simulation, k: int) -> Drive:
     """The vehicle of trip ``k`` at its origin; emits TRIP_START."""
     kit = DriveKit.of(sim)
-    trips = kit.trips
-    vm = sim.world.vehicle_models[trips.model.item(k)]
-    per_km = vm.consumption_kwh_per_km * trips.drain.item(k) / vm.battery_kwh
+    model, drain, origin, dest, soc0 = kit.trip_columns
+    vm = kit.vehicle_models[model[k]]
+    per_km = vm.consumption_kwh_per_km * drain[k] / vm.battery_kwh
     vid = f"v{k}"
-    d = Drive(
-        k, vid, vm, per_km, trips.origin.item(k), trips.destination.item(k), trips.soc0.item(k)
-    )
+    d = Drive(k, vid, vm, per_km, origin[k], dest[k], soc0[k])
     kit.trip_start(sim.env.now, vid, vid, d.soc, kit.od_detail(d.pos, d.dest))
     return d
 
@@ -206,10 +228,10 @@ def prepare(sim: Simulation, k: int, t_min: float) -> tuple[Drive, Walk] | None:
     ahead: TRIP_START at ``t_min``, TRIP_END (or STRANDED) when the stretch ends, the same
     rows at the same times as :func:`trip_process` writes."""
     kit = DriveKit.of(sim)
-    trips = kit.trips
-    vm = sim.world.vehicle_models[trips.model.item(k)]
-    per_km = vm.consumption_kwh_per_km * trips.drain.item(k) / vm.battery_kwh
-    origin, dest, soc = trips.origin.item(k), trips.destination.item(k), trips.soc0.item(k)
+    model, drain, origins, dests, soc0 = kit.trip_columns
+    vm = kit.vehicle_models[model[k]]
+    per_km = vm.consumption_kwh_per_km * drain[k] / vm.battery_kwh
+    origin, dest, soc = origins[k], dests[k], soc0[k]
     legs = kit.legs(origin, dest)
     w = walk_rules(kit.ch, legs, soc, per_km, _NOWHERE)
     vid = f"v{k}"
@@ -232,12 +254,6 @@ def depart(sim: Simulation, d: Drive, first: Walk) -> None:
     sim.env.process(drive(sim, d, first=first))
 
 
-def _arrived(kit: DriveKit, d: Drive, w: Walk) -> None:
-    """``d`` after walk ``w`` (as :func:`drive` updates it when the stretch's timeout fires)."""
-    d.soc, d.driven_km = w.soc, d.driven_km + w.km
-    d.pos = kit.legs(d.pos, d.dest).nodes[w.j]
-
-
 def drive(
     sim: Simulation, d: Drive, booked: BookedTrip | None = None, first: Walk | None = None
 ) -> Generator[simpy.Event, Any, None]:
@@ -249,13 +265,14 @@ def drive(
     ch = world.scenario.charging
     vm, vid, per_km, dest = d.vm, d.vid, d.per_km, d.dest
     w = first  # the next stretch, when already walked
+    legs = kit.legs(d.pos, dest)  # the route on from where the vehicle is
     while True:
         if w is None:
-            w = kit.walk(d)
+            w = walk_rules(ch, legs, d.soc, per_km, d.skip_at)  # kit.walk(d)
         if w.minutes > 0:
             yield env.timeout(w.minutes)
-        _arrived(kit, d, w)
-        pos = d.pos
+        d.soc, d.driven_km = w.soc, d.driven_km + w.km  # where the stretch ends
+        d.pos = pos = legs.nodes[w.j]
         if not w.stop_here:
             kit.end(d, w, env.now)
             if booked is not None:
@@ -271,8 +288,10 @@ def drive(
             d.skip_at.add(pos)
             if choice is None:
                 kit.no_station(env.now, vid, d.soc, kit.node_ids[pos])
+                legs = kit.legs(pos, dest)  # on from here
                 continue
             index, detour_km = choice.station_index, choice.detour_km
+            del request, choice  # freed now, not kept alive (and promoted by the GC) for hours
         d.skip_at.add(pos)
         station = sim.stations[index]
         kit.chosen(
@@ -299,7 +318,11 @@ def drive(
         soc -= go_km * per_km
         d.driven_km += go_km
         d.pos = pos = st_node
-        target = charge_target(roads, ch, per_km, pos, dest, access)
+        legs = kit.legs(pos, dest)
+        if legs.nodes:
+            target = charge_target_on(ch, legs, per_km, access)
+        else:  # no road on to the destination
+            target = charge_target(roads, ch, per_km, pos, dest, access)
         plan = _planner(kit, vm, kit.tariffs[index], soc, target)
         d.n_sessions += 1
         session_id = f"{vid}-{d.n_sessions}"
@@ -316,6 +339,7 @@ def drive(
         if result.plan is not None and result.plan.soc_after is not None:
             soc = result.plan.soc_after  # pos stays in skip_at: one charge per city per trip
         d.soc = soc
+        del plan, result  # (likewise)
         # back from the station to its city (access road)
         if access > 0:
             yield env.timeout(access_min(access))
@@ -332,10 +356,28 @@ def _planner(
 ) -> Callable[[ConnectorSpec, float], SessionPlan]:
     """The session a vehicle arriving with ``soc_in`` will charge on a given connector,
     starting at a given time: to ``target`` (at most MAX_TARGET_SOC), priced by the tariff."""
-    soc_out = max(min(target, MAX_TARGET_SOC), soc_in)
+    return _Planner(kit, vm, tariff, soc_in, max(min(target, MAX_TARGET_SOC), soc_in))
 
-    def plan(spec: ConnectorSpec, t_start: float) -> SessionPlan:
-        power, curve = kit.curve(vm, spec)
+
+class _Planner:
+    """:func:`_planner`'s function: a closure over these values, as one object (a closure
+    is a function and a cell per value, all of them for the cyclic GC to look at)."""
+
+    __slots__ = ("kit", "soc_in", "soc_out", "tariff", "vm")
+
+    def __init__(
+        self,
+        kit: DriveKit,
+        vm: VehicleModelConfig,
+        tariff: CompiledTariff | None,
+        soc_in: float,
+        soc_out: float,
+    ) -> None:
+        self.kit, self.vm, self.tariff, self.soc_in, self.soc_out = kit, vm, tariff, soc_in, soc_out
+
+    def __call__(self, spec: ConnectorSpec, t_start: float) -> SessionPlan:
+        soc_in, soc_out, tariff = self.soc_in, self.soc_out, self.tariff
+        power, curve = self.kit.curve(self.vm, spec)
         minutes = curve.minutes_to(soc_in, soc_out)
         if tariff is None:
             price = 0.0
@@ -347,5 +389,3 @@ def _planner(
                 power,
             ).total
         return SessionPlan(minutes, curve.energy_kwh(soc_in, soc_out), price, soc_out, power)
-
-    return plan

@@ -352,6 +352,10 @@ class Candidates:
         ri = self._ri
         if not len(ri):
             return None
+        if self.nearest_first and len(ri) <= SMALL and self._re is not None:
+            picked = self._least_few(w_charge)
+            if picked is not None:
+                return picked
         eta, onward = self._raw_eta(), self._raw_onward()
         if w_charge > 0.0 and self._rwait is None:  # (every estimate given: score them)
             picked = self._least_bounded(w_charge, eta, onward)
@@ -362,6 +366,44 @@ class Candidates:
         score += charge if w_charge == 1.0 else w_charge * charge  # 1.0 * x is x
         score += onward
         return self._choose_raw(score)
+
+    def _least_few(self, w_charge: float) -> Choice | None:
+        """:meth:`least_time` over the few raw rows of a node index (up to :data:`SMALL`),
+        one station at a time in Python floats, cheaper than numpy calls on a few elements:
+        each online station's full score with the operations of the arrays, in their order
+        (see :meth:`_raw_wait`, :meth:`_raw_charge` and :meth:`_least_bounded`), so the same
+        pick (ties: the lowest station index) and the same numbers. None where it cannot
+        decide (a NaN score, no finite one): the arrays then."""
+        snap, r = self._snap, self._req
+        st = snap.stations
+        online, busy, queued, mean = snap.online, snap.busy, snap.queued, snap.mean_session_min
+        time_min, dest = snap.time_min, r.dest_node
+        node_l, accm_l = st.node_list, st.access_min_list
+        n_l, ndiv_l = st.n_connectors_list, st.n_connectors_div_list
+        power = st.session_power_kw(r.max_dc_kw, r.max_ac_kw)
+        soc, target, battery = r.soc, r.target_soc, r.battery_kwh
+        per_km = r.consumption_kwh_per_km
+        assert self._re is not None
+        eta_l, d_l = self._re.tolist(), self._rd.tolist()
+        best, best_i, best_j, best_w = _INF, -1, -1, 0.0
+        for j, i in enumerate(self._ri.tolist()):
+            if not online.item(i):
+                continue
+            n, occ = n_l[i], busy.item(i) + queued.item(i)
+            w = 0.0 if occ < n else (occ - n + 1) * mean.item(i) / ndiv_l[i]
+            x = target - (soc - d_l[j] * per_km / battery)
+            if not x > 0.0 and x == x:  # np.maximum(x, 0.0): NaN stays NaN, -0.0 -> 0.0
+                x = 0.0
+            charge = x * battery / power.item(i) * 60.0
+            cw = charge if w_charge == 1.0 else w_charge * charge
+            score = eta_l[j] + w + cw + (time_min.item(node_l[i], dest) + accm_l[i])
+            if score < best or (score == best and i < best_i):
+                best, best_i, best_j, best_w = score, i, j, w
+            elif score != score:  # NaN: sorted last, as choose does
+                return None
+        if best_j < 0:  # nothing online, or no finite score
+            return None
+        return self._choice(best_j, best, best_w)
 
     def _charge_low(self) -> np.ndarray | None:
         """A lower bound of each raw row's charging time, ``((target - soc) * battery +

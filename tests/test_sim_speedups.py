@@ -1,0 +1,174 @@
+"""The model's newer shortcuts give exactly what the code they stand in for gives.
+
+* :func:`evsim.planning.charge_target_on` (from a route's legs) is :func:`charge_target`;
+* :func:`evsim.planning.charge_request` makes the request the dataclass makes, checks too;
+* ``Candidates._least_few`` (``least_wait`` over a few stations in Python floats) picks the
+  station, with the very numbers, that the array arithmetic picks (``choose`` on the
+  documented score), on the shipped networks with random status, and in corner cases
+  (ties, offline stations, full stations, negative or NaN mean session times), where it may
+  also decline (None) and leave the pick to the arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_prefilter import _line, random_board
+
+from evsim.model.world import World
+from evsim.planning import (
+    VehicleParams,
+    charge_request,
+    charge_target,
+    charge_target_on,
+    route_legs,
+)
+from evsim.policies.base import SMALL, Candidates, candidates, choose
+from evsim.scenario import ChargingBehaviour, load_scenario
+from evsim.snapshot import ChargeRequest, Choice, NetworkSnapshot
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def same(a: Choice | None, b: Choice | None) -> bool:
+    """Equal, NaN equal to NaN and 0.0 told from -0.0."""
+    return repr(a) == repr(b)
+
+
+def array_pick(c: Candidates, snap: NetworkSnapshot, w_charge: float) -> Choice | None:
+    """``least_wait`` as the arrays compute it: the documented score, ``choose``."""
+    score = c.eta_min + c.expected_wait_min
+    score += c.charge_min if w_charge == 1.0 else w_charge * c.charge_min
+    score += c.onward_min
+    return choose(c, snap, score)
+
+
+@pytest.mark.parametrize("path", [DATA / "bahia.toml", DATA / "tiny.toml"])
+def test_charge_target_on_is_charge_target(path: Path) -> None:
+    w = World.build(load_scenario(path))
+    roads, n = w.roads, len(w.roads.node_ids)
+    rng = np.random.default_rng(3)
+    chs = [
+        w.scenario.charging,
+        ChargingBehaviour(target_soc=0.5, reserve_soc=0.2),
+        ChargingBehaviour(target_soc=0.95, reserve_soc=0.0),
+    ]
+    for _ in range(400):
+        pos, dest = int(rng.integers(0, n)), int(rng.integers(0, n))
+        legs = route_legs(roads, pos, dest)
+        if not legs.nodes:
+            continue
+        per_km = float(rng.uniform(5e-4, 5e-3))
+        access = float(rng.choice([0.0, rng.uniform(0.0, 5.0)]))
+        for ch in chs:
+            want = charge_target(roads, ch, per_km, pos, dest, access)
+            assert charge_target_on(ch, legs, per_km, access) == want
+
+
+def test_charge_request_is_the_dataclass() -> None:
+    w = World.build(load_scenario(DATA / "tiny.toml"))
+    roads, ch = w.roads, w.scenario.charging
+    v = VehicleParams("v7", 60.0, 0.0025, 150.0, 11.0)
+    got = charge_request(roads, ch, v, 1, 3, 0.25)
+    want = ChargeRequest(
+        vehicle_id="v7",
+        node=1,
+        lat=float(roads.lat[1]),
+        lon=float(roads.lon[1]),
+        dest_node=3,
+        soc=0.25,
+        battery_kwh=60.0,
+        consumption_kwh_per_km=0.0025 * 60.0,
+        max_dc_kw=150.0,
+        max_ac_kw=11.0,
+        reserve_soc=ch.reserve_soc,
+        target_soc=ch.target_soc,
+    )
+    assert got == want and repr(got) == repr(want) and hash(got) == hash(want)
+    with pytest.raises(ValueError, match="soc must be in"):
+        charge_request(roads, ch, v, 1, 3, 1.5)
+    with pytest.raises(ValueError, match="must be positive"):
+        charge_request(roads, ch, VehicleParams("v", 60.0, 0.0, 150.0, 11.0), 1, 3, 0.5)
+
+
+@pytest.mark.parametrize("path", [DATA / "bahia.toml", DATA / "tiny.toml"])
+def test_least_few_is_the_array_pick_on_the_scenarios(path: Path) -> None:
+    w = World.build(load_scenario(path))
+    roads, t = w.roads, w.stations
+    n_nodes = len(roads.node_ids)
+    rng = np.random.default_rng(11)
+    decided = 0
+    for _ in range(10):
+        snap = NetworkSnapshot.of(t, roads, random_board(rng, t, offline_p=0.15))
+        for _ in range(60):
+            node = int(rng.integers(0, n_nodes))
+            req = ChargeRequest(
+                vehicle_id="v",
+                node=node,
+                lat=roads.lat.item(node),
+                lon=roads.lon.item(node),
+                dest_node=int(rng.integers(0, n_nodes)),
+                soc=float(rng.choice([rng.uniform(0.0, 1.0), 0.8, 0.95])),
+                battery_kwh=float(rng.choice([40.0, 60.0, 77.4])),
+                consumption_kwh_per_km=float(rng.uniform(0.12, 0.25)),
+                max_dc_kw=float(rng.choice([50.0, 150.0])),
+                max_ac_kw=11.0,
+                reserve_soc=float(rng.choice([0.0, 0.1])),
+                target_soc=0.8,
+            )
+            now = float(rng.uniform(0.0, 2880.0))
+            for w_charge in (1.0, 0.3, 2.5, 0.0, -1.0):
+                c = candidates(req, snap, now)
+                if not (c.nearest_first and 0 < len(c._ri) <= SMALL):
+                    continue
+                got = c._least_few(w_charge)
+                want = array_pick(candidates(req, snap, now), snap, w_charge)
+                if got is not None:
+                    decided += 1
+                    assert same(got, want), (req, w_charge)
+                assert same(candidates(req, snap, now).least_time(w_charge), want)
+    assert decided > 100
+
+
+N = 8  # <= SMALL: the shortcut's size
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        {},  # all tie: the lowest index
+        {"online": [False] * 3 + [True] * 5},  # the first online one
+        {"busy": [2] * 7 + [0]},  # only the last has a free connector
+        {"busy": [2] * N, "queued": list(range(N, 0, -1))},  # all wait; the least queue
+        {"busy": [2] * N, "mean": [30.0] * 7 + [-30.0]},  # a negative wait wins
+        {"busy": [2] * N, "mean": [math.nan] * 7 + [30.0]},  # NaN: the arrays decide
+        {"busy": [2] * N, "mean": [math.nan] * N},  # all NaN: the arrays decide
+        {"online": [False] * N},  # nothing online: the arrays say None
+    ],
+)
+def test_least_few_corner_cases(status: dict) -> None:
+    assert N <= SMALL
+    snap, roads = _line(N, **status)  # test_prefilter's line of stations
+    nlat, nlon = roads.lat, roads.lon
+    for node in (0, 1):
+        for soc, target in [(0.3, 0.8), (0.8, 0.8), (0.9, 0.8), (0.8000000001, 0.8)]:
+            req = ChargeRequest(
+                "v", node, nlat.item(node), nlon.item(node), 1 - node, soc, 60.0, 0.2,
+                target_soc=target,
+            )  # fmt: skip
+            with np.errstate(invalid="ignore"):
+                for w_charge in (1.0, 0.5, 0.0):
+                    c = candidates(req, snap, 0.0)
+                    assert c.nearest_first and len(c._ri) in (0, N)
+                    if not len(c._ri):  # out of range (node 1, low SoC)
+                        continue
+                    got = c._least_few(w_charge)
+                    want = array_pick(candidates(req, snap, 0.0), snap, w_charge)
+                    if got is not None:
+                        assert same(got, want)
+                    elif status.get("online") != [False] * N and "mean" not in status:
+                        raise AssertionError("the shortcut should decide here")
+                    assert same(candidates(req, snap, 0.0).least_time(w_charge), want)
