@@ -449,6 +449,15 @@ def default_report(repeats: int) -> None:
         f"   events per session: model {big.events / max(big.sessions, 1):.1f}, "
         f"floor {floor.events / floor.trips:.1f}"
     )
+    # where a session's CPU goes: SimPy's own scheduling (the model's events at the floor's
+    # cost per event) and the rest (routing, policy, charging, pricing, trace rows)
+    per_session_us = big.cpu_s / max(big.sessions, 1) * 1e6
+    simpy_us = big.events / max(big.sessions, 1) * floor.cpu_s / max(floor.events, 1) * 1e6
+    print(
+        f"   CPU per session: {per_session_us:.1f} us, of which SimPy scheduling ~{simpy_us:.1f}"
+        f" us, the model's own work ~{per_session_us - simpy_us:.1f} us (the 0.25 aim "
+        f"allows {1e6 / (0.25 * floor.sessions / floor.cpu_s):.1f} us in all)"
+    )
 
     policy_report()
     print(f"   peak RSS so far {rss_mib():.0f} MiB (the synthetic network's setup included)")
