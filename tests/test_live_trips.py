@@ -27,10 +27,10 @@ pytest.importorskip("fastapi")
 from sqlalchemy import delete
 from test_live_api import TRIP, Net, book_trip
 
-from evsim.protocol import BookingState, TripState
+from evsim.protocol import BookingState, Coordinator, Participant, TripState
 from live import topics
 from live.bus import encode_json
-from live.storage import idempotency
+from live.storage import Storage, idempotency
 
 
 @pytest.fixture
@@ -177,3 +177,42 @@ def test_booked_answer_waits_for_the_step_that_decided_the_trip(net: Net) -> Non
     svc.storage.begin = real_begin  # type: ignore[method-assign]
     assert answered["res"].outcome == "BOOKED" and answered["t"] >= opened
     assert first["r"].status_code == 201
+
+
+def test_a_failed_commit_leaves_a_log_that_replays_and_the_server_recovers(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trip's own row cannot be written, so the commit carrying its TripStarted fails.
+    Nothing the in-memory nodes did on top of it may reach the log (its ALL_YES decision, in
+    a later step of the same batch, would make the log unreplayable); the caller gets 503,
+    the nodes are rebuilt from the log, and the server goes on booking."""
+    _vid, h = net.register()
+    acme, zap = net.svc("acme"), net.svc("zap")
+
+    def disk_full(*_a: Any, **_k: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Storage, "add_trip", staticmethod(disk_full))
+    r = net.c["acme"].post("/bookings", json=TRIP, headers=h)
+    assert r.status_code == 503, r.text
+    assert r.json()["reason"] == "storage_unavailable"
+    monkeypatch.undo()
+    coord = Coordinator.from_log(acme.host.cid, acme.storage.load_records(acme.host.cid))
+    assert coord.trip_ids() == []  # nothing of the trip, and the log replays
+    Participant.from_log(acme.host.pid, acme.world.protocol_stations("acme"),
+                         acme.storage.load_records(acme.host.pid))
+    later = {"stops": [{**s, "start_min": s["start_min"] + 300, "end_min": s["end_min"] + 300}
+                       for s in TRIP["stops"]]}
+    ok = net.c["acme"].post("/bookings", json=later, headers=h)
+    assert ok.status_code == 201, ok.text
+    with acme.host.lock:
+        assert acme.host.coordinator.trip_ids() == [ok.json()["trip_id"]]
+    # zap held a stop for the lost trip (its PREPARE left early): presumed abort frees it
+    net.clock.t += 30.0
+    for _ in range(3):
+        zap.host.tick()
+        acme.host.tick()
+    with zap.host.lock:
+        held = [b for b in zap.host.participant.bookings()
+                if b.state in (BookingState.PENDING, BookingState.RESERVED)]
+    assert [b.booking_id.split("/")[0] for b in held] == [ok.json()["trip_id"]]

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 
 from live.bus import Bus
 from live.server.deps import error_body
+from live.server.node import CommitError
 from live.server.routers import (
     bookings,
     health,
@@ -102,6 +103,12 @@ def create_app(
         reason = "bad_body" if exc.status_code == 400 else None
         return JSONResponse({"detail": exc.detail, "reason": reason},
                             status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(CommitError)
+    async def storage_down(_request: Request, exc: CommitError) -> JSONResponse:
+        # the database refused a write: nothing of this request was stored or sent
+        return JSONResponse({"detail": str(exc), "reason": "storage_unavailable"},
+                            status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -32,6 +32,12 @@ that read the database inside ``op`` (``execute(..., pipelined=False)``, the def
 wait for every queued step, so they see their predecessors' rows; the protocol paths
 (messages, timers, bookings) are pipelined: the next step runs while the previous commits.
 
+A failed commit (the database refuses a write): every step of that batch and every step
+queued behind it fails with :class:`CommitError` (503 ``storage_unavailable`` for an HTTP
+caller), nothing of them is sent, and the next step first rebuilds both nodes from the log,
+so the nodes never act on, and the log never gets, a record built on one that was lost.
+Reads and record-less steps that saw the lost state fail the same way (:attr:`epoch`).
+
 Batching on the bus: when the bus can say that its worker has run out of queued work
 (``bus.on_idle``, :class:`live.mqtt.MqttBus`), protocol messages that arrive while more are
 queued are buffered and handled together, as one step with one transaction, when the worker
@@ -89,6 +95,11 @@ T = TypeVar("T")
 
 MAX_BATCH = 256  # protocol messages handled in one step at most (bus batching)
 _ALL_YES = TripEvent.ALL_YES.value
+
+
+class CommitError(RuntimeError):
+    """A step's records could not be committed (the database failed): nothing of the step
+    was sent, and the protocol nodes are rebuilt from the log before the next step."""
 
 
 def node_ids(company: str) -> tuple[str, str, str]:
@@ -156,11 +167,13 @@ class ProtocolHost:
         # trip id -> Event of each request waiting for its TripResult (set after the commit
         # that stores the result; waking only that waiter, not every waiting request)
         self._waiters: dict[str, threading.Event] = {}
+        self._participant_config = dict(participant_config or {})
+        self._coordinator_config = dict(coordinator_config or {})
         self.participant = Participant.from_log(
-            self.pid, stations, storage.load_records(self.pid), **(participant_config or {})
+            self.pid, stations, storage.load_records(self.pid), **self._participant_config
         )
         self.coordinator = Coordinator.from_log(
-            self.cid, storage.load_records(self.cid), **(coordinator_config or {})
+            self.cid, storage.load_records(self.cid), **self._coordinator_config
         )
         self.bus: Bus | None = None
         self.hooks: list[Callable[[Effects], None]] = []
@@ -172,6 +185,13 @@ class ProtocolHost:
         self._enqueued = 0  # seq of the last queued step
         self._durable = 0  # every step with seq <= this is committed
         self._committing = False  # a leader is writing a batch
+        # a commit failed: the nodes in memory are ahead of the log (and so is every step
+        # computed since); the next execute rebuilds them from the log first (_resync),
+        # which starts a new epoch.  _failure: (epoch, first seq that failed) of the last
+        # failure, for the reads and the record-less steps computed on that state
+        self._broken = False
+        self.epoch = 0
+        self._failure: tuple[int, int] | None = None
         self.commits = 0  # transactions written (for benchmarks)
         self._results: dict[str, TripResult] = {}  # also answers for never-started trips
         # trip id -> seq of the step that logged its ALL_YES decision, while that step may
@@ -287,6 +307,9 @@ class ProtocolHost:
         """
         remote: list[Outgoing] = []
         with self.lock:
+            if self._broken:
+                self._resync()
+            epoch = self.epoch
             if not pipelined:
                 self._wait_durable(self._enqueued)
             now = self.clock()
@@ -335,6 +358,7 @@ class ProtocolHost:
         self._wait_durable(step.seq if step is not None else upto)
         if step is not None and step.error is not None:
             raise step.error
+        self._check(epoch, upto)  # a step before ours failed: what we send may be unlogged
         if changed:
             with self.lock:
                 self.changed.notify_all()
@@ -362,7 +386,10 @@ class ProtocolHost:
         with self._qcond:
             self._enqueued += 1
             step = _Step(self._enqueued, fx, value, extra)
-            self._queue.append(step)
+            if self._broken:  # computed on nodes ahead of the log: never written
+                step.error = CommitError("an earlier write failed; nothing was stored")
+            else:
+                self._queue.append(step)
         return step
 
     def _wait_durable(self, seq: int) -> None:
@@ -403,32 +430,71 @@ class ProtocolHost:
                 done = self._durable
                 self._decided = {t: q for t, q in self._decided.items() if q > done}
 
-    def barrier(self) -> None:
+    def _resync(self) -> None:
+        """Rebuild both nodes from the log after a failed commit (caller holds the lock;
+        nothing is queued: the failure dropped it all).  Requests waiting for a trip are
+        woken to read what the log says."""
+        self.participant = Participant.from_log(
+            self.pid, self.participant.stations, self.storage.load_records(self.pid),
+            **self._participant_config,
+        )
+        self.coordinator = Coordinator.from_log(
+            self.cid, self.storage.load_records(self.cid), **self._coordinator_config
+        )
+        self._results.clear()
+        self._decided.clear()
+        with self._qcond:
+            self._broken = False
+            self.epoch += 1
+        for ev in self._waiters.values():
+            ev.set()
+        self.changed.notify_all()
+        log.warning("protocol nodes of %s rebuilt from the log", self.company)
+
+    def barrier(self, epoch: int | None = None) -> None:
         """Wait until every step queued so far is durable (call before answering a read
-        from in-memory protocol state; must not be called from an ``extra``)."""
+        from in-memory protocol state; must not be called from an ``extra``).  Raises
+        :class:`CommitError` if one of them failed: the state read may not be in the log.
+        ``epoch``: the host's :attr:`epoch` when the state was read (under the lock)."""
         with self._qcond:
             upto = self._enqueued
+            if epoch is None:
+                epoch = self.epoch
         self._wait_durable(upto)
+        self._check(epoch, upto)
+
+    def _check(self, epoch: int, upto: int) -> None:
+        """Raise :class:`CommitError` if a write failed for a step up to ``upto`` of the
+        given epoch (state computed or read then is ahead of the log)."""
+        failure = self._failure
+        if failure is not None and failure[0] == epoch and upto >= failure[1]:
+            raise CommitError("a write failed; the protocol state is being rebuilt")
 
     def _commit(self, steps: list[_Step]) -> None:
+        """Write ``steps`` in one transaction.  If it fails, every step of the batch fails,
+        and so does every step queued behind it: each was computed on the nodes' state
+        after the failed ones (a decision on top of a trip the log never got), so writing
+        any of them could leave a log that no longer replays.  The nodes are then ahead of
+        the log; ``_broken`` makes the next :meth:`execute` rebuild them from it."""
         try:
             with self.storage.begin() as conn:
                 for st in steps:
                     st.write(conn, self.pid, self.cid)
             self.commits += 1
-        except Exception:
-            if len(steps) == 1:
-                log.exception("commit failed")
-                steps[0].error = RuntimeError("commit failed")
-                return
-            for st in steps:  # isolate the bad step: every other one commits on its own
-                try:
-                    with self.storage.begin() as conn:
-                        st.write(conn, self.pid, self.cid)
-                    self.commits += 1
-                except Exception as exc:
-                    log.exception("commit of step %d failed", st.seq)
-                    st.error = exc
+        except Exception as exc:
+            log.exception("commit of %d step(s) failed; the protocol nodes will be rebuilt "
+                          "from the log", len(steps))
+            err = CommitError(f"the database refused the write: {exc}")
+            with self._qcond:
+                if not self._broken:
+                    self._failure = (self.epoch, steps[0].seq)
+                self._broken = True
+                dropped, self._queue = self._queue, []
+                if dropped:
+                    self._durable = max(self._durable, dropped[-1].seq)
+            for st in (*steps, *dropped):
+                st.error = st.error or err
+            return
         if self.faults is not None:  # injected crash right after the commit of a step
             for st in steps:
                 if st.error is None:

@@ -392,8 +392,9 @@ class CompanyService:
             state = coord.trip_state(trip_id)
             res = self.host.result(trip_id)
             bids = list(coord.booking_ids(trip_id)) if state is not None else []
+            epoch = self.host.epoch
         if durable:
-            self.host.barrier()  # show nothing a crash could still undo
+            self.host.barrier(epoch)  # show nothing a crash could still undo
         if row is None and state is None:
             raise ApiError(404, f"unknown trip {trip_id!r}", "not_found")
         vehicle = row["vehicle_id"] if row else owner_of(trip_id)
@@ -445,7 +446,8 @@ class CompanyService:
     def local_booking(self, vehicle_id: str, booking_id: str) -> BookingView:
         with self.host.lock:
             v = self.host.participant.booking(booking_id)
-        self.host.barrier()
+            epoch = self.host.epoch
+        self.host.barrier(epoch)
         if v is None or owner_of(booking_id) != vehicle_id:
             raise ApiError(404, f"unknown booking {booking_id!r}", "not_found")
         return v
