@@ -307,11 +307,11 @@ class ProtocolHost:
         """
         remote: list[Outgoing] = []
         with self.lock:
-            if self._broken:
-                self._resync()
-            epoch = self.epoch
             if not pipelined:
                 self._wait_durable(self._enqueued)
+            if self._broken:  # (after that wait: the steps it waited for may have failed)
+                self._resync()
+            epoch = self.epoch
             now = self.clock()
             value, outs = op(now)
             fx = Effects(now)
