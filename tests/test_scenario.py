@@ -439,3 +439,14 @@ def test_demand_outside_duration_is_rejected() -> None:
     with pytest.raises(ScenarioError) as err:
         parse_scenario(data)
     assert any("tod_profile" in p and "duration_min" in p for p in err.value.problems)
+
+
+@pytest.mark.parametrize("share", [1.0, -0.1, "half"])
+def test_walkin_share_out_of_range_names_the_key(share: object) -> None:
+    data = tiny_dict()
+    data["booking"] = {"mode": "trip", "walkin_share": share}
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data)
+    assert has(info.value.problems, "booking.walkin_share")
+    data["booking"]["walkin_share"] = 0.5
+    assert parse_scenario(data).booking.participant_config() == {"walkin_share": 0.5}
