@@ -18,8 +18,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, fields, replace
-from itertools import pairwise
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
@@ -27,6 +26,7 @@ import numpy as np
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
 from evsim.geo import RoadNetwork
 from evsim.scenario import ChargingBehaviour
+from evsim.slots import slot_constructor
 from evsim.snapshot import ACCESS_SPEED_KMH, ChargeRequest, Choice, NetworkSnapshot
 
 __all__ = [
@@ -120,8 +120,23 @@ def route_of(roads: RoadNetwork, src: int, dst: int) -> list[int]:
         cache = _ROUTES[roads] = {}
     route = cache.get((src, dst))
     if route is None:
-        route = cache[(src, dst)] = roads.route(src, dst)
+        route = cache[(src, dst)] = _route(roads, src, dst)
     return route
+
+
+def _route(roads: RoadNetwork, src: int, dst: int) -> list[int]:
+    """``roads.route(src, dst)``, from the next hops towards ``dst`` as a Python list."""
+    if src == dst:
+        return [src]
+    hop, _, _, to_dest = _toward(roads, dst)
+    if not math.isfinite(to_dest[src]):
+        return []
+    path = [src]
+    node = src
+    while node != dst:
+        node = hop[node]
+        path.append(node)
+    return path
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +149,10 @@ class RouteLegs:
     km: tuple[float, ...]  # leg j: nodes[j] -> nodes[j + 1]
     minutes: tuple[float, ...]
     to_dest_km: tuple[float, ...]  # road distance from nodes[j] to the route's end (the table's)
+    # minutes and km driven from nodes[0] to nodes[j]: the legs added up in order from 0.0,
+    # what walk_rules adds up on its way (one entry, 0.0, for an empty route)
+    t_at: tuple[float, ...] = (0.0,)
+    km_at: tuple[float, ...] = (0.0,)
 
 
 _LEGS: weakref.WeakKeyDictionary[RoadNetwork, dict[tuple[int, int], RouteLegs]] = (
@@ -149,14 +168,61 @@ def route_legs(roads: RoadNetwork, src: int, dst: int) -> RouteLegs:
     legs = cache.get((src, dst))
     if legs is None:
         nodes = route_of(roads, src, dst)
-        pairs = list(pairwise(nodes))
+        # the legs from every node's own leg towards dst (leg j goes nodes[j] -> its next
+        # hop towards dst, nodes[j + 1]): the same numbers as looked up pair by pair
+        _, leg_km, leg_min, to_dest = _toward(roads, dst)
+        on = nodes[:-1]
+        km = tuple([leg_km[a] for a in on])
+        minutes = tuple([leg_min[a] for a in on])
         legs = cache[(src, dst)] = RouteLegs(
             tuple(nodes),
-            tuple([roads.dist_km.item(a, b) for a, b in pairs]),
-            tuple([roads.time_min.item(a, b) for a, b in pairs]),
-            tuple([roads.dist_km.item(a, dst) for a in nodes]),
+            km,
+            minutes,
+            tuple([to_dest[a] for a in nodes]),
+            _added_up(minutes),
+            _added_up(km),
         )
     return legs
+
+
+def _added_up(values: tuple[float, ...]) -> tuple[float, ...]:
+    """``(0.0, 0.0 + v0, (0.0 + v0) + v1, ...)``: running sums, in order."""
+    total = 0.0
+    out = [total]
+    for v in values:
+        total += v
+        out.append(total)
+    return tuple(out)
+
+
+# per road network and destination: see _toward
+_TOWARD: weakref.WeakKeyDictionary[
+    RoadNetwork, dict[int, tuple[list[int], list[float], list[float], list[float]]]
+] = weakref.WeakKeyDictionary()
+
+
+def _toward(
+    roads: RoadNetwork, dst: int
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    """For every node ``a``: its next hop towards ``dst`` (``next_hop[a, dst]``), the road
+    km and minutes of that leg (``dist_km[a, next_hop[a, dst]]``, ``time_min[...]``;
+    anything where there is no next hop) and ``dist_km[a, dst]``, as Python lists,
+    remembered per road network and ``dst`` (the tables never change)."""
+    cache = _TOWARD.get(roads)
+    if cache is None:
+        cache = _TOWARD[roads] = {}
+    hit = cache.get(dst)
+    if hit is None:
+        hop = roads.next_hop[:, dst]
+        here = np.arange(len(hop))
+        nxt = np.where(hop >= 0, hop, here)
+        hit = cache[dst] = (
+            hop.tolist(),
+            roads.dist_km[here, nxt].tolist(),
+            roads.time_min[here, nxt].tolist(),
+            roads.dist_km[:, dst].tolist(),
+        )
+    return hit
 
 
 def needs_charge(
@@ -228,11 +294,13 @@ def walk_rules(
     """``walk_route(roads, legs.nodes, soc, per_km, decide)`` with the driving rules as
     ``decide`` (:func:`needs_charge` towards the route's end, ``skip_at`` as given): the same
     walk, the same arithmetic in the same order, without a call per node."""
-    nodes, km_of, min_of, to_dest = legs.nodes, legs.km, legs.minutes, legs.to_dest_km
+    nodes, km_of, to_dest = legs.nodes, legs.km, legs.to_dest_km
     reserve, threshold = ch.reserve_soc, ch.threshold_soc
     margin = ch.reserve_soc + ch.safety_margin_soc
-    s, t, km = soc, 0.0, 0.0
+    s = soc
     last = len(nodes) - 1
+    # (the minutes and km driven up to node j are the route's own running sums, legs.t_at
+    # and legs.km_at: the same additions in the same order as adding up along the way)
     for j in range(last):
         leg = km_of[j]
         used = leg * per_km  # (one product, the same number each time)
@@ -241,16 +309,14 @@ def walk_rules(
             and nodes[j] not in skip_at
             and (s <= threshold or s - used < margin)
         ):
-            return Walk(j, s, t, km, True, None)
+            return Walk(j, s, legs.t_at[j], legs.km_at[j], True, None)
         if s - used < 0:
             stranded_km = s / per_km
-            t += min_of[j] * stranded_km / leg
-            km += stranded_km
-            return Walk(j, 0.0, t, km, False, stranded_km)
+            t = legs.t_at[j] + legs.minutes[j] * stranded_km / leg
+            return Walk(j, 0.0, t, legs.km_at[j] + stranded_km, False, stranded_km)
         s -= used
-        t += min_of[j]
-        km += leg
-    return Walk(max(last, 0), s, t, km, False, None)
+    j = max(last, 0)
+    return Walk(j, s, legs.t_at[j], legs.km_at[j], False, None)
 
 
 def charge_request(
@@ -261,44 +327,26 @@ def charge_request(
     dest: int,
     soc: float,
 ) -> ChargeRequest:
-    # ChargeRequest(vehicle_id=..., node=pos, ...) at half the cost of a frozen dataclass's
-    # __init__ (a setattr through object.__setattr__ per field): the slots' own setters, in
-    # the order of _REQUEST_FIELDS, then the same checks (__post_init__)
-    r = object.__new__(ChargeRequest)
-    s = _REQUEST_SETTERS
-    s[0](r, v.vehicle_id)
-    s[1](r, pos)
-    s[2](r, roads.lat.item(pos))
-    s[3](r, roads.lon.item(pos))
-    s[4](r, dest)
-    s[5](r, soc)
-    s[6](r, v.battery_kwh)
-    s[7](r, v.per_km * v.battery_kwh)
-    s[8](r, v.max_dc_kw)
-    s[9](r, v.max_ac_kw)
-    s[10](r, ch.reserve_soc)
-    s[11](r, ch.target_soc)
-    r.__post_init__()
-    return r
+    return _new_request(
+        v.vehicle_id,
+        pos,
+        roads.lat.item(pos),
+        roads.lon.item(pos),
+        dest,
+        soc,
+        v.battery_kwh,
+        v.per_km * v.battery_kwh,
+        v.max_dc_kw,
+        v.max_ac_kw,
+        ch.reserve_soc,
+        ch.target_soc,
+    )
 
 
-_REQUEST_FIELDS = (
-    "vehicle_id",
-    "node",
-    "lat",
-    "lon",
-    "dest_node",
-    "soc",
-    "battery_kwh",
-    "consumption_kwh_per_km",
-    "max_dc_kw",
-    "max_ac_kw",
-    "reserve_soc",
-    "target_soc",
-)
-if tuple(f.name for f in fields(ChargeRequest)) != _REQUEST_FIELDS:  # pragma: no cover
-    raise ImportError("evsim.snapshot.ChargeRequest has changed: update evsim.planning")
-_REQUEST_SETTERS = tuple(getattr(ChargeRequest, name).__set__ for name in _REQUEST_FIELDS)
+# ChargeRequest(vehicle_id, node, lat, lon, dest_node, soc, battery_kwh,
+# consumption_kwh_per_km, max_dc_kw, max_ac_kw, reserve_soc, target_soc) without the frozen
+# __init__, then its checks (__post_init__): one per charging decision
+_new_request = slot_constructor(ChargeRequest, post_init=True)
 
 
 def choose_station(

@@ -105,6 +105,9 @@ class StationTable:
     _min_per_kwh: dict[tuple[float, float], np.ndarray] = field(
         init=False, repr=False, default_factory=dict
     )
+    _power_list: dict[tuple[float, float], list[float]] = field(
+        init=False, repr=False, default_factory=dict
+    )
     _node_indexes: list[NodeIndex] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -230,6 +233,16 @@ class StationTable:
             if len(self._power) >= 256:  # many distinct vehicles (live requests): stay small
                 self._power.clear()
             self._power[key] = p
+        return p
+
+    def session_power_kw_list(self, max_dc_kw: float, max_ac_kw: float) -> list[float]:
+        """:meth:`session_power_kw` as a Python list (for loops over a few stations)."""
+        key = (max_dc_kw, max_ac_kw)
+        p = self._power_list.get(key)
+        if p is None:
+            if len(self._power_list) >= 256:  # (as session_power_kw)
+                self._power_list.clear()
+            p = self._power_list[key] = self.session_power_kw(max_dc_kw, max_ac_kw).tolist()
         return p
 
     def charge_min_per_kwh(self, max_dc_kw: float, max_ac_kw: float) -> np.ndarray:

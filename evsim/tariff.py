@@ -165,6 +165,37 @@ class CompiledTariff:
         flat = first.flat if first is not None else 0.0
         return PriceBreakdown(energy, time_, parking, flat, self.currency)
 
+    def charge_total(
+        self,
+        start_t_min: float,
+        charge_min: float,
+        energy_kwh_at: Callable[[float], float],
+        power_kw: float,
+    ) -> float:
+        """``price(start_t_min, charge_min, energy_kwh_at, power_kw).total`` (no parking):
+        the same arithmetic in the same order, without building the breakdown; a session
+        that crosses a window boundary is priced by :meth:`price`."""
+        if charge_min < 0:
+            raise ValueError("charge_min and parking_min must not be negative")
+        end = start_t_min + charge_min  # (+ 0.0 parking: the same comparisons below)
+        bounds = self.bounds
+        if bounds:
+            day = int(start_t_min // DAY_MIN)
+            while day * DAY_MIN < end:
+                for b in bounds:
+                    if start_t_min < day * DAY_MIN + b < end:  # a boundary inside
+                        return self.price(start_t_min, charge_min, energy_kwh_at, power_kw).total
+                day += 1
+        el = self.element(start_t_min, power_kw)
+        if el is None:
+            return 0.0
+        energy = time_ = 0.0
+        if end > start_t_min:
+            kwh = energy_kwh_at(end - start_t_min) - energy_kwh_at(start_t_min - start_t_min)
+            energy += kwh * el.energy_per_kwh
+            time_ += (end - start_t_min) / 60.0 * el.time_per_hour
+        return energy + time_ + 0.0 + el.flat  # PriceBreakdown.total, parking 0.0
+
 
 # compiled tariffs by the id of their (unhashable, immutable) TariffConfig, each entry
 # dropped when its tariff is garbage collected

@@ -163,10 +163,11 @@ class TraceWriter:
 
     def release(self, until: float = math.inf) -> None:
         """Append the rows written ahead whose time is before ``until`` (all by default)."""
-        ahead, rows = self._ahead, self._rows
+        ahead, rows, pop = self._ahead, self._rows, heapq.heappop
+        full = self.batch_rows * _WIDTH
         while ahead and ahead[0][0] < until:
-            rows.extend(heapq.heappop(ahead)[2])
-            if len(rows) >= self.batch_rows * _WIDTH:
+            rows.extend(pop(ahead)[2])
+            if len(rows) >= full:
                 self.flush()
 
     def _appender(

@@ -6,12 +6,22 @@
   station, with the very numbers, that the array arithmetic picks (``choose`` on the
   documented score), on the shipped networks with random status, and in corner cases
   (ties, offline stations, full stations, negative or NaN mean session times), where it may
-  also decline (None) and leave the pick to the arrays.
+  also decline (None) and leave the pick to the arrays;
+* ``CompiledTariff.charge_total`` is ``price(...).total`` without parking, bit for bit;
+* ``new_plan`` and ``_new_result`` make the dataclasses their constructors make;
+* :func:`evsim.planning.route_legs` and :func:`route_of` (from next hops towards the
+  destination, as Python lists) are the legs looked up pair by pair and ``roads.route``,
+  and the legs' running sums (``t_at``, ``km_at``) are the legs added up one by one;
+* ``_time_to`` (a snapshot's road time to a destination, as a list) is the table's column;
+* ``StationTable.session_power_kw_list`` is ``session_power_kw(...).tolist()``;
+* ``DriveKit.curve`` (by the ids of model and connector) is the curve by their values;
+* ``_vehicle_params`` makes the :class:`VehicleParams` its constructor makes.
 """
 
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +182,158 @@ def test_least_few_corner_cases(status: dict) -> None:
                     elif status.get("online") != [False] * N and "mean" not in status:
                         raise AssertionError("the shortcut should decide here")
                     assert same(candidates(req, snap, 0.0).least_time(w_charge), want)
+
+
+def test_charge_total_is_price_total() -> None:
+    from evsim.scenario import TariffConfig, TariffElement
+    from evsim.tariff import compiled
+
+    tariffs = [
+        TariffConfig(id="flat", elements=[TariffElement(energy_per_kwh=1.3, flat=2.0)]),
+        # no element for low power: priced 0
+        TariffConfig(id="dc", elements=[TariffElement(energy_per_kwh=1.0, min_power_kw=40.0)]),
+        TariffConfig(
+            id="peak",
+            elements=[
+                TariffElement(
+                    energy_per_kwh=2.1,
+                    time_per_hour=3.7,
+                    start_time="18:00",
+                    end_time="21:00",
+                    min_power_kw=20.0,
+                ),
+                TariffElement(energy_per_kwh=0.9, start_time="22:00", end_time="06:00", flat=1.5),
+                TariffElement(energy_per_kwh=1.1, time_per_hour=0.7, max_power_kw=100.0),
+            ],
+        ),
+    ]
+    rng = np.random.default_rng(5)
+    for t in tariffs:
+        c = compiled(t)
+        for _ in range(3000):
+            start = float(rng.uniform(0.0, 4 * 1440.0))
+            minutes = float(rng.choice([0.0, rng.uniform(0.0, 90.0), rng.uniform(0.0, 2000.0)]))
+            power = float(rng.choice([7.4, 22.0, 50.0, 150.0]))
+            rate = float(rng.uniform(0.1, 2.0))
+
+            def at(e: float, rate: float = rate) -> float:
+                return e * rate / 3.0
+
+            want = c.price(start, minutes, at, power).total
+            got = c.charge_total(start, minutes, at, power)
+            assert repr(got) == repr(want), (t.id, start, minutes, power)
+        with pytest.raises(ValueError):
+            c.charge_total(0.0, -1.0, lambda e: e, 22.0)
+
+
+def test_plan_and_result_makers_are_the_dataclasses() -> None:
+    from evsim.model.station import SessionPlan, SessionResult, _new_result, new_plan
+    from evsim.model.world import ConnectorSpec
+
+    for args in [(31.5, 22.25, 17.0, 0.8, 50.0), (0.0, 0.0, 0.0, None, 7.4)]:
+        p = new_plan(*args)
+        assert (
+            type(p) is SessionPlan
+            and p == SessionPlan(*args)
+            and repr(p) == repr(SessionPlan(*args))
+        )
+        spec = ConnectorSpec("s/1", 0, 50.0, "DC")
+        for r_args in [(spec, 3.5, p), (None, 12.0, None)]:
+            r = _new_result(*r_args)
+            assert type(r) is SessionResult and r == SessionResult(*r_args)
+
+
+@pytest.mark.parametrize("path", [DATA / "bahia.toml", DATA / "tiny.toml"])
+def test_route_legs_are_the_pairwise_lookups(path: Path) -> None:
+    from evsim.planning import route_of
+
+    roads = World.build(load_scenario(path)).roads
+    n = len(roads.node_ids)
+    for src in range(n):
+        for dst in range(n):
+            route = roads.route(src, dst)
+            assert route_of(roads, src, dst) == route
+            legs = route_legs(roads, src, dst)
+            pairs = list(pairwise(route))
+            assert legs.nodes == tuple(route)
+            assert legs.km == tuple(roads.dist_km.item(a, b) for a, b in pairs)
+            assert legs.minutes == tuple(roads.time_min.item(a, b) for a, b in pairs)
+            assert legs.to_dest_km == tuple(roads.dist_km.item(a, dst) for a in route)
+            t, km = 0.0, 0.0
+            assert legs.t_at[0] == 0.0 and legs.km_at[0] == 0.0
+            assert len(legs.t_at) == len(legs.km_at) == max(len(route), 1)
+            for j, (a, b) in enumerate(pairs):
+                t += roads.time_min.item(a, b)
+                km += roads.dist_km.item(a, b)
+                assert repr(legs.t_at[j + 1]) == repr(t) and repr(legs.km_at[j + 1]) == repr(km)
+
+
+def test_session_power_list_is_the_array() -> None:
+    st = World.build(load_scenario(DATA / "bahia.toml")).stations
+    for dc, ac in [(150.0, 11.0), (50.0, 7.4), (350.0, 22.0)]:
+        assert st.session_power_kw_list(dc, ac) == st.session_power_kw(dc, ac).tolist()
+        assert st.session_power_kw_list(dc, ac) is st.session_power_kw_list(dc, ac)
+
+
+def test_drive_kit_curve_by_ids_is_the_curve_by_values() -> None:
+    from evsim.model import Simulation
+    from evsim.model.vehicle import DriveKit
+
+    sim = Simulation(load_scenario(DATA / "tiny.toml"))
+    kit = DriveKit.of(sim)
+    for vm in kit.vehicle_models:
+        for specs in sim.world.connectors:
+            for spec in specs:
+                got = kit.curve(vm, spec)
+                assert got == kit._curve(vm, spec)
+                assert kit.curve(vm, spec) is got
+
+
+def test_time_to_is_the_column() -> None:
+    from evsim.policies.base import _time_to
+    from evsim.snapshot import StatusBoard
+
+    w = World.build(load_scenario(DATA / "bahia.toml"))
+    snap = NetworkSnapshot.of(w.stations, w.roads, StatusBoard(len(w.stations)))
+    for dest in range(len(w.roads.node_ids)):
+        col = _time_to(snap, dest)
+        assert col == [snap.time_min.item(a, dest) for a in range(len(w.roads.node_ids))]
+        assert _time_to(snap, dest) is col
+    other = NetworkSnapshot.of(w.stations, w.roads, StatusBoard(len(w.stations)))
+    assert _time_to(other, 0) is not _time_to(snap, 0)
+
+
+def test_vehicle_params_maker_is_the_dataclass() -> None:
+    from evsim.model.vehicle import _vehicle_params
+
+    args = ("v7", 60.0, 0.0031, 150.0, 11.0)
+    v = _vehicle_params(*args)
+    assert type(v) is VehicleParams and v == VehicleParams(*args)
+    assert repr(v) == repr(VehicleParams(*args))
+
+
+def test_slot_constructor_builds_what_the_dataclass_builds() -> None:
+    from dataclasses import dataclass
+
+    from evsim.slots import slot_constructor
+
+    @dataclass(frozen=True, slots=True)
+    class P:
+        a: int
+        b: float = 2.0
+
+        def __post_init__(self) -> None:
+            if self.a < 0:
+                raise ValueError("a must be >= 0")
+
+    make, checked = slot_constructor(P), slot_constructor(P, post_init=True)
+    assert make(1, 3.5) == P(1, 3.5) and type(make(1, 3.5)) is P
+    assert make(-1, 0.0).a == -1  # no __post_init__ unless asked
+    with pytest.raises(ValueError, match="a must be"):
+        checked(-1, 0.0)
+    with pytest.raises(TypeError):
+        make(1)  # every field, positionally
+    with pytest.raises(AttributeError):
+        make(1, 2.0).a = 5  # still frozen
+    with pytest.raises(TypeError, match="slotted"):
+        slot_constructor(dataclass(type("Q", (), {"__annotations__": {"x": int}})))

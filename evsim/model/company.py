@@ -33,7 +33,8 @@ class CompanyServer:
         self.up = True
         # reports in flight, grouped by the instant they were sent (one timeout per group:
         # a station usually reports twice at once, e.g. a vehicle arriving and plugging in)
-        self._in_flight: deque[list[tuple[int, tuple[int, int, bool, float, float]]]] = deque()
+        # (each report: station index, busy, waiting, online, sent at, mean session minutes)
+        self._in_flight: deque[list[tuple[int, int, int, bool, float, float]]] = deque()
         self._last_sent = -math.inf
 
     def report(self, station: SimStation) -> None:
@@ -46,15 +47,22 @@ class CompanyServer:
             return
         env = self.env
         now = env.now
-        values = (station.busy, station.waiting, station.online, now, station.mean_session_min)
+        report = (
+            station.index,
+            station.busy,
+            station.waiting,
+            station.online,
+            now,
+            station.mean_session_min,
+        )
         if self.delay <= 0:
-            self.board.set(station.index, *values)
+            self.board.set(*report)
             return
         if now == self._last_sent:  # lands with the group sent at this instant
-            self._in_flight[-1].append((station.index, values))
+            self._in_flight[-1].append(report)
             return
         self._last_sent = now
-        self._in_flight.append([(station.index, values)])
+        self._in_flight.append([report])
         # a plain Timeout (what env.timeout makes) with one bound callback; every report
         # sent at one instant lands at one instant, in the order sent, so one timeout per
         # instant lands them as one per report did
@@ -63,7 +71,7 @@ class CompanyServer:
     def _land(self, _ev: object = None) -> None:
         board = self.board
         observed = board.observed_t_min
-        for index, values in self._in_flight.popleft():
+        for report in self._in_flight.popleft():
             # messages can be overtaken by none (fixed delay), but keep the newest anyway
-            if values[3] >= observed[index]:
-                board.set(index, *values)
+            if report[4] >= observed.item(report[0]):
+                board.set(*report)

@@ -33,12 +33,15 @@ import simpy
 
 from evsim.model.world import ConnectorSpec
 from evsim.queueing import assign_walkins
+from evsim.slots import slot_constructor
 from evsim.trace import Kind, TraceWriter
 
 if TYPE_CHECKING:
     from evsim.model.company import CompanyServer
 
-__all__ = ["ConnectorDesk", "SessionPlan", "SessionResult", "SimStation"]
+__all__ = ["ConnectorDesk", "SessionPlan", "SessionResult", "SimStation", "new_plan"]
+
+_INF = float("inf")
 
 
 class ConnectorDesk(Protocol):
@@ -78,6 +81,12 @@ class SessionResult:
     connector: ConnectorSpec | None  # None when the vehicle abandoned the queue
     wait_min: float
     plan: SessionPlan | None
+
+
+# SessionPlan(charge_min, energy_kwh, price, soc_after, power_kw) and
+# SessionResult(connector, wait_min, plan) without the frozen __init__ (one each per session)
+new_plan = slot_constructor(SessionPlan)
+_new_result = slot_constructor(SessionResult)
 
 
 class SimStation:
@@ -171,14 +180,27 @@ class SimStation:
             return (yield from self._visit_managed(vehicle_id, session_id, soc, plan, patience_min))
         env = self.env
         t_arrive = env.now
-        self._arrive(vehicle_id, session_id, soc)
+        # (_arrive, inline)
+        self.waiting += 1
+        self._arrive_row(
+            t_arrive,
+            vehicle_id,
+            self.station_id,
+            self.company_id,
+            session_id,
+            None,
+            soc,
+            self.waiting,
+        )
+        if self.company is not None:  # (_changed)
+            self.company.report(self)
         spec: ConnectorSpec | None
         if self._idle:  # nobody is in line: plug in now
             spec = heappop(self._idle)[2]
         else:
             turn = simpy.Event(env)
             self._line.append(turn)
-            if patience_min != float("inf"):
+            if patience_min != _INF:
                 simpy.Timeout(env, patience_min).callbacks.append(partial(self._give_up, turn))
             spec = yield turn
             if spec is None:
@@ -334,11 +356,13 @@ class SimStation:
         booking_id: str | None = None,
     ) -> Generator[simpy.Event, Any, SessionResult]:
         env = self.env
+        company = self.company
         self.waiting -= 1
         self.busy += 1
-        wait = env.now - t_arrive
+        now = env.now
+        wait = now - t_arrive
         self._start_row(
-            env.now,
+            now,
             vehicle_id,
             self.station_id,
             self.company_id,
@@ -349,9 +373,10 @@ class SimStation:
             wait,
             self.waiting,
         )
-        self._changed()
+        if company is not None:  # (_changed)
+            company.report(self)
         try:
-            yield env.timeout(p.charge_min)
+            yield simpy.Timeout(env, p.charge_min)
         finally:
             self.busy -= 1
             self._release(spec)
@@ -370,8 +395,9 @@ class SimStation:
             p.power_kw,
             self.waiting,
         )
-        self._changed()
-        return SessionResult(spec, wait, p)
+        if company is not None:  # (_changed)
+            company.report(self)
+        return _new_result(spec, wait, p)
 
     def _release(self, spec: ConnectorSpec) -> None:
         k = self._order[spec.connector_id]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import simpy
 
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
-from evsim.model.station import SessionPlan
+from evsim.model.station import SessionPlan, new_plan
 from evsim.model.world import ConnectorSpec
 from evsim.planning import (
     TOPUP_SLACK_SOC,
@@ -46,6 +46,7 @@ from evsim.planning import (
     walk_rules,
 )
 from evsim.scenario import VehicleModelConfig
+from evsim.slots import slot_constructor
 from evsim.tariff import CompiledTariff, compiled
 from evsim.trace import Kind
 
@@ -89,10 +90,15 @@ class Drive:
         p = self._params
         if p is None:
             vm = self.vm
-            p = self._params = VehicleParams(
+            p = self._params = _vehicle_params(
                 self.vid, vm.battery_kwh, self.per_km, vm.max_charge_kw, vm.max_ac_kw
             )
         return p
+
+
+# VehicleParams(vehicle_id, battery_kwh, per_km, max_dc_kw, max_ac_kw) without the frozen
+# __init__
+_vehicle_params = slot_constructor(VehicleParams)
 
 
 class DriveKit:
@@ -112,7 +118,12 @@ class DriveKit:
         )
         # (battery, max DC, max AC, connector kW, type) -> (session kW, its curve)
         self._curves: dict[tuple[float, float, float, float, str], tuple[float, ChargeCurve]] = {}
+        # the same by the ids of the model and the connector (both kept alive in _kept)
+        self._curve_ids: dict[tuple[int, int], tuple[float, ChargeCurve]] = {}
+        self._kept: list[tuple[VehicleModelConfig, ConnectorSpec]] = []
         self._od: dict[tuple[int, int], str] = {}
+        # a trip's route on from its origin and its TRIP_START detail, by (origin, dest)
+        self._trip_route: dict[tuple[int, int], tuple[RouteLegs, str]] = {}
         self._legs: dict[tuple[int, int], RouteLegs] = {}
         self.trips = sim.trips
         self.vehicle_models = world.vehicle_models
@@ -175,6 +186,14 @@ class DriveKit:
 
     def curve(self, vm: VehicleModelConfig, spec: ConnectorSpec) -> tuple[float, ChargeCurve]:
         """The session power of model ``vm`` on ``spec`` and its charging curve."""
+        ids = (id(vm), id(spec))
+        hit = self._curve_ids.get(ids)
+        if hit is None:
+            hit = self._curve_ids[ids] = self._curve(vm, spec)
+            self._kept.append((vm, spec))  # (their ids stay theirs while the kit lives)
+        return hit
+
+    def _curve(self, vm: VehicleModelConfig, spec: ConnectorSpec) -> tuple[float, ChargeCurve]:
         key = (vm.battery_kwh, vm.max_charge_kw, vm.max_ac_kw, spec.power_kw, spec.type)
         hit = self._curves.get(key)
         if hit is None:
@@ -227,17 +246,23 @@ def prepare(sim: Simulation, k: int, t_min: float) -> tuple[Drive, Walk] | None:
     or None for a trip with no charging decision on the way, whose rows are then written
     ahead: TRIP_START at ``t_min``, TRIP_END (or STRANDED) when the stretch ends, the same
     rows at the same times as :func:`trip_process` writes."""
-    kit = DriveKit.of(sim)
+    kit = getattr(sim, "drive_kit", None) or DriveKit.of(sim)  # (DriveKit.of, inline)
     model, drain, origins, dests, soc0 = kit.trip_columns
     vm = kit.vehicle_models[model[k]]
     per_km = vm.consumption_kwh_per_km * drain[k] / vm.battery_kwh
     origin, dest, soc = origins[k], dests[k], soc0[k]
-    legs = kit.legs(origin, dest)
+    route = kit._trip_route.get((origin, dest))
+    if route is None:
+        route = kit._trip_route[(origin, dest)] = (
+            kit.legs(origin, dest),
+            kit.od_detail(origin, dest),
+        )
+    legs = route[0]
     w = walk_rules(kit.ch, legs, soc, per_km, _NOWHERE)
     vid = f"v{k}"
     if w.stop_here:
         return Drive(k, vid, vm, per_km, origin, dest, soc), w
-    kit.trip_start_ahead(t_min, vid, vid, soc, kit.od_detail(origin, dest))
+    kit.trip_start_ahead(t_min, vid, vid, soc, route[1])
     t_end = t_min + w.minutes if w.minutes > 0 else t_min
     km = 0.0 + w.km  # the distance a Drive adds up from 0.0
     if w.stranded_km is not None:
@@ -249,7 +274,7 @@ def prepare(sim: Simulation, k: int, t_min: float) -> tuple[Drive, Walk] | None:
 
 def depart(sim: Simulation, d: Drive, first: Walk) -> None:
     """The vehicle of :func:`prepare` leaves now: TRIP_START, then its :func:`drive`."""
-    kit = DriveKit.of(sim)
+    kit = getattr(sim, "drive_kit", None) or DriveKit.of(sim)  # (DriveKit.of, inline)
     kit.trip_start(sim.env.now, d.vid, d.vid, d.soc, kit.od_detail(d.pos, d.dest))
     sim.env.process(drive(sim, d, first=first))
 
@@ -270,7 +295,7 @@ def drive(
         if w is None:
             w = walk_rules(ch, legs, d.soc, per_km, d.skip_at)  # kit.walk(d)
         if w.minutes > 0:
-            yield env.timeout(w.minutes)
+            yield simpy.Timeout(env, w.minutes)
         d.soc, d.driven_km = w.soc, d.driven_km + w.km  # where the stretch ends
         d.pos = pos = legs.nodes[w.j]
         if not w.stop_here:
@@ -309,12 +334,12 @@ def drive(
         go_min = roads.time_min.item(pos, st_node) + access_min(access)
         soc = d.soc
         if soc - go_km * per_km < 0:  # a stale or optimistic choice: run dry on the way
-            yield env.timeout(go_min * (soc / per_km) / go_km)
+            yield simpy.Timeout(env, go_min * (soc / per_km) / go_km)
             kit.stranded(env.now, vid, vid, 0.0, d.driven_km + soc / per_km, station.station_id)
             if booked is not None:
                 booked.finish("stranded")
             return
-        yield env.timeout(go_min)
+        yield simpy.Timeout(env, go_min)
         soc -= go_km * per_km
         d.driven_km += go_km
         d.pos = pos = st_node
@@ -323,7 +348,8 @@ def drive(
             target = charge_target_on(ch, legs, per_km, access)
         else:  # no road on to the destination
             target = charge_target(roads, ch, per_km, pos, dest, access)
-        plan = _planner(kit, vm, kit.tariffs[index], soc, target)
+        # (_planner, inline)
+        plan = _Planner(kit, vm, kit.tariffs[index], soc, max(min(target, MAX_TARGET_SOC), soc))
         d.n_sessions += 1
         session_id = f"{vid}-{d.n_sessions}"
         if booked is None:
@@ -342,7 +368,7 @@ def drive(
         del plan, result  # (likewise)
         # back from the station to its city (access road)
         if access > 0:
-            yield env.timeout(access_min(access))
+            yield simpy.Timeout(env, access_min(access))
             d.soc = max(d.soc - access * per_km, 0.0)
             d.driven_km += access
 
@@ -382,10 +408,10 @@ class _Planner:
         if tariff is None:
             price = 0.0
         else:
-            price = tariff.price(
+            price = tariff.charge_total(
                 t_start,
                 minutes,
                 lambda e: curve.energy_kwh(soc_in, curve.soc_after(soc_in, e)),
                 power,
-            ).total
-        return SessionPlan(minutes, curve.energy_kwh(soc_in, soc_out), price, soc_out, power)
+            )
+        return new_plan(minutes, curve.energy_kwh(soc_in, soc_out), price, soc_out, power)

@@ -14,13 +14,13 @@ built-in scores.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from evsim.slots import slot_constructor
 from evsim.snapshot import ChargeRequest, Choice, NetworkSnapshot, NodeIndex
 
 __all__ = ["Candidates", "candidates", "choose"]
@@ -30,35 +30,9 @@ _SIXTY = np.array(60.0)
 _F64 = np.float64
 
 
-def _new_choice(
-    i: int, sid: str, score: float, km: float, detour: float, eta: float, wait: float
-) -> Choice:
-    """``Choice(...)`` at half the cost of a frozen dataclass's ``__init__`` (which sets
-    each field through ``object.__setattr__``): the slots' own setters."""
-    c = object.__new__(Choice)
-    s = _CHOICE_SETTERS
-    s[0](c, i)
-    s[1](c, sid)
-    s[2](c, score)
-    s[3](c, km)
-    s[4](c, detour)
-    s[5](c, eta)
-    s[6](c, wait)
-    return c
-
-
-_CHOICE_FIELDS = (
-    "station_index",
-    "station_id",
-    "score",
-    "distance_km",
-    "detour_km",
-    "eta_min",
-    "expected_wait_min",
-)
-if tuple(f.name for f in dataclasses.fields(Choice)) != _CHOICE_FIELDS:  # pragma: no cover
-    raise ImportError("evsim.snapshot.Choice has changed: update evsim.policies.base")
-_CHOICE_SETTERS = tuple(getattr(Choice, name).__set__ for name in _CHOICE_FIELDS)
+# Choice(station_index, station_id, score, distance_km, detour_km, eta_min,
+# expected_wait_min) without the frozen __init__ (one per decision)
+_new_choice = slot_constructor(Choice)
 
 
 class _online:  # used like functools.cached_property
@@ -377,10 +351,10 @@ class Candidates:
         snap, r = self._snap, self._req
         st = snap.stations
         online, busy, queued, mean = snap.online, snap.busy, snap.queued, snap.mean_session_min
-        time_min, dest = snap.time_min, r.dest_node
+        to_dest = _time_to(snap, r.dest_node)  # time_min[:, dest] as a list
         node_l, accm_l = st.node_list, st.access_min_list
         n_l, ndiv_l = st.n_connectors_list, st.n_connectors_div_list
-        power = st.session_power_kw(r.max_dc_kw, r.max_ac_kw)
+        power = st.session_power_kw_list(r.max_dc_kw, r.max_ac_kw)
         soc, target, battery = r.soc, r.target_soc, r.battery_kwh
         per_km = r.consumption_kwh_per_km
         assert self._re is not None
@@ -394,9 +368,9 @@ class Candidates:
             x = target - (soc - d_l[j] * per_km / battery)
             if not x > 0.0 and x == x:  # np.maximum(x, 0.0): NaN stays NaN, -0.0 -> 0.0
                 x = 0.0
-            charge = x * battery / power.item(i) * 60.0
+            charge = x * battery / power[i] * 60.0
             cw = charge if w_charge == 1.0 else w_charge * charge
-            score = eta_l[j] + w + cw + (time_min.item(node_l[i], dest) + accm_l[i])
+            score = eta_l[j] + w + cw + (to_dest[node_l[i]] + accm_l[i])
             if score < best or (score == best and i < best_i):
                 best, best_i, best_j, best_w = score, i, j, w
             elif score != score:  # NaN: sorted last, as choose does
@@ -536,6 +510,23 @@ def candidates(
 
 
 _last_index: tuple[NetworkSnapshot | None, NodeIndex | None] = (None, None)
+
+# (a snapshot, its road time to each destination asked for, as a list per destination)
+_last_time_to: tuple[NetworkSnapshot | None, dict[int, list[float]]] = (None, {})
+
+
+def _time_to(snap: NetworkSnapshot, dest: int) -> list[float]:
+    """``snap.time_min[:, dest]`` as a Python list, remembered for the last snapshot."""
+    global _last_time_to
+    last_snap, cols = _last_time_to
+    if last_snap is not snap:
+        cols = {}
+        _last_time_to = (snap, cols)
+    col = cols.get(dest)
+    if col is None:
+        col = cols[dest] = snap.time_min[:, dest].tolist()
+    return col
+
 
 SMALL = 16  # up to this many stations, a plain loop over every estimate beats numpy calls
 
