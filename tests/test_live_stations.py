@@ -275,3 +275,15 @@ def test_frozen_agent_offline_within_keepalive_and_resumes(net: Any) -> None:
     assert "Charging" in {c["reported_status"] for c in
                           station(net, "acme", "acme_alpha")["connectors"]}
     ev.call("acme", "POST", f"/sessions/{session_id}/stop", json={})
+
+
+def test_stale_sessions_only_those_the_station_had_reported() -> None:
+    """A returning station that does not report a session it never reported before (its
+    start command still on the way) keeps it; one it reported and lost is stale."""
+    from evsim.policies.outage import stale_sessions
+
+    active = [("s1", "a"), ("s2", "b")]
+    assert stale_sessions(active, {"a": "Available", "b": "Available"},
+                          known_before={"s1"}) == ["s1"]
+    assert stale_sessions(active, {"a": "Available", "b": "Available"}) == ["s1", "s2"]
+    assert stale_sessions(active, {"a": "Charging", "b": "Available"}, set()) == []

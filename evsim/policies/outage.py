@@ -21,7 +21,7 @@ No I/O, no clock: the live company servers call these (``live.server.service``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -145,8 +145,20 @@ def offline_decisions(
 
 
 def stale_sessions(
-    active: Iterable[tuple[str, str]], reported: Mapping[str, str]
+    active: Iterable[tuple[str, str]],
+    reported: Mapping[str, str],
+    known_before: Collection[str] | None = None,
 ) -> list[str]:
     """Session ids of ``active`` ``(session_id, connector_id)`` pairs whose connector the
-    returning station does not report busy (``Charging`` / ``Finishing``)."""
-    return [sid for sid, cid in active if reported.get(cid) not in BUSY_STATUSES]
+    returning station does not report busy (``Charging`` / ``Finishing``).
+
+    ``known_before``: the session ids the station reported before it went away (agents that
+    name sessions in their status).  Only those can be stale: a session the station never
+    reported may still be on its way to it (its start command in flight when the agent
+    froze, read after the first status of its return); the reconciler sees it through.
+    None: the agent names no sessions, every unreported one is stale."""
+    return [
+        sid for sid, cid in active
+        if reported.get(cid) not in BUSY_STATUSES
+        and (known_before is None or sid in known_before)
+    ]

@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from evsim.policies import resolve
@@ -121,6 +121,8 @@ class CompanyService:
         self.reconciler = Reconciler(self, settings.reconcile_s)
         # own stations that went offline (station_id -> t_min), handled by _outage_loop
         self.offline_since: dict[str, float] = {}
+        # own station -> the session ids its last status named before it went away
+        self._known_before: dict[str, set[str] | None] = {}
         self.outage_min = settings.outage_min
         self._outage_lock = threading.Lock()
         self._outage_wake = threading.Event()
@@ -550,13 +552,19 @@ class CompanyService:
         if self.world.company_of(station_id) != self.company or was_online == online:
             return
         if not online:
+            # the sessions its last status named (None: its agent names none)
+            conns = self.status.status(station_id).connectors
+            named = {str(c["session_id"]) for c in conns if c.get("session_id")}
+            known = named if any("session_id" in c for c in conns) else None
             with self._outage_lock:
                 self.offline_since.setdefault(station_id, self.now())
+                self._known_before[station_id] = known
             self._outage_wake.set()  # handle its bookings now, not at the next period
         else:
             with self._outage_lock:
                 self.offline_since.pop(station_id, None)
-            self.station_returned(station_id)
+                known = self._known_before.pop(station_id, None)
+            self.station_returned(station_id, known)
 
     def _outage_loop(self) -> None:
         period = max(self.settings.tick_s, 0.05)
@@ -650,15 +658,18 @@ class CompanyService:
             log.info("station %s offline: cancelled %d booking(s)", station_id, len(done))
         return done
 
-    def station_returned(self, station_id: str) -> list[str]:
-        """The station's agent is back: close the sessions it no longer reports
+    def station_returned(self, station_id: str,
+                         known_before: Collection[str] | None = None) -> list[str]:
+        """The station's agent is back: close the sessions it reported before it went away
+        (``known_before``; None: all) and no longer reports
         (:func:`evsim.policies.outage.stale_sessions`), so no connector stays busy."""
         active = self.storage.sessions_where(station_id=station_id, status="ACTIVE")
         if not active:
             return []
         reported = {str(c.get("connector_id")): str(c.get("status"))
                     for c in self.status.status(station_id).connectors}
-        stale = stale_sessions([(r["session_id"], r["connector_id"]) for r in active], reported)
+        stale = stale_sessions([(r["session_id"], r["connector_id"]) for r in active], reported,
+                               known_before)
         for sid in stale:
             log.warning("station %s came back without session %s: closing it", station_id, sid)
             self.sessions.stop(sid)
