@@ -30,6 +30,7 @@ from test_live_api import TRIP, Net, book_trip
 from evsim.protocol import BookingState, Coordinator, Participant, TripState
 from live import topics
 from live.bus import encode_json
+from live.server.node import CommitError
 from live.storage import Storage, idempotency
 
 
@@ -216,3 +217,91 @@ def test_a_failed_commit_leaves_a_log_that_replays_and_the_server_recovers(
         held = [b for b in zap.host.participant.bookings()
                 if b.state in (BookingState.PENDING, BookingState.RESERVED)]
     assert [b.booking_id.split("/")[0] for b in held] == [ok.json()["trip_id"]]
+
+
+def _trip_records(svc: Any, trip_id: str) -> list[Any]:
+    return [r for r in svc.storage.load_records(svc.host.cid)
+            if getattr(r, "trip_id", None) == trip_id]
+
+
+def test_a_trip_start_is_not_forced_on_its_own_but_rides_on_the_decision(net: Net) -> None:
+    """``execute(lazy=True)``: the PREPARE leaves and the request waits for the votes with
+    the trip's start (TripStarted, the hold at home) still unwritten; the decision's commit
+    writes it, so a two-company trip costs its coordinator two commits (decision, ALL_ACKED)
+    instead of three."""
+    vid, h = net.register()
+    acme, zap = net.svc("acme"), net.svc("zap")
+    held: list[tuple[str, Any]] = []
+    real = zap.host.deliver
+    zap.host.deliver = lambda dst, msg: held.append((dst, msg))  # type: ignore[method-assign]
+    c0 = acme.host.commits
+    out: dict[str, Any] = {}
+    post = threading.Thread(target=lambda: out.update(r=net.c["acme"].post(
+        "/bookings", json=TRIP, headers={**h, "Idempotency-Key": "lazy-1"})))
+    post.start()
+    deadline = time.monotonic() + 10.0
+    while not held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert held, "no PREPARE reached zap"
+    trip_id = acme.trip_id_for(vid, "lazy-1")
+    time.sleep(0.1)  # (the request would have committed by now)
+    assert post.is_alive()  # waiting for zap's vote
+    assert acme.host.commits == c0
+    assert _trip_records(acme, trip_id) == []  # presumed abort: lost in a crash, nothing owed
+    zap.host.deliver = real  # type: ignore[method-assign]
+    for dst, msg in held:
+        real(dst, msg)
+    post.join(10.0)
+    assert out["r"].status_code == 201, out["r"].text
+    assert acme.host.commits - c0 == 2
+    events = [getattr(r, "event", type(r).__name__) for r in _trip_records(acme, trip_id)]
+    assert events[0] == "TripStarted" and "ALL_YES" in events, events
+
+
+def test_booked_is_not_answered_when_the_decision_cannot_be_written(net: Net) -> None:
+    """A BOOKED answer waits for the step that decided the trip; if that step's commit
+    fails, a request waiting for the trip (here a second one, as a retry would) raises
+    :class:`CommitError` (503) instead of answering a BOOKED the log cannot back."""
+    vid, h = net.register()
+    svc = net.svc("acme")
+    host = svc.host
+    trip_id = svc.trip_id_for(vid, "local-2")
+    gate = threading.Event()
+    committing = threading.Event()
+    real_begin = svc.storage.begin
+
+    @contextmanager
+    def failing_begin() -> Iterator[Any]:
+        committing.set()
+        assert gate.wait(10.0)
+        raise OSError("disk full")
+        yield  # (a generator context manager)
+
+    svc.storage.begin = failing_begin  # type: ignore[method-assign]
+    body = {"stops": [TRIP["stops"][0]]}  # acme_alpha only: decided and booked in one step
+    first: dict[str, Any] = {}
+    a = threading.Thread(target=lambda: first.update(r=net.c["acme"].post(
+        "/bookings", json=body, headers={**h, "Idempotency-Key": "local-2"})))
+    a.start()
+    assert committing.wait(10.0)
+    assert host.result(trip_id) is not None and host.result(trip_id).outcome == "BOOKED"
+    answered: dict[str, Any] = {}
+
+    def second() -> None:
+        try:
+            answered["res"] = host.wait_result(trip_id, 5.0)
+        except CommitError as exc:
+            answered["error"] = exc
+
+    b = threading.Thread(target=second)
+    b.start()
+    b.join(0.3)
+    gate.set()
+    b.join(10.0)
+    a.join(10.0)
+    svc.storage.begin = real_begin  # type: ignore[method-assign]
+    assert "error" in answered, f"answered {answered.get('res')} on a lost decision"
+    assert first["r"].status_code == 503, first["r"].text
+    coord = Coordinator.from_log(host.cid, svc.storage.load_records(host.cid))
+    assert coord.trip_ids() == []
+    assert net.c["acme"].post("/bookings", json=body, headers=h).status_code == 201

@@ -24,13 +24,17 @@ Write-ahead rule: nothing of a step is sent or answered before its records are c
 except what the protocol says may precede them (:func:`evsim.protocol.before_log`): PREPARE
 (presumed abort) leaves as soon as the step has run, so a trip's first hop overlaps the
 coordinator's first commit, and a BOOKED answer wakes its request while ALL_ACKED is still
-being written (see :mod:`evsim.protocol.coordinator` for why both are safe).
-A step that wrote nothing still waits until every step queued before it is durable (what it
-sends may depend on their effects), and readers that answer from in-memory state
-(:meth:`barrier`) do the same, so no reply shows a state that a crash could undo.  Steps
-that read the database inside ``op`` (``execute(..., pipelined=False)``, the default) first
-wait for every queued step, so they see their predecessors' rows; the protocol paths
-(messages, timers, bookings) are pipelined: the next step runs while the previous commits.
+being written (see :mod:`evsim.protocol.coordinator` for why both are safe).  A trip's
+start goes further (``execute(..., lazy=True)``): its records (TripStarted, the holds at
+home) are not forced on their own but ride on the trip's decision, which is, so a trip
+costs the coordinator one fsync, not two, and its first hop no disk contention.
+A step that wrote nothing but sends or answers something still waits until every step
+queued before it is durable (what it sends may depend on their effects), and readers that
+answer from in-memory state (:meth:`barrier`) do the same, so no reply shows a state that a
+crash could undo.  Steps that read the database inside ``op`` (``execute(...,
+pipelined=False)``, the default) first wait for every queued step, so they see their
+predecessors' rows; the protocol paths (messages, timers, bookings) are pipelined: the
+next step runs while the previous commits.
 
 A failed commit (the database refuses a write): every step of that batch and every step
 queued behind it fails with :class:`CommitError` (503 ``storage_unavailable`` for an HTTP
@@ -296,6 +300,7 @@ class ProtocolHost:
         *,
         extra: Callable[[Connection, T, Effects], None] | None = None,
         pipelined: bool = False,
+        lazy: bool = False,
     ) -> T:
         """Run ``op(now)`` on the nodes, persist, then send; returns op's value.
 
@@ -303,7 +308,12 @@ class ProtocolHost:
         records (on the thread leading the commit, after the operation and its local deliveries: it
         must only write what ``value`` / ``effects`` say).  ``pipelined=False`` (default)
         waits for every queued step before running ``op``, for operations that read the
-        database; the protocol paths pass ``True``.
+        database; the protocol paths pass ``True``.  ``lazy=True``: if the step sends
+        nothing that must wait for the log and answers no trip, return without waiting for
+        its records: they are written with the next commit, and a crash before it loses
+        them (for a trip's start, which presumed abort allows: see
+        :func:`evsim.protocol.before_log`).  The caller must not answer anything that rests
+        on them before a later wait (:meth:`wait_result` with the step's epoch).
         """
         remote: list[Outgoing] = []
         with self.lock:
@@ -354,6 +364,14 @@ class ProtocolHost:
             # which still waits for the step that decided the trip (wait_result)
             with self.lock:
                 self._wake(booked)
+        if not remote and not fx.results and (step is None or lazy):
+            # nothing left to send, nobody to answer: nothing here rests on a commit.  A
+            # record-less step (a vote that decides nothing yet) need not wait for the steps
+            # before it; a lazy step's records ride on the next commit (a later step's, a
+            # barrier's or the ticker's), so a trip's start costs no fsync of its own
+            if step is not None:
+                self._run_hooks(fx)
+            return value
         # what we send may depend on steps still committing: wait for all up to ours
         self._wait_durable(step.seq if step is not None else upto)
         if step is not None and step.error is not None:
@@ -365,12 +383,15 @@ class ProtocolHost:
                 self._wake(fx.results)
         self._send(remote)
         if changed:
-            for hook in self.hooks:
-                try:
-                    hook(fx)
-                except Exception:
-                    log.exception("post-commit hook %r failed", hook)
+            self._run_hooks(fx)
         return value
+
+    def _run_hooks(self, fx: Effects) -> None:
+        for hook in self.hooks:
+            try:
+                hook(fx)
+            except Exception:
+                log.exception("post-commit hook %r failed", hook)
 
     def _wake(self, results: Sequence[TripResult]) -> None:
         """Wake the requests waiting for these trips' results (caller holds the lock)."""
@@ -415,15 +436,22 @@ class ProtocolHost:
                     self._durable = max(self._durable, steps[-1].seq)
                     self._qcond.notify_all()
 
-    def wait_decided(self, trip_id: str) -> None:
+    def wait_decided(self, trip_id: str, epoch: int) -> None:
         """Return once the step that logged ``trip_id``'s ALL_YES decision is durable: all a
         BOOKED answer rests on besides the stops' own commits.  (Usually it already is; not
-        when the trip was decided and booked in one step, every stop at home.)"""
+        when the trip was decided and booked in one step, every stop at home, nor when the
+        trip's start was queued lazily and rides on the decision's commit.)  Raises
+        :class:`CommitError` if that commit, or one before it in ``epoch`` (the host's
+        epoch when the caller read the result), failed."""
         with self.lock:
             seq = self._decided.get(trip_id)
+        if seq is not None:
+            self._wait_durable(seq)
+        # a failed commit at or before the decision (or, with the decision's seq gone, a
+        # rebuild since): the answer may rest on records the log never got
+        self._check(epoch, seq if seq is not None else self._enqueued)
         if seq is None:
             return
-        self._wait_durable(seq)
         with self.lock:
             self._decided.pop(trip_id, None)
             if len(self._decided) > 4096:  # decisions nobody waited for, long durable
@@ -583,15 +611,20 @@ class ProtocolHost:
         with self.lock:
             return self.coordinator.trip_result(trip_id) or self._results.get(trip_id)
 
-    def wait_result(self, trip_id: str, timeout_s: float) -> TripResult | None:
+    def wait_result(self, trip_id: str, timeout_s: float,
+                    epoch: int | None = None) -> TripResult | None:
         """Block up to ``timeout_s`` wall seconds for a trip's definitive result.
 
         Answers nothing a crash could still undo: it waits until what is queued is durable,
         except for a BOOKED result, which rests only on the trip's decision (and the stops'
         commits, durable before they were acknowledged): it waits for the step that logged
         the decision (:meth:`wait_decided`), not for ALL_ACKED
-        (:func:`evsim.protocol.before_log`)."""
+        (:func:`evsim.protocol.before_log`).  ``epoch``: the host's :attr:`epoch` when the
+        caller's own step ran (read under the lock, as in ``op``), for a step queued lazily:
+        a commit of that epoch that failed since raises :class:`CommitError`."""
         with self.lock:
+            if epoch is None:
+                epoch = self.epoch
             res = self.result(trip_id)
             if res is None:
                 ev = self._waiters.setdefault(trip_id, threading.Event())
@@ -603,9 +636,9 @@ class ProtocolHost:
                     self._waiters.pop(trip_id, None)
             res = self.result(trip_id)
         if res is None or not before_log(res):
-            self.barrier()
+            self.barrier(epoch)
         else:
-            self.wait_decided(trip_id)
+            self.wait_decided(trip_id, epoch)
         return res
 
 

@@ -347,6 +347,8 @@ class CompanyService:
         trip_id = self.trip_id_for(vehicle_id, idempotency_key)
         request_json = [s.model_dump() for s in body.stops]
         row = self.storage.trip(trip_id) if idempotency_key is not None else None
+        created: list[float] = []  # (by the thread that commits the new trip's step)
+        epoch: list[int] = []  # the host's epoch when that step ran
         if row is not None:
             if row["vehicle_id"] != vehicle_id or row["request"] != json.loads(
                     json.dumps(request_json)):
@@ -359,25 +361,27 @@ class CompanyService:
                               trip_id, vehicle_id, stops)
 
             def op(t: float) -> tuple[bool, list]:
+                epoch.append(self.host.epoch)  # (under the host lock: the step's epoch)
                 if self.host.coordinator.trip_state(trip_id) is not None:
                     return False, []  # a concurrent retry logged it meanwhile
                 return True, self.host.coordinator.request_trip(req, t,
                                                                 vehicle_node=self.host.api)
-
-            created: list[float] = []
 
             def extra(conn: Any, new: bool, fx: Effects) -> None:
                 if new:
                     Storage.add_trip(conn, trip_id, vehicle_id, fx.now, request_json)
                     created.append(fx.now)
 
-            self.host.execute(op, extra=extra, pipelined=True)
-            if created:  # committed: serve the row from memory from now on
-                self.storage.cache_trip(trip_id, vehicle_id, created[0], request_json)
+            # lazy: the trip's start rides on its decision's commit (no fsync of its own);
+            # wait_result below raises CommitError if that commit fails
+            self.host.execute(op, extra=extra, pipelined=True, lazy=True)
         coord = self.host.coordinator
         bound_min = coord.vote_timeout_min + coord.ack_timeout_min
         bound_s = bound_min * 60.0 / self.settings.time_scale + 1.0
-        res = self.host.wait_result(trip_id, min(self.settings.booking_wait_s, bound_s))
+        res = self.host.wait_result(trip_id, min(self.settings.booking_wait_s, bound_s),
+                                    epoch[0] if epoch else None)
+        if created:  # committed: serve the row from memory from now on
+            self.storage.cache_trip(trip_id, vehicle_id, created[0], request_json)
         # BOOKED rests on durable records only (wait_result): no barrier for it either
         trip = self.trip(trip_id, durable=res is None or not before_log(res))
         code = {"BOOKED": 201, "REJECTED": 409, "FAILED": 409, "CANCELED": 409}.get(
