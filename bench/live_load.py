@@ -661,8 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     # what the protocol itself cannot avoid: its critical path has two round trips between
     # the coordinator and the other companies (PREPARE/VOTE, COMMIT/ACK) and three forced
     # writes one after the other (remote holds; decision; remote reservations), plus one
-    # HTTP exchange.  The trip's own record (presumed abort) and ALL_ACKED are written while
-    # the PREPAREs travel / the answer goes out (evsim.protocol.before_log)
+    # HTTP exchange.  The trip's own record (presumed abort) is not forced on its own but
+    # rides on the decision's commit, and ALL_ACKED is written while the answer goes out
+    # (evsim.protocol.before_log)
     commit_p50 = statistics.median(fsync) * 1e3
     path_floor = 2 * rtt_p50 + 3 * commit_p50 + floor1.p(50)
     print(f"floor: one forced write (SQLite WAL, synchronous=FULL, same disk): "
