@@ -63,6 +63,11 @@ request died with the coordinator, was told nothing.  A retry of the same trip
 id then starts afresh, and its stops answer from their state (a released hold
 is never resurrected: the retry is REJECTED).  The decision (ALL_YES) and the
 participants' holds and commits stay forced: those are what BOOKED rests on.
+An adapter need not force TripStarted at all: it may write it with the trip's
+next forced record, the decision, together with the holds of a stop at the
+coordinator's own company (its vote is taken in-process, and nothing that
+rests on it leaves before that write); the live host does so
+(``ProtocolHost.execute(..., lazy=True)``).
 ``tests/test_protocol_stateful.py`` crashes coordinators between the PREPAREs
 and their TripStarted (rule ``request_trip_then_crash``).
 
