@@ -314,3 +314,42 @@ def test_walkin_share_rounds_down_per_station() -> None:
     assert p.book("y3", "three", 0.0, 10.0, 0.0).reason == "walkin_reserve"  # 1 of 3 kept
     with pytest.raises(ValueError, match="walkin_share"):
         Participant("P", {"s": ["c"]}, walkin_share=1.0)
+
+
+def test_a_hold_on_some_connectors_takes_only_those() -> None:
+    """``connector_ids`` (a connector class, as a vehicle planned it): the hold goes to one
+    of them, a refusal offers windows on them only, and ids of another station are refused
+    by name; without them any connector of the station will do."""
+    p = Participant("P1", {"S1": ["ac1", "dc1", "dc2"], "S9": ["c9"]})
+    dc = ("dc2", "dc1")  # (any order: the station's own order decides)
+
+    def prepare(bid: str, start: float, end: float, ids: tuple[str, ...] = dc) -> Vote:
+        m = Prepare(f"m-{bid}", "C", f"t-{bid}", bid, "S1", None, start, end, 5.0, 10.0,
+                    start, ids)
+        (out,) = p.handle(m, 0.0)
+        assert isinstance(out.msg, Vote)
+        return out.msg
+
+    a, b = prepare("a", 100.0, 130.0), prepare("b", 100.0, 130.0)
+    assert (a.yes, a.connector_id, b.yes, b.connector_id) == (True, "dc1", True, "dc2")
+    c = prepare("c", 110.0, 120.0)
+    assert (c.yes, c.reason) == (False, "conflict")  # ac1 is free, but not of the class
+    assert {x.connector_id for x in c.alternatives} == {"dc1", "dc2"}
+    assert all(x.start_min >= 130.0 for x in c.alternatives)
+    d = prepare("d", 110.0, 120.0, ())
+    assert (d.yes, d.connector_id) == (True, "ac1")
+    e = prepare("e", 200.0, 210.0, ("dc1", "c9"))
+    assert (e.yes, e.reason) == (False, "unknown_connector")
+    r = p.book("f", "S1", 300.0, 330.0, 0.0, connector_ids=("dc2",))
+    assert (r.state, r.connector_id) == ("RESERVED", "dc2")
+
+
+def test_connector_ids_round_trip_and_default_when_absent() -> None:
+    m = Prepare("m", "C", "t", "t/0", "S1", None, 1.0, 2.0, 5.0, 10.0, 1.0, ("c1", "c2"))
+    assert decode(encode(m)) == m
+    req = TripRequest("r", "V", "t", "V", (StopRequest("P1", "S1", 1.0, 2.0, 5.0, None,
+                                                       ("c1",)),))
+    assert decode(encode(req)) == req
+    old = json.loads(encode(m))
+    del old["connector_ids"]  # a message from before the field: any connector
+    assert decode(json.dumps(old)).connector_ids == ()

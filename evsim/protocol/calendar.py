@@ -11,7 +11,7 @@ windows to offer instead.  No I/O and no clock, like the rest of :mod:`evsim.pro
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from evsim.protocol.messages import Alternative
@@ -97,9 +97,12 @@ class BookingCalendar:
         start_min: float,
         end_min: float,
         priority: tuple[float, str] | None,
+        connector_ids: Sequence[str] = (),
     ) -> tuple[str | None, list[_Booking]]:
-        """Pick a connector: a free one, else one where every conflict can be wounded."""
-        cands = (connector_id,) if connector_id is not None else self.stations[station_id]
+        """Pick a connector (``connector_id``, else one of ``connector_ids``, else any of the
+        station's, in the station's order): a free one, else one where every conflict can
+        be wounded."""
+        cands = self._candidates(station_id, connector_id, connector_ids)
         woundable: tuple[str, list[_Booking]] | None = None
         for cid in cands:
             conf = self._conflicts(cid, start_min, end_min)
@@ -120,14 +123,31 @@ class BookingCalendar:
             return woundable
         return None, []
 
+    def _candidates(
+        self, station_id: str, connector_id: str | None, connector_ids: Sequence[str]
+    ) -> Sequence[str]:
+        if connector_id is not None:
+            return (connector_id,)
+        cids = self.stations[station_id]
+        if connector_ids:
+            wanted = set(connector_ids)
+            return [c for c in cids if c in wanted]
+        return cids
+
     def _alternatives(
-        self, station_id: str, connector_id: str | None, start_min: float, end_min: float
+        self,
+        station_id: str,
+        connector_id: str | None,
+        start_min: float,
+        end_min: float,
+        connector_ids: Sequence[str] = (),
     ) -> tuple[Alternative, ...]:
-        """Free windows near the refused one: other connectors, then later starts."""
+        """Free windows near the refused one: other connectors (of ``connector_ids`` when
+        given), then later starts."""
         if station_id not in self.stations or not end_min > start_min:
             return ()
         alts: list[Alternative] = []
-        cids = self.stations[station_id]
+        cids = self._candidates(station_id, None, connector_ids)
         for cid in cids:
             if cid != connector_id and not self._conflicts(cid, start_min, end_min):
                 alts.append(Alternative(cid, start_min, end_min))

@@ -302,6 +302,7 @@ class Coordinator(EventSourced):
                     s.grace_min,
                     t.lease_min,
                     t.priority_start_min,
+                    s.connector_ids,
                 )
             elif i in t.acked:
                 continue

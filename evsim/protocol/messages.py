@@ -55,7 +55,9 @@ class Alternative:
 
 @dataclass(frozen=True, slots=True)
 class StopRequest:
-    """One leg of a trip: a window at a station (optionally on one connector)."""
+    """One leg of a trip: a window at a station, optionally on one connector
+    (``connector_id``) or on any of some of its connectors (``connector_ids``: e.g. those
+    of one class, the power and plug the vehicle planned with); by default any."""
 
     participant: str
     station_id: str
@@ -63,6 +65,7 @@ class StopRequest:
     end_min: float
     grace_min: float = 10.0
     connector_id: str | None = None
+    connector_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,7 @@ class Prepare(Message):
     grace_min: float
     lease_min: float
     priority_start_min: float  # the trip's first-leg start; lower wins contention
+    connector_ids: tuple[str, ...] = ()  # hold one of these (empty: any of the station)
 
 
 @dataclass(frozen=True, slots=True)

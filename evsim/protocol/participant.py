@@ -256,10 +256,13 @@ class Participant(BookingCalendar, EventSourced):
         start_min: float,
         end_min: float,
         grace_min: float,
+        connector_ids: tuple[str, ...] = (),
     ) -> str:
         if station_id not in self.stations:
             return "unknown_station"
         if connector_id is not None and self._station_of.get(connector_id) != station_id:
+            return "unknown_connector"
+        if any(self._station_of.get(c) != station_id for c in connector_ids):
             return "unknown_connector"
         if not end_min > start_min or grace_min < 0:
             return "invalid_window"
@@ -289,7 +292,9 @@ class Participant(BookingCalendar, EventSourced):
             )
         alts = ()
         if m is not None and b.state is BookingState.REJECTED:
-            alts = self._alternatives(m.station_id, m.connector_id, m.start_min, m.end_min)
+            alts = self._alternatives(
+                m.station_id, m.connector_id, m.start_min, m.end_min, m.connector_ids
+            )
         return Vote(
             msg_id(self.node_id, "VOTE", bid + ":no"),
             self.node_id,
@@ -320,7 +325,7 @@ class Participant(BookingCalendar, EventSourced):
 
     def _prepare_new(self, m: Prepare, now_min: float) -> list[Outgoing]:
         reason = self._check_request(
-            m.station_id, m.connector_id, m.start_min, m.end_min, m.grace_min
+            m.station_id, m.connector_id, m.start_min, m.end_min, m.grace_min, m.connector_ids
         )
         if not reason and not 0 < m.lease_min <= self.max_lease_min:
             reason = "lease_too_long"
@@ -333,6 +338,7 @@ class Participant(BookingCalendar, EventSourced):
                 m.start_min,
                 m.end_min,
                 (m.priority_start_min, m.trip_id),
+                m.connector_ids,
             )
             if cid is None:
                 reason = "conflict"
@@ -492,17 +498,23 @@ class Participant(BookingCalendar, EventSourced):
         *,
         connector_id: str | None = None,
         grace_min: float = 10.0,
+        connector_ids: tuple[str, ...] = (),
         _src: str = "",
     ) -> BookReply:
-        """Book one window directly; idempotent by ``booking_id``."""
+        """Book one window directly; idempotent by ``booking_id``.  ``connector_id`` /
+        ``connector_ids``: on that connector / on one of those (as in :class:`StopRequest`)."""
         b = self._bookings.get(booking_id)
         if b is None:
-            reason = self._check_request(station_id, connector_id, start_min, end_min, grace_min)
+            reason = self._check_request(
+                station_id, connector_id, start_min, end_min, grace_min, connector_ids
+            )
             if booking_id in self._tombstones:
                 reason = "canceled"
             cid: str | None = None
             if not reason:
-                cid, _ = self._choose(station_id, connector_id, start_min, end_min, None)
+                cid, _ = self._choose(
+                    station_id, connector_id, start_min, end_min, None, connector_ids
+                )
                 if cid is None:
                     reason = "conflict"
                 elif not self._walkins_keep(station_id, start_min, end_min):
@@ -524,7 +536,7 @@ class Participant(BookingCalendar, EventSourced):
             )
         alts: tuple[Alternative, ...] = ()
         if b.state is BookingState.REJECTED:
-            alts = self._alternatives(station_id, connector_id, start_min, end_min)
+            alts = self._alternatives(station_id, connector_id, start_min, end_min, connector_ids)
         return BookReply(
             msg_id(self.node_id, "BOOK_REPLY", booking_id),
             self.node_id,
