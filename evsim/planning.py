@@ -43,6 +43,7 @@ __all__ = [
     "charge_target",
     "charge_target_on",
     "choose_again",
+    "class_connectors",
     "kept_stop",
     "needs_charge",
     "next_booking_min",
@@ -60,6 +61,9 @@ TOPUP_SLACK_SOC = 0.15  # charge past the target by up to this much to finish wi
 
 
 class ConnectorLike(Protocol):
+    @property
+    def connector_id(self) -> str: ...
+
     @property
     def power_kw(self) -> float: ...
 
@@ -411,6 +415,17 @@ def booking_class(
         key=lambda k: (session_power_kw(k[0], k[1], max_dc_kw, max_ac_kw), counts[k], -k[0], k[1]),
     )
     return best[0], best[1], session_power_kw(best[0], best[1], max_dc_kw, max_ac_kw)
+
+
+def class_connectors(
+    connectors: Sequence[ConnectorLike], power_kw: float, ctype: str
+) -> tuple[str, ...]:
+    """The ids of a station's connectors of one class (rated kW and type, as
+    :func:`booking_class` gives and a :class:`PlannedStop` keeps): what a stop planned on
+    that class asks to hold (``StopRequest.connector_ids``)."""
+    return tuple(
+        c.connector_id for c in connectors if c.power_kw == power_kw and c.type == ctype
+    )
 
 
 def plan_stop(

@@ -26,6 +26,7 @@ from evsim.planning import (
     VehicleParams,
     access_min,
     booking_window,
+    class_connectors,
     kept_stop,
     next_booking_min,
     stops_to_book,
@@ -64,9 +65,11 @@ class TripApp:
 
     Differences to the simulation: the times are the trip's scenario-time cursor (the vehicle
     never waits for an answer: the plan's times hold, no ``offset``); a stop is booked at the
-    station, on any connector (the REST API has no connector classes: the participant picks
-    one), not on the planned class; the company server traces the trip requests
-    (``trip_booking`` rows, trip ids ``{vehicle}.{hex}``).
+    station on the planned class (``connector_ids``: that class's connectors), where the
+    simulation books the class as a station of its own, so the walk-in share
+    (``booking.walkin_share``) counts the whole station here and the class there; the
+    company server traces the trip requests (``trip_booking`` rows, trip ids
+    ``{vehicle}.{hex}``).
     """
 
     def __init__(self, fleet: Fleet, run: VehicleRun, params: VehicleParams, dest: int,
@@ -208,11 +211,15 @@ class TripApp:
     def _request(self, stops: Sequence[PlannedStop],
                  windows: Sequence[Window]) -> list[dict[str, Any]]:
         out = []
+        connectors = self.fleet.world.connectors
         for s, w in zip(stops, windows, strict=True):
             stop: dict[str, Any] = {"station_id": s.station_id, "start_min": w.start_min,
                                     "end_min": w.end_min, "grace_min": self.cfg.grace_min}
-            if w.connector_id is not None:
+            if w.connector_id is not None:  # an offered window on one connector
                 stop["connector_id"] = w.connector_id
+            else:  # the class the stop was planned on, as the simulation books it
+                stop["connector_ids"] = list(class_connectors(
+                    connectors[s.station_index], s.connector_power_kw, s.connector_type))
             out.append(stop)
         return out
 

@@ -37,7 +37,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,7 @@ from evsim.planning import (
     booking_class,
     charge_request,
     charge_target,
+    class_connectors,
     fallback_requests,
     needs_charge,
     walk_route,
@@ -353,11 +354,14 @@ class Fleet:
             target = min(charge_target(roads, ch, per_km, st_node, dest, access), MAX_TARGET_SOC)
             booking_id = held.booking["booking_id"] if held is not None else None
             if booking_id is None and self.booking == "stop":
-                _, _, power = booking_class(world.connectors[i], vm.max_charge_kw, vm.max_ac_kw)
+                rated, ctype, power = booking_class(world.connectors[i], vm.max_charge_kw,
+                                                    vm.max_ac_kw)
                 soc_in = max(soc - go_km * per_km, 0.0)
                 dur = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
                     soc_in, target)
-                booking_id = await self._book_stop(run, station_id, t + go_min, dur)
+                booking_id = await self._book_stop(  # on the class the window is sized for
+                    run, station_id, t + go_min, dur,
+                    class_connectors(world.connectors[i], rated, ctype))
             t += go_min
             await self.sleep_until(t)
             soc -= go_km * per_km
@@ -424,9 +428,10 @@ class Fleet:
         return trip if trip is not None and trip.get("outcome") == "BOOKED" else None
 
     async def _book_stop(self, run: VehicleRun, station_id: str, start: float,
-                         dur: float) -> str | None:
+                         dur: float, connector_ids: Sequence[str] = ()) -> str | None:
         trip = await self._book(run, [{"station_id": station_id, "start_min": start,
-                                       "end_min": start + max(dur, 1.0) + 15.0}])
+                                       "end_min": start + max(dur, 1.0) + 15.0,
+                                       "connector_ids": list(connector_ids)}])
         if trip is None:
             return None
         return next((b["booking_id"] for b in trip.get("bookings", [])), None)

@@ -282,6 +282,33 @@ def test_conflict_is_rejected_with_alternatives(net: Net) -> None:
         j["alternatives"]
 
 
+def test_a_stop_can_ask_for_one_connector_class(net: Net) -> None:
+    """``connector_ids``: the hold goes to one of them (here the AC connector, where any
+    would have been a DC one), a conflict on them is refused though other connectors are
+    free, and ids of another station or a pin outside them are 422."""
+    _vid, h = net.register()
+    conns = net.svc("acme").world.connectors["acme_alpha"]
+    ac = [c.connector_id for c in conns if c.type == "AC"]
+    dc = [c.connector_id for c in conns if c.type == "DC"]
+    stop = {"station_id": "acme_alpha", "start_min": 300, "end_min": 330}
+
+    def book(**extra: object):
+        return net.c["acme"].post("/bookings", json={"stops": [{**stop, **extra}]}, headers=h)
+
+    first = book(connector_ids=ac)
+    assert first.status_code == 201, first.text
+    assert first.json()["bookings"][0]["connector_id"] in ac
+    second = book(connector_ids=ac)
+    assert second.status_code == 409 and second.json()["outcome"] == "REJECTED"
+    assert {a["connector_id"] for a in second.json()["alternatives"]} <= set(ac)
+    anywhere = book()
+    assert anywhere.status_code == 201 and anywhere.json()["bookings"][0]["connector_id"] in dc
+    zap_conn = net.svc("zap").world.connectors["zap_bravo"][0].connector_id
+    for extra in ({"connector_ids": [zap_conn]}, {"connector_ids": ac, "connector_id": dc[0]}):
+        bad = book(**extra)
+        assert bad.status_code == 422 and bad.json()["reason"] == "unknown_connector", bad.text
+
+
 def test_walk_in_session_and_no_free_connector(net: Net) -> None:
     _, h = net.register()
     body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}

@@ -203,6 +203,33 @@ def test_kept_stop_after_replan() -> None:
     assert kept_stop(replace(old, decision_node=7), 100.0, [stop(100.0)], 5.0, 15.0) is None
 
 
+def test_trip_app_asks_for_the_planned_connector_class() -> None:
+    """A planned stop is booked on its class (``connector_ids``: the station's connectors of
+    the plan's rated power and type), as the simulation books class keys; an offered
+    window on one connector is booked on that one."""
+    from types import SimpleNamespace
+
+    from evsim.booking_app import Window
+    from evsim.model.world import World
+    from evsim.planning import PlannedStop
+    from evsim.scenario import load_scenario
+    from live.trip_app import TripApp
+
+    sc = load_scenario(TINY)
+    world = World.build(sc)
+    i = world.stations.ids.index("acme_alpha")
+    fleet = SimpleNamespace(scenario=sc, world=world)
+    app = TripApp(fleet, None, None, 0, set())  # type: ignore[arg-type]
+    conns = world.connectors[i]
+    for power, ctype in {(c.power_kw, c.type) for c in conns}:
+        stop = PlannedStop(0, i, "acme_alpha", 100.0, 0.2, 0.8, 30.0, power, power, ctype, 0.0)
+        (req,) = app._request([stop], [Window(100.0, 140.0, None, 100.0)])
+        want = [c.connector_id for c in conns if (c.power_kw, c.type) == (power, ctype)]
+        assert req["connector_ids"] == want and "connector_id" not in req
+        (pinned,) = app._request([stop], [Window(150.0, 190.0, want[0], 100.0)])
+        assert pinned["connector_id"] == want[0] and "connector_ids" not in pinned
+
+
 # --------------------------------------------------------------------------------- live run
 
 

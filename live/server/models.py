@@ -202,6 +202,11 @@ class StopCreate(_In):
     end_min: Minutes
     connector_id: ConnectorId | None = None
     grace_min: Annotated[float, Field(ge=0, le=120)] = 10.0
+    connector_ids: Annotated[list[ConnectorId], Field(max_length=64)] = Field(
+        default=[],
+        description="hold one of these connectors of the station (e.g. one class: the rated "
+        "power and plug a plan was made with); empty: any of them",
+    )
 
     @model_validator(mode="after")
     def _window(self) -> StopCreate:

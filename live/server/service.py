@@ -313,19 +313,23 @@ class CompanyService:
         company = self.world.company_of(s.station_id)
         if company is None:
             raise ApiError(422, f"stop {i}: unknown station {s.station_id!r}", "unknown_station")
-        if s.connector_id is not None:
-            c = self.world.connector_index.get(s.connector_id)
+        for cid in (*(() if s.connector_id is None else (s.connector_id,)), *s.connector_ids):
+            c = self.world.connector_index.get(cid)
             if c is None or c.station_id != s.station_id:
                 raise ApiError(
-                    422, f"stop {i}: connector {s.connector_id!r} is not at {s.station_id!r}",
+                    422, f"stop {i}: connector {cid!r} is not at {s.station_id!r}",
                     "unknown_connector",
                 )
+        if s.connector_id is not None and s.connector_ids \
+                and s.connector_id not in s.connector_ids:
+            raise ApiError(422, f"stop {i}: connector_id {s.connector_id!r} is not one of "
+                           "connector_ids", "unknown_connector")
         if s.end_min <= now:
             raise ApiError(422, f"stop {i}: window ends before now ({now:.1f})", "window_past")
         if not self.status.is_online(s.station_id):
             raise ApiError(409, f"stop {i}: station {s.station_id!r} is offline", "station_offline")
         return StopRequest(company, s.station_id, s.start_min, s.end_min, s.grace_min,
-                           s.connector_id)
+                           s.connector_id, tuple(s.connector_ids))
 
     @staticmethod
     def trip_id_for(vehicle_id: str, idempotency_key: str | None) -> str:
