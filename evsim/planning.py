@@ -44,6 +44,7 @@ __all__ = [
     "charge_target_on",
     "choose_again",
     "class_connectors",
+    "connector_class",
     "kept_stop",
     "needs_charge",
     "next_booking_min",
@@ -415,6 +416,12 @@ def booking_class(
         key=lambda k: (session_power_kw(k[0], k[1], max_dc_kw, max_ac_kw), counts[k], -k[0], k[1]),
     )
     return best[0], best[1], session_power_kw(best[0], best[1], max_dc_kw, max_ac_kw)
+
+
+def connector_class(power_kw: float, ctype: str) -> str:
+    """A connector class's name, e.g. ``"150DC"``: the pool a participant keeps its walk-in
+    share in (``Participant(pools=...)``), in the simulation and the live servers alike."""
+    return f"{power_kw:g}{ctype}"
 
 
 def class_connectors(

@@ -64,12 +64,11 @@ class TripApp:
     with asyncio.
 
     Differences to the simulation: the times are the trip's scenario-time cursor (the vehicle
-    never waits for an answer: the plan's times hold, no ``offset``); a stop is booked at the
-    station on the planned class (``connector_ids``: that class's connectors), where the
-    simulation books the class as a station of its own, so the walk-in share
-    (``booking.walkin_share``) counts the whole station here and the class there; the
-    company server traces the trip requests (``trip_booking`` rows, trip ids
-    ``{vehicle}.{hex}``).
+    never waits for an answer: the plan's times hold, no ``offset``); the company server
+    traces the trip requests (``trip_booking`` rows, trip ids ``{vehicle}.{hex}``). A stop is
+    booked on the planned class (``connector_ids``: that class's connectors) as in the
+    simulation, and the walk-in share is kept per class there and here
+    (``Participant(pools=...)``).
     """
 
     def __init__(self, fleet: Fleet, run: VehicleRun, params: VehicleParams, dest: int,
@@ -215,11 +214,12 @@ class TripApp:
         for s, w in zip(stops, windows, strict=True):
             stop: dict[str, Any] = {"station_id": s.station_id, "start_min": w.start_min,
                                     "end_min": w.end_min, "grace_min": self.cfg.grace_min}
-            if w.connector_id is not None:  # an offered window on one connector
+            # the class the stop was planned on, as the simulation books it (and alternatives
+            # on it); one connector of it when an offered window named one
+            stop["connector_ids"] = list(class_connectors(
+                connectors[s.station_index], s.connector_power_kw, s.connector_type))
+            if w.connector_id is not None:
                 stop["connector_id"] = w.connector_id
-            else:  # the class the stop was planned on, as the simulation books it
-                stop["connector_ids"] = list(class_connectors(
-                    connectors[s.station_index], s.connector_power_kw, s.connector_type))
             out.append(stop)
         return out
 

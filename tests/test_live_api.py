@@ -549,3 +549,9 @@ def test_server_protocol_nodes_use_the_scenario_booking_config(tmp_path: Path) -
     assert (coord.lease_min, coord.vote_timeout_min, coord.commit_margin_min,
             coord.ack_timeout_min, coord.retry_min) == (7.0, 2.0, 1.5, 4.0, 0.25)
     assert host.participant.walkin_share == 0.5
+    # kept per connector class of a station, as in the simulation: acme_alpha has two
+    # 50 kW DC and one 22 kW AC connectors, so one DC stays free and the AC is bookable
+    p = host.participant
+    dc = [c for c in p.stations["acme_alpha"] if p._pool_of[c][1] == "50DC"]
+    assert len(dc) == 2 and p._reservable[("acme_alpha", "50DC")] == 1
+    assert p._reservable[("acme_alpha", "22AC")] == 1

@@ -205,8 +205,8 @@ def test_kept_stop_after_replan() -> None:
 
 def test_trip_app_asks_for_the_planned_connector_class() -> None:
     """A planned stop is booked on its class (``connector_ids``: the station's connectors of
-    the plan's rated power and type), as the simulation books class keys; an offered
-    window on one connector is booked on that one."""
+    the plan's rated power and type), as the simulation books them; an offered window on
+    one connector is booked on that one (alternatives still on the class)."""
     from types import SimpleNamespace
 
     from evsim.booking_app import Window
@@ -227,7 +227,7 @@ def test_trip_app_asks_for_the_planned_connector_class() -> None:
         want = [c.connector_id for c in conns if (c.power_kw, c.type) == (power, ctype)]
         assert req["connector_ids"] == want and "connector_id" not in req
         (pinned,) = app._request([stop], [Window(150.0, 190.0, want[0], 100.0)])
-        assert pinned["connector_id"] == want[0] and "connector_ids" not in pinned
+        assert pinned["connector_id"] == want[0] and pinned["connector_ids"] == want
 
 
 # --------------------------------------------------------------------------------- live run

@@ -316,6 +316,27 @@ def test_walkin_share_rounds_down_per_station() -> None:
         Participant("P", {"s": ["c"]}, walkin_share=1.0)
 
 
+def test_walkin_share_is_kept_per_pool_with_pools() -> None:
+    """``pools`` (connector -> class): the share is kept in each class of a station, so
+    bookings of one class never use up another's; unknown connectors are refused."""
+    st = {"S": ["d1", "d2", "d3", "d4", "a1", "a2"]}
+    pools = {"d1": "150DC", "d2": "150DC", "d3": "150DC", "d4": "150DC",
+             "a1": "22AC", "a2": "22AC"}
+    p = Participant("P", st, walkin_share=0.5, pools=pools)
+    dc, ac = ("d1", "d2", "d3", "d4"), ("a1", "a2")
+    got = [p.book(f"x{i}", "S", 10.0, 40.0, 0.0, connector_ids=dc) for i in range(3)]
+    assert [g.state for g in got] == ["RESERVED", "RESERVED", "REJECTED"]  # 2 of 4 kept
+    assert got[2].reason == "walkin_reserve"
+    y = [p.book(f"y{i}", "S", 10.0, 40.0, 0.0, connector_ids=ac) for i in range(2)]
+    assert [g.state for g in y] == ["RESERVED", "REJECTED"]  # 1 of 2 kept, DC aside
+    # one pool for the station (no pools): 3 of 6 bookable, whatever the class
+    q = Participant("Q", st, walkin_share=0.5)
+    assert [q.book(f"z{i}", "S", 10.0, 40.0, 0.0, connector_ids=dc).state
+            for i in range(4)] == ["RESERVED"] * 3 + ["REJECTED"]
+    with pytest.raises(ValueError, match="unknown connector"):
+        Participant("P", st, pools={"zz": "x"})
+
+
 def test_a_hold_on_some_connectors_takes_only_those() -> None:
     """``connector_ids`` (a connector class, as a vehicle planned it): the hold goes to one
     of them, a refusal offers windows on them only, and ids of another station are refused

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 import simpy
 
 from evsim.booking_app import Answer, Choose, Send, Window, booking_round
-from evsim.model.protocol_bus import class_key, coordinator_id, vehicle_node
+from evsim.model.protocol_bus import coordinator_id, vehicle_node
 from evsim.model.station import SessionPlan, SessionResult, SimStation
 from evsim.model.vehicle import Drive, drive, start_trip
 from evsim.model.world import ConnectorSpec
@@ -75,6 +75,7 @@ from evsim.planning import (
     charge_request,
     choose_again,
     choose_station,
+    class_connectors,
     kept_stop,
     next_booking_min,
     plan_trip,
@@ -405,11 +406,12 @@ class BookedTrip:
             out.append(
                 StopRequest(
                     station.company_id,
-                    class_key(station.station_id, s.connector_power_kw, s.connector_type),
+                    station.station_id,
                     start,
                     end,
                     self.cfg.grace_min,
-                    connector,
+                    connector,  # (one connector of the class, when an offer named one)
+                    class_connectors(station.connectors, s.connector_power_kw, s.connector_type),
                 )
             )
         vnode = vehicle_node(self.d.vid)

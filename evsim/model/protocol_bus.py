@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
+from evsim.planning import connector_class
 from evsim.protocol import (
     BookingChanged,
     BookingCreated,
@@ -61,7 +62,7 @@ from evsim.trace import Kind
 if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
 
-__all__ = ["ProtocolBus", "StationDesk", "class_key", "coordinator_id", "vehicle_node"]
+__all__ = ["ProtocolBus", "StationDesk", "coordinator_id", "vehicle_node"]
 
 WALKIN = "walkin:"
 _BLOCKING = (BookingState.PENDING, BookingState.RESERVED)
@@ -75,11 +76,6 @@ def vehicle_node(vehicle_id: str) -> str:
     return f"vehicle:{vehicle_id}"
 
 
-def class_key(station_id: str, power_kw: float, ctype: str) -> str:
-    """The participant-side bookable station for one connector class of a station."""
-    return f"{station_id}#{power_kw:g}{ctype}"
-
-
 class ProtocolBus:
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
@@ -91,18 +87,22 @@ class ProtocolBus:
         self.rng = random.Random(f"evsim-network-{sim.seed}")
         self.companies = [c.id for c in sc.companies]
         self._coord_config: dict[str, Any] = self.cfg.coordinator_config()
-        # connector classes per company: class key -> connector ids; and back to stations
+        # per company, its stations' connectors (in the station's order) and their classes
+        # (the walk-in share's pools, as at a live server); station ids -> indices
         self.station_maps: dict[str, dict[str, list[str]]] = {c: {} for c in self.companies}
-        self.class_station: dict[str, int] = {}
-        self.connector_class: dict[str, str] = {}
+        self.pools: dict[str, dict[str, str]] = {c: {} for c in self.companies}
+        self.station_index: dict[str, int] = {}
+        self.station_of: dict[str, str] = {}  # connector -> station id
         for st in sim.stations:
-            for spec in sorted(
-                st.connectors, key=lambda s: (-s.power_kw, st._order[s.connector_id])
-            ):
-                key = class_key(st.station_id, spec.power_kw, spec.type)
-                self.station_maps[st.company_id].setdefault(key, []).append(spec.connector_id)
-                self.class_station[key] = st.index
-                self.connector_class[spec.connector_id] = key
+            self.station_maps[st.company_id][st.station_id] = [
+                spec.connector_id for spec in st.connectors
+            ]
+            self.station_index[st.station_id] = st.index
+            for spec in st.connectors:
+                self.pools[st.company_id][spec.connector_id] = connector_class(
+                    spec.power_kw, spec.type
+                )
+                self.station_of[spec.connector_id] = st.station_id
         self.nodes: dict[str, Coordinator | Participant | None] = {}
         self.persisted: dict[str, list[Record]] = {}
         self.company_of: dict[str, str] = {}
@@ -125,14 +125,14 @@ class ProtocolBus:
     def _start_nodes(self, company: str, fresh: bool) -> None:
         cid, pid = coordinator_id(company), company
         smap = self.station_maps[company]
+        config = {**self.cfg.participant_config(), "pools": self.pools[company]}
         if fresh:
             coord = Coordinator(cid, **self._coord_config)
-            part = Participant(pid, smap, **self.cfg.participant_config())
+            part = Participant(pid, smap, **config)
             self.persisted[cid], self.persisted[pid] = [], []
         else:  # recovery: rebuild from the durable logs
             coord = Coordinator.from_log(cid, self.persisted[cid], **self._coord_config)
-            part = Participant.from_log(pid, smap, self.persisted[pid],
-                                        **self.cfg.participant_config())
+            part = Participant.from_log(pid, smap, self.persisted[pid], **config)
         self.nodes[cid], self.nodes[pid] = coord, part
         self.company_of[cid] = self.company_of[pid] = company
         self.participants[company] = part
@@ -279,7 +279,7 @@ class ProtocolBus:
             self._bstate[bid] = state
             b = part.booking(bid)
             assert b is not None
-            station = self.class_station.get(b.station_id)
+            station = self.station_index.get(b.station_id)
             if station is not None:
                 touched.add(station)
             if bid.startswith(WALKIN) or (
@@ -341,7 +341,7 @@ class StationDesk:
         bid = WALKIN + session_id
         reply = p.book(
             bid,
-            bus.connector_class[connector_id],
+            bus.station_of[connector_id],
             start_min,
             end_min,
             start_min,

@@ -31,7 +31,9 @@ class BookingCalendar:
     _bookings: dict[str, _Booking]
     _starts: dict[str, list[float]]  # connector -> start_min of its active bookings, sorted
     _ids: dict[str, list[str]]  # connector -> their booking ids, in the same order
-    _reservable: dict[str, int]  # station -> bookings that may be active at once
+    _pool_of: dict[str, tuple[str, str]]  # connector -> its walk-in pool (station, class)
+    _pools: dict[tuple[str, str], tuple[str, ...]]  # pool -> its connectors
+    _reservable: dict[tuple[str, str], int]  # pool -> bookings that may be active at once
 
     def _index(self, b: _Booking) -> None:
         starts, ids = self._starts[b.connector_id], self._ids[b.connector_id]
@@ -64,13 +66,13 @@ class BookingCalendar:
             j -= 1
         return found
 
-    def _peak(self, station_id: str, start_min: float, end_min: float,
+    def _peak(self, pool: tuple[str, str], start_min: float, end_min: float,
               skip: Iterable[_Booking] = ()) -> int:
-        """Most bookings active at once at the station during ``[start_min, end_min)``
-        (``skip``: bookings about to be wounded)."""
+        """Most bookings active at once on the pool's connectors during ``[start_min,
+        end_min)`` (``skip``: bookings about to be wounded)."""
         gone = {b.booking_id for b in skip}
         edges: list[tuple[float, int]] = []
-        for cid in self.stations[station_id]:
+        for cid in self._pools[pool]:
             for b in self._conflicts(cid, start_min, end_min):
                 if b.booking_id not in gone:
                     edges.append((max(b.start_min, start_min), 1))
@@ -82,13 +84,15 @@ class BookingCalendar:
             peak = max(peak, cur)
         return peak
 
-    def _walkins_keep(self, station_id: str, start_min: float, end_min: float,
+    def _walkins_keep(self, connector_id: str, start_min: float, end_min: float,
                       skip: Iterable[_Booking] = ()) -> bool:
-        """Would one more booking over the window leave the walk-in share free?"""
-        room = self._reservable[station_id]
-        if room >= len(self.stations[station_id]):
+        """Would one more booking over the window, on this connector, leave the walk-in
+        share of its pool free?"""
+        pool = self._pool_of[connector_id]
+        room = self._reservable[pool]
+        if room >= len(self._pools[pool]):
             return True  # walkin_share 0: nothing kept back
-        return self._peak(station_id, start_min, end_min, skip) < room
+        return self._peak(pool, start_min, end_min, skip) < room
 
     def _choose(
         self,
@@ -161,6 +165,6 @@ class BookingCalendar:
                         alts.append(Alternative(cid, s, s + dur))
                     break
                 s = max(b.end_min for b in conf)
-        alts = [a for a in alts if self._walkins_keep(station_id, a.start_min, a.end_min)]
+        alts = [a for a in alts if self._walkins_keep(a.connector_id, a.start_min, a.end_min)]
         alts.sort(key=lambda a: (a.start_min, a.connector_id))
         return tuple(alts[: self.max_alternatives])

@@ -20,12 +20,14 @@ What it does
   has run out); ``Abort`` / ``CancelRequest`` release it; ``tick`` releases
   holds whose lease ended and, while a hold waits for its decision, asks the
   coordinator with ``QueryDecision`` every ``retry_min``.
-* Walk-ins (``walkin_share``): at every station at most ``connectors -
-  floor(walkin_share x connectors)`` bookings are active at any instant, so
-  that share of its connectors stays free for vehicles that turn up without a
-  booking; a request that would break it is refused with reason
-  ``walkin_reserve`` (alternatives are windows that keep it).  0 (the default)
-  keeps nothing back.
+* Walk-ins (``walkin_share``): in every pool of connectors at most
+  ``connectors - floor(walkin_share x connectors)`` bookings are active at any
+  instant, so that share of the pool stays free for vehicles that turn up
+  without a booking; a request that would break it is refused with reason
+  ``walkin_reserve`` (alternatives are windows that keep it).  A pool is a
+  station, or with ``pools`` (connector -> class, e.g. ``"150DC"``) each class of
+  a station's connectors, so a booking of one class never takes the share of
+  another.  0 (the default) keeps nothing back.
 * Contention between trips (no-wait / wound-wait, nobody ever blocks): a
   ``Prepare`` that conflicts with a *hold* of another trip compares
   ``(priority_start_min, trip_id)``; the lower wins.  If the newcomer wins the
@@ -137,23 +139,35 @@ class Participant(BookingCalendar, EventSourced):
         max_lease_min: float = 60.0,
         max_alternatives: int = 3,
         walkin_share: float = 0.0,
+        pools: Mapping[str, str] | None = None,
     ) -> None:
         if not 0.0 <= walkin_share < 1.0:
             raise ValueError(f"walkin_share must be in [0, 1), got {walkin_share!r}")
         self.node_id = node_id
         self.stations: dict[str, tuple[str, ...]] = {s: tuple(c) for s, c in stations.items()}
-        # per station, how many bookings may be active at any instant: all connectors but
-        # floor(walkin_share x connectors), which stay free for vehicles that just turn up
-        self.walkin_share = walkin_share
-        self._reservable: dict[str, int] = {
-            s: len(c) - math.floor(walkin_share * len(c) + 1e-9) for s, c in self.stations.items()
-        }
         self._station_of: dict[str, str] = {}
         for sid, cids in self.stations.items():
             for cid in cids:
                 if cid in self._station_of:
                     raise ValueError(f"connector {cid!r} listed twice")
                 self._station_of[cid] = sid
+        unknown = sorted(set(pools or {}) - set(self._station_of))
+        if unknown:
+            raise ValueError(f"pools name unknown connector(s) {unknown}")
+        # walk-in pools: (station, class) per connector, the class "" without ``pools``;
+        # per pool, how many bookings may be active at any instant: all its connectors but
+        # floor(walkin_share x connectors), which stay free for vehicles that just turn up
+        self.walkin_share = walkin_share
+        self._pool_of: dict[str, tuple[str, str]] = {
+            cid: (sid, (pools or {}).get(cid, "")) for cid, sid in self._station_of.items()
+        }
+        self._pools: dict[tuple[str, str], tuple[str, ...]] = {}
+        for cid, pool in self._pool_of.items():
+            self._pools[pool] = (*self._pools.get(pool, ()), cid)
+        self._reservable: dict[tuple[str, str], int] = {
+            pool: len(c) - math.floor(walkin_share * len(c) + 1e-9)
+            for pool, c in self._pools.items()
+        }
         self.retry_min = retry_min
         self.query_after_min = query_after_min
         self.max_lease_min = max_lease_min
@@ -342,7 +356,7 @@ class Participant(BookingCalendar, EventSourced):
             )
             if cid is None:
                 reason = "conflict"
-            elif not self._walkins_keep(m.station_id, m.start_min, m.end_min, wounded):
+            elif not self._walkins_keep(cid, m.start_min, m.end_min, wounded):
                 cid, wounded, reason = None, [], "walkin_reserve"
             for w in wounded:
                 self._change(w, BookingEvent.WOUND, now_min, "preempted")
@@ -517,7 +531,7 @@ class Participant(BookingCalendar, EventSourced):
                 )
                 if cid is None:
                     reason = "conflict"
-                elif not self._walkins_keep(station_id, start_min, end_min):
+                elif not self._walkins_keep(cid, start_min, end_min):
                     cid, reason = None, "walkin_reserve"
             self._emit(
                 BookingCreated(

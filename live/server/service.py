@@ -103,7 +103,8 @@ class CompanyService:
             self.company, self.world.protocol_stations(self.company), self.storage, self.clock,
             # the scenario's timers, as the simulated company servers use them
             coordinator_config=scenario.booking.coordinator_config(),
-            participant_config=scenario.booking.participant_config(),
+            participant_config={**scenario.booking.participant_config(),
+                                "pools": self.world.protocol_pools(self.company)},
         )
         self.host.hooks.append(self._after_protocol)
         self.host.tracers.append(self._trace_rows)  # written in the step's own transaction
