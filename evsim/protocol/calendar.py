@@ -3,9 +3,10 @@
 A mixin of :class:`evsim.protocol.participant.Participant` (it holds the state: the
 bookings by id, and per connector the start times and ids of the active ones, which never
 overlap), answering the questions a booking request asks: what conflicts with a window on a
-connector, how many bookings are active at once at a station (the walk-in share), which
-connector to hold (a free one, else one whose holds can all be wounded) and which nearby
-windows to offer instead.  No I/O and no clock, like the rest of :mod:`evsim.protocol`.
+connector, how many bookings are active at once in a pool of a station's connectors (the
+walk-in share), which connector to hold (of those asked for: a free one, else one whose
+holds can all be wounded) and which nearby windows to offer instead.  No I/O and no clock,
+like the rest of :mod:`evsim.protocol`.
 """
 
 from __future__ import annotations
