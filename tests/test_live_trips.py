@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,27 @@ def test_station_owner_cancel_cancels_the_trip_at_its_coordinator(net: Net) -> N
     assert trip_note and trip_note[-1]["trip_id"] == tid
 
 
+def _hold_commits(svc: Any, fail: bool = False) -> tuple[threading.Event, threading.Event,
+                                                         Callable[[], None]]:
+    """Hold the server's next commits until ``gate`` is set (``committing`` says one is
+    waiting), then write them, or fail them (``fail``: a disk that refuses the write).
+    Returns (gate, committing, restore)."""
+    gate, committing = threading.Event(), threading.Event()
+    real_begin = svc.storage.begin
+
+    @contextmanager
+    def held_begin() -> Iterator[Any]:
+        committing.set()
+        assert gate.wait(10.0)
+        if fail:
+            raise OSError("disk full")
+        with real_begin() as conn:
+            yield conn
+
+    svc.storage.begin = held_begin
+    return gate, committing, lambda: setattr(svc.storage, "begin", real_begin)
+
+
 def test_booked_answer_waits_for_the_step_that_decided_the_trip(net: Net) -> None:
     """A BOOKED answer may skip waiting for ALL_ACKED (``before_log``), never for the
     decision: a trip with every stop at home is decided and booked in one step, and a
@@ -146,18 +167,7 @@ def test_booked_answer_waits_for_the_step_that_decided_the_trip(net: Net) -> Non
     svc = net.svc("acme")
     host = svc.host
     trip_id = svc.trip_id_for(vid, "local-1")
-    gate = threading.Event()
-    committing = threading.Event()
-    real_begin = svc.storage.begin
-
-    @contextmanager
-    def slow_begin() -> Iterator[Any]:
-        committing.set()
-        assert gate.wait(10.0)
-        with real_begin() as conn:
-            yield conn
-
-    svc.storage.begin = slow_begin  # type: ignore[method-assign]
+    gate, committing, restore = _hold_commits(svc)
     body = {"stops": [TRIP["stops"][0]]}  # acme_alpha only: all at home
     first: dict[str, Any] = {}
     a = threading.Thread(target=lambda: first.update(r=net.c["acme"].post(
@@ -175,7 +185,7 @@ def test_booked_answer_waits_for_the_step_that_decided_the_trip(net: Net) -> Non
     gate.set()
     b.join(10.0)
     a.join(10.0)
-    svc.storage.begin = real_begin  # type: ignore[method-assign]
+    restore()
     assert answered["res"].outcome == "BOOKED" and answered["t"] >= opened
     assert first["r"].status_code == 201
 
@@ -266,18 +276,7 @@ def test_booked_is_not_answered_when_the_decision_cannot_be_written(net: Net) ->
     svc = net.svc("acme")
     host = svc.host
     trip_id = svc.trip_id_for(vid, "local-2")
-    gate = threading.Event()
-    committing = threading.Event()
-    real_begin = svc.storage.begin
-
-    @contextmanager
-    def failing_begin() -> Iterator[Any]:
-        committing.set()
-        assert gate.wait(10.0)
-        raise OSError("disk full")
-        yield  # (a generator context manager)
-
-    svc.storage.begin = failing_begin  # type: ignore[method-assign]
+    gate, committing, restore = _hold_commits(svc, fail=True)
     body = {"stops": [TRIP["stops"][0]]}  # acme_alpha only: decided and booked in one step
     first: dict[str, Any] = {}
     a = threading.Thread(target=lambda: first.update(r=net.c["acme"].post(
@@ -299,7 +298,7 @@ def test_booked_is_not_answered_when_the_decision_cannot_be_written(net: Net) ->
     gate.set()
     b.join(10.0)
     a.join(10.0)
-    svc.storage.begin = real_begin  # type: ignore[method-assign]
+    restore()
     assert "error" in answered, f"answered {answered.get('res')} on a lost decision"
     assert first["r"].status_code == 503, first["r"].text
     coord = Coordinator.from_log(host.cid, svc.storage.load_records(host.cid))
