@@ -70,6 +70,9 @@ __all__ = ["ApiError", "Fleet", "TraceSink", "main"]
 
 log = logging.getLogger(__name__)
 
+# 409 reasons for a booked session that waiting can cure (Participant.start_charging)
+_BOOKING_NOT_YET = ("too_early", "connector_busy")
+
 
 class ApiError(RuntimeError):
     """A non-success HTTP answer (``status`` 0: the server could not be reached)."""
@@ -368,8 +371,10 @@ class Fleet:
             driven_km += go_km
             pos = st_node
             n_sessions += 1
-            soc, t = await self._charge(run, company, station_id, booking_id, soc, target,
-                                        battery, vm, f"{vid}-{n_sessions}", t)
+            soc, t = await self._charge(
+                run, company, station_id, booking_id, soc, target, battery, vm,
+                f"{vid}-{n_sessions}", t,
+                float(held.booking["start_min"]) if held is not None else None)
             if app is not None:  # leaving the station: plan the rest of the trip again
                 await app.replan_from(i, soc, t)
             if access > 0:  # back from the station to its city (access road)
@@ -438,9 +443,16 @@ class Fleet:
 
     async def _charge(self, run: VehicleRun, company: str, station_id: str,
                       booking_id: str | None, soc: float, target: float, battery: float,
-                      vm: Any, local_sid: str, t_arrive: float) -> tuple[float, float]:
+                      vm: Any, local_sid: str, t_arrive: float,
+                      booking_start: float | None = None) -> tuple[float, float]:
         """Plug in (queueing at the station if it is full), charge, stop; returns the new
-        SoC and the scenario time the vehicle leaves the connector (or the queue)."""
+        SoC and the scenario time the vehicle leaves the connector (or the queue).
+
+        With a booking, as the simulation's ``visit_booked``: a vehicle early for its window
+        (``booking_start``) waits for it at the station, and one whose connector is still
+        busy keeps asking until ``charging.max_wait_min`` after it arrived; only a booking
+        that cannot be used (expired, canceled...) or that patience sends it to the queue
+        as a walk-in."""
         ch, tr = self.scenario.charging, self.trace
         srv = self.servers[company]
         token = await self._token(run, company)
@@ -453,7 +465,9 @@ class Fleet:
             "max_ac_kw": vm.max_ac_kw,
         }
         if booking_id:
-            body["booking_id"] = booking_id
+            body.update(booking_id=booking_id, arrived_t_min=t_arrive)
+            if booking_start is not None and booking_start > t_arrive:
+                await self.sleep_until(booking_start)  # early: wait for the window
         else:
             body.update(queue=True, max_wait_min=ch.max_wait_min)
         session = None
@@ -462,6 +476,12 @@ class Fleet:
                 session = await srv.call("POST", "/sessions", token=token, json_body=body,
                                          ok=(200, 201, 202))
             except ApiError as exc:
+                if "booking_id" in body and exc.reason in _BOOKING_NOT_YET \
+                        and self.clock() - t_arrive <= ch.max_wait_min:
+                    # the window has not opened on the server's clock yet, or the previous
+                    # session still holds the connector: ask again a scenario minute later
+                    await self.sleep_until(self.clock() + 1.0)
+                    continue
                 gone = exc.status not in (409, 423, 429) or exc.reason == "station_offline"
                 if gone or self.clock() - t_arrive > ch.max_wait_min:
                     t = self.clock()
@@ -473,6 +493,7 @@ class Fleet:
                     return soc, t
                 # an expired or unusable booking: queue as a walk-in instead
                 body.pop("booking_id", None)
+                body.pop("arrived_t_min", None)
                 body.update(queue=True, max_wait_min=ch.max_wait_min)
         sid = session["session_id"]
         if session.get("status") == "QUEUED":

@@ -309,6 +309,40 @@ def test_a_stop_can_ask_for_one_connector_class(net: Net) -> None:
         assert bad.status_code == 422 and bad.json()["reason"] == "unknown_connector", bad.text
 
 
+def test_a_vehicle_early_for_its_booking_waits_for_the_window(net: Net) -> None:
+    """Before its window a booked session is refused ``too_early`` (the vehicle waits at the
+    station, as in the simulation); at the window it starts, and with ``arrived_t_min`` the
+    trace has the arrival and the wait; a vehicle on time waited nothing."""
+    _vid, h = net.register()
+    svc = net.svc("acme")
+    windows = [(300.0, 330.0), (400.0, 430.0)]
+    trip = book_trip(net, h, {"stops": [
+        {"station_id": "acme_alpha", "start_min": a, "end_min": b} for a, b in windows]})
+    b1, b2 = (b["booking_id"] for b in trip["bookings"])
+    body = {"station_id": "acme_alpha", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.3}
+    net.clock.t = 290.0
+    early = net.c["acme"].post("/sessions", headers=h, json={**body, "booking_id": b1})
+    assert early.status_code == 409 and early.json()["reason"] == "too_early"
+    net.clock.t = 300.5
+    r = net.c["acme"].post("/sessions", headers=h,
+                           json={**body, "booking_id": b1, "arrived_t_min": 290.0})
+    assert r.status_code == 201, r.text
+    net.clock.t = 330.0
+    assert net.c["acme"].post(f"/sessions/{r.json()['session_id']}/stop",
+                              headers=h).status_code == 200
+    net.clock.t = 400.2
+    r2 = net.c["acme"].post("/sessions", headers=h,
+                            json={**body, "booking_id": b2, "arrived_t_min": 400.1})
+    assert r2.status_code == 201, r2.text
+    rows = [x for x in svc.storage.trace_rows() if x.get("booking_id") in (b1, b2)
+            and x["kind"] in ("arrive", "session_start")]
+    got = {(x["booking_id"], x["kind"]): (x["t_min"], x.get("wait_min")) for x in rows}
+    assert got[(b1, "arrive")][0] == 290.0
+    assert got[(b1, "session_start")] == (300.5, 10.5)
+    assert got[(b2, "arrive")][0] == 400.2  # on time: the request's latency is no wait
+    assert got[(b2, "session_start")] == (400.2, 0.0)
+
+
 def test_walk_in_session_and_no_free_connector(net: Net) -> None:
     _, h = net.register()
     body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}

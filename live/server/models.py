@@ -288,6 +288,11 @@ class SessionCreate(_In):
     max_wait_min: Minutes | None = Field(
         default=None, description="queue patience (default: the scenario's charging.max_wait_min)"
     )
+    arrived_t_min: Minutes | None = Field(
+        default=None,
+        description="with a booking: when the vehicle reached the station (it may come before "
+        "its window and wait), for the trace's arrive row and wait_min; default: now",
+    )
 
     @model_validator(mode="after")
     def _target(self) -> SessionCreate:

@@ -221,10 +221,15 @@ class SessionManager:
             base = {"vehicle_id": vehicle_id, "station_id": body.station_id,
                     "company_id": svc.company, "session_id": session_id, "soc": body.soc,
                     "booking_id": bid}
+            # a vehicle early for its window waited at the station for it (as in the
+            # simulation); one on time did not wait (the request's latency is no wait)
+            came = body.arrived_t_min
+            arrived = min(came, fx.now) if came is not None and came < v.start_min else fx.now
             Storage.add_trace(conn, [
-                {"t_min": fx.now, "kind": "arrive", **base},
+                {"t_min": arrived, "kind": "arrive", **base},
                 {"t_min": fx.now, "kind": "session_start", **base,
-                 "connector_id": v.connector_id, "wait_min": 0.0, "power_kw": power},
+                 "connector_id": v.connector_id, "wait_min": fx.now - arrived,
+                 "power_kw": power},
             ])
 
         kind, v = host.execute(op, extra=extra)
