@@ -58,6 +58,7 @@ from evsim.planning import (
     needs_charge,
     walk_route,
 )
+from evsim.protocol import START_LATER_REASONS
 from evsim.scenario import Scenario
 from evsim.snapshot import ChargeRequest
 from evsim.trace import Kind
@@ -69,9 +70,6 @@ if TYPE_CHECKING:
 __all__ = ["ApiError", "Fleet", "TraceSink", "main"]
 
 log = logging.getLogger(__name__)
-
-# 409 reasons for a booked session that waiting can cure (Participant.start_charging)
-_BOOKING_NOT_YET = ("too_early", "connector_busy")
 
 
 class ApiError(RuntimeError):
@@ -476,7 +474,7 @@ class Fleet:
                 session = await srv.call("POST", "/sessions", token=token, json_body=body,
                                          ok=(200, 201, 202))
             except ApiError as exc:
-                if "booking_id" in body and exc.reason in _BOOKING_NOT_YET \
+                if "booking_id" in body and exc.reason in START_LATER_REASONS \
                         and self.clock() - t_arrive <= ch.max_wait_min:
                     # the window has not opened on the server's clock yet, or the previous
                     # session still holds the connector: ask again a scenario minute later

@@ -54,7 +54,7 @@ from evsim.protocol.messages import (
     encode_batch,
     split_before_log,
 )
-from evsim.protocol.participant import BookingView, Participant
+from evsim.protocol.participant import START_LATER_REASONS, BookingView, Participant
 from evsim.protocol.states import (
     BookingEvent,
     BookingState,
@@ -66,6 +66,7 @@ from evsim.protocol.states import (
 )
 
 __all__ = [
+    "START_LATER_REASONS",
     "Abort",
     "AbortAck",
     "Alternative",

@@ -90,6 +90,11 @@ _PENDING = BookingState.PENDING
 _RESERVED = BookingState.RESERVED
 _FULFILLED = BookingState.FULFILLED
 
+# refusals of Participant.start_charging that waiting cures: the vehicle is early for its
+# window, or the session before it still holds the connector (a driver waits at the
+# station for either, up to its patience; the simulation's SimStation.visit_booked)
+START_LATER_REASONS = frozenset({"too_early", "connector_busy"})
+
 
 @dataclass(slots=True)
 class _Booking:
@@ -586,8 +591,9 @@ class Participant(BookingCalendar, EventSourced):
 
         Refusals leave the booking unchanged and say why in ``reason``:
         ``too_early`` (before ``start_min``), ``connector_busy`` (another
-        session still charging), ``not_reserved``.  Arriving after
-        ``start_min + grace_min`` turns the booking into NO_SHOW.
+        session still charging), ``not_reserved``; the first two pass with time
+        (:data:`START_LATER_REASONS`).  Arriving after ``start_min + grace_min``
+        turns the booking into NO_SHOW.
         """
         b = self._get(booking_id)
         if b.state is _FULFILLED and b.charging:
