@@ -448,9 +448,9 @@ class Fleet:
 
         With a booking, as the simulation's ``visit_booked``: a vehicle early for its window
         (``booking_start``) waits for it at the station, and one whose connector is still
-        busy keeps asking until ``charging.max_wait_min`` after it arrived; only a booking
-        that cannot be used (expired, canceled...) or that patience sends it to the queue
-        as a walk-in."""
+        busy keeps asking until ``charging.max_wait_min`` after it arrived (then it leaves);
+        a booking that cannot be used (expired, canceled...) sends it to the queue as a
+        walk-in."""
         ch, tr = self.scenario.charging, self.trace
         srv = self.servers[company]
         token = await self._token(run, company)
