@@ -45,6 +45,7 @@ __all__ = [
     "choose_again",
     "class_connectors",
     "connector_class",
+    "connector_pools",
     "kept_stop",
     "needs_charge",
     "next_booking_min",
@@ -422,6 +423,12 @@ def connector_class(power_kw: float, ctype: str) -> str:
     """A connector class's name, e.g. ``"150DC"``: the pool a participant keeps its walk-in
     share in (``Participant(pools=...)``), in the simulation and the live servers alike."""
     return f"{power_kw:g}{ctype}"
+
+
+def connector_pools(connectors: Iterable[ConnectorLike]) -> dict[str, str]:
+    """``{connector id: its class}`` (:func:`connector_class`) for a participant's
+    ``pools``: the walk-in share kept per connector class of a station."""
+    return {c.connector_id: connector_class(c.power_kw, c.type) for c in connectors}
 
 
 def class_connectors(

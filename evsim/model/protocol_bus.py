@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
-from evsim.planning import connector_class
+from evsim.planning import connector_pools
 from evsim.protocol import (
     BookingChanged,
     BookingCreated,
@@ -98,10 +98,8 @@ class ProtocolBus:
                 spec.connector_id for spec in st.connectors
             ]
             self.station_index[st.station_id] = st.index
+            self.pools[st.company_id].update(connector_pools(st.connectors))
             for spec in st.connectors:
-                self.pools[st.company_id][spec.connector_id] = connector_class(
-                    spec.power_kw, spec.type
-                )
                 self.station_of[spec.connector_id] = st.station_id
         self.nodes: dict[str, Coordinator | Participant | None] = {}
         self.persisted: dict[str, list[Record]] = {}

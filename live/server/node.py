@@ -27,7 +27,7 @@ coordinator's first commit, and a BOOKED answer wakes its request while ALL_ACKE
 being written (see :mod:`evsim.protocol.coordinator` for why both are safe).  A trip's
 start goes further (``execute(..., lazy=True)``): its records (TripStarted, the holds at
 home) are not forced on their own but ride on the trip's decision, which is, so a trip
-costs the coordinator one fsync, not two, and its first hop no disk contention.
+costs the coordinator one fsync fewer, and its first hop no disk contention.
 A step that wrote nothing but sends or answers something still waits until every step
 queued before it is durable (what it sends may depend on their effects), and readers that
 answer from in-memory state (:meth:`barrier`) do the same, so no reply shows a state that a

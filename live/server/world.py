@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evsim.geo import RoadNetwork
-from evsim.planning import connector_class
+from evsim.planning import connector_pools
 from evsim.scenario import Scenario, StationConfig, TariffConfig
 from evsim.snapshot import StationTable
 
@@ -70,8 +70,6 @@ class LiveWorld:
     def protocol_pools(self, company: str) -> dict[str, str]:
         """``{connector id: class}`` for a company's Participant (``pools``): the walk-in
         share is kept per connector class of a station, as in the simulation."""
-        return {
-            c.connector_id: connector_class(c.power_kw, c.type)
-            for s in self.stations_of(company)
-            for c in self.connectors[s.id]
-        }
+        return connector_pools(
+            c for s in self.stations_of(company) for c in self.connectors[s.id]
+        )
