@@ -21,6 +21,7 @@ import pytest
 from waiting import wait_for
 
 from evsim.battery import ChargeCurve
+from evsim.cdr import session_cdr
 from evsim.scenario import load_scenario
 from live.broker import find_mosquitto
 
@@ -101,8 +102,6 @@ def charge(api: Api, company: str, station: str, booking_id: str | None, soc: fl
 
 
 def _two_company_trip(net: Any) -> None:
-    from live.server.sessions import price
-
     sc = load_scenario(TINY)
     api = Api(net.servers, "ev-trip", "acme")
     t = now_min(net)
@@ -134,11 +133,12 @@ def _two_company_trip(net: Any) -> None:
         curve = ChargeCurve(30.0, h["power_kw"], sc.charging.taper_soc, sc.charging.efficiency)
         assert h["energy_kwh"] == pytest.approx(curve.energy_kwh(h["soc_start"], 0.8), rel=1e-6)
         cfg = next(x for x in sc.stations if x.id == h["station_id"])
-        want = price(sc.tariff_for(cfg), start_t_min=h["start_t_min"],
-                     end_t_min=h["end_t_min"], soc_start=h["soc_start"], target_soc=0.8,
-                     battery_kwh=30.0, power_kw=h["power_kw"], taper_soc=sc.charging.taper_soc,
-                     efficiency=sc.charging.efficiency, metered_kwh=h["energy_kwh"])
-        assert h["price"]["total"] == pytest.approx(want["price_total"], rel=1e-9)
+        want = session_cdr(
+            sc.tariff_for(cfg), start_t_min=h["start_t_min"], end_t_min=h["end_t_min"],
+            soc_start=h["soc_start"], target_soc=0.8, battery_kwh=30.0, power_kw=h["power_kw"],
+            taper_soc=sc.charging.taper_soc, efficiency=sc.charging.efficiency,
+            metered_kwh=h["energy_kwh"])
+        assert h["price"]["total"] == pytest.approx(want.price.total, rel=1e-9)
         assert h["price"]["total"] > 0 and h["price"]["currency"] == "BRL"
     # acme: flat 2 + 2/kWh (no parking: stopped at the end of charging)
     assert s2["price"]["total"] == pytest.approx(2.0 + 2.0 * s2["energy_kwh"], rel=1e-6)

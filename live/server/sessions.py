@@ -7,12 +7,10 @@ walk-ins and reservations can never overlap).  ``start_charging`` / ``stop_charg
 protocol's; this module stores the session, commands the station over the bus
 (``evsim/{company}/stations/{station}/cmd``) and prices the result.
 
-Pricing (:func:`price`): the session charged from ``soc_start`` towards ``target_soc`` along
-the :class:`evsim.battery.ChargeCurve` (connector power capped by the vehicle), then stayed
-plugged (PARKING_TIME).  Energy is the station's metered energy when it reported one
-(``meter`` / ``session_finished`` events, or the caller's ``energy_kwh``), else the curve's;
-:func:`evsim.tariff.price_session` splits it over tariff windows.  With a meter reading the
-curve's shape is kept and scaled to the metered total.
+Pricing: a stopped session's record is :func:`evsim.cdr.session_cdr`'s (energy, SoC,
+charging and parking minutes, the tariff's price breakdown), with the station's metered
+energy when it reported one (``meter`` / ``session_finished`` events, or the caller's
+``energy_kwh``), else the charging curve's.
 
 Walk-in queue: a walk-in with ``queue`` set that gets no connector joins the station's FIFO
 queue (202 QUEUED).  The entry (vehicle, station, the request with its plan inputs, arrival
@@ -34,10 +32,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.cdr import session_cdr
 from evsim.protocol import BookingChanged, BookingState, ProtocolError
 from evsim.queueing import assign_walkins, expired
-from evsim.scenario import TariffConfig
-from evsim.tariff import price_session
 from live import topics
 from live.bus import BadPayload, decode_json
 from live.server import models as m
@@ -49,55 +46,6 @@ if TYPE_CHECKING:
     from live.server.service import CompanyService
 
 log = logging.getLogger(__name__)
-
-
-def price(
-    tariff: TariffConfig | None,
-    *,
-    start_t_min: float,
-    end_t_min: float,
-    soc_start: float,
-    target_soc: float,
-    battery_kwh: float,
-    power_kw: float,
-    taper_soc: float,
-    efficiency: float,
-    metered_kwh: float | None = None,
-) -> dict[str, Any]:
-    """Energy, SoC, charge/parking minutes and the OCPI price breakdown of a session."""
-    curve = ChargeCurve(battery_kwh, power_kw, taper_soc, efficiency)
-    elapsed = max(end_t_min - start_t_min, 0.0)
-    charge_min = min(elapsed, curve.minutes_to(soc_start, target_soc))
-    parking_min = elapsed - charge_min
-
-    def model_kwh(e: float) -> float:
-        return curve.energy_kwh(soc_start, curve.soc_after(soc_start, e))
-
-    energy = model_kwh(charge_min)
-    energy_at = model_kwh
-    source = "model"
-    if metered_kwh is not None:
-        source = "meter"
-        scale = metered_kwh / energy if energy > 0 else 0.0
-
-        def energy_at(e: float) -> float:
-            return model_kwh(e) * scale
-
-        energy = metered_kwh
-    soc_end = min(soc_start + energy * efficiency / battery_kwh, 1.0)
-    p = price_session(tariff, start_t_min, charge_min, energy_at, power_kw, parking_min)
-    return {
-        "energy_kwh": energy,
-        "soc_end": soc_end,
-        "charge_min": charge_min,
-        "parking_min": parking_min,
-        "energy_source": source,
-        "price_energy": p.energy,
-        "price_time": p.time,
-        "price_parking": p.parking,
-        "price_flat": p.flat,
-        "price_total": p.total,
-    }
 
 
 def session_public(row: dict[str, Any], waiter: Any = None) -> m.SessionPublic:
@@ -628,19 +576,26 @@ class SessionManager:
                 return
             end = fx.now if end_t_min is None else min(max(end_t_min, row["start_t_min"]), fx.now)
             metered = energy_kwh if energy_kwh is not None else row["metered_kwh"]
-            res = price(
+            cdr = session_cdr(
                 svc.world.tariffs[row["station_id"]], start_t_min=row["start_t_min"],
                 end_t_min=end, soc_start=row["soc_start"], target_soc=row["target_soc"],
                 battery_kwh=row["battery_kwh"], power_kw=row["power_kw"],
                 taper_soc=ch.taper_soc, efficiency=ch.efficiency, metered_kwh=metered,
             )
-            Storage.update_session(conn, session_id, status="COMPLETED", end_t_min=end, **res)
+            p = cdr.price
+            Storage.update_session(
+                conn, session_id, status="COMPLETED", end_t_min=end,
+                energy_kwh=cdr.energy_kwh, soc_end=cdr.soc_end, charge_min=cdr.charge_min,
+                parking_min=cdr.parking_min, energy_source=cdr.energy_source,
+                price_energy=p.energy, price_time=p.time, price_parking=p.parking,
+                price_flat=p.flat, price_total=p.total,
+            )
             Storage.add_trace(conn, [{
                 "t_min": end, "kind": "session_end", "vehicle_id": row["vehicle_id"],
                 "station_id": row["station_id"], "company_id": svc.company,
                 "connector_id": row["connector_id"], "session_id": session_id,
-                "soc": res["soc_end"], "energy_kwh": res["energy_kwh"],
-                "price": res["price_total"], "power_kw": row["power_kw"],
+                "soc": cdr.soc_end, "energy_kwh": cdr.energy_kwh,
+                "price": p.total, "power_kw": row["power_kw"],
             }])
             done.append(row)
 
@@ -730,4 +685,4 @@ class SessionManager:
             log.warning("unknown station event %r on %s ignored", ev, topic)
 
 
-__all__ = ["SessionManager", "owner_of", "price", "session_public"]
+__all__ = ["SessionManager", "owner_of", "session_public"]
