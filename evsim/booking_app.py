@@ -25,6 +25,7 @@ canceled task) closes the generator, which releases the stops it marked busy.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -41,8 +42,18 @@ __all__ = [
     "TripHost",
     "Window",
     "booking_round",
+    "home_company",
     "still_next",
 ]
+
+
+def home_company(vehicle_id: str, companies: Sequence[str]) -> str:
+    """A vehicle's home company (the server it registers with, whose coordinator books its
+    trips): a stable hash of its id over ``companies``, the same in every run and process
+    (``zlib.crc32``, not the salted ``hash``). Raises ``ValueError`` for no companies."""
+    if not companies:
+        raise ValueError("no companies to choose a vehicle's home company from")
+    return companies[zlib.crc32(vehicle_id.encode()) % len(companies)]
 
 
 class Window(NamedTuple):

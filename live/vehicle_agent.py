@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve
+from evsim.booking_app import home_company
 from evsim.model.demand import generate_trips
 from evsim.model.world import World
 from evsim.planning import (
@@ -286,7 +287,7 @@ class Fleet:
         per_km = vm.consumption_kwh_per_km * float(trips.drain[k]) / battery
         vid = f"v{k}"
         params = VehicleParams(vid, battery, per_km, vm.max_charge_kw, vm.max_ac_kw)
-        run = VehicleRun(vid, self.companies[k % len(self.companies)])
+        run = VehicleRun(vid, home_company(vid, self.companies))  # (as the simulation's)
         self.runs[vid] = run
         pos, dest = int(trips.origin[k]), int(trips.destination[k])
         t = float(trips.depart_t_min[k])

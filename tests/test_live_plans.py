@@ -235,6 +235,8 @@ def test_trip_app_asks_for_the_planned_connector_class() -> None:
 
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not found")
 def test_live_trip_mode_books_planned_stops(tmp_path: Path) -> None:
+    from evsim.booking_app import home_company
+    from evsim.scenario import load_scenario
     from evsim.trace import read_trace
     from live.launcher import run_scenario
 
@@ -255,3 +257,9 @@ def test_live_trip_mode_books_planned_stops(tmp_path: Path) -> None:
     bookings = df[df["kind"] == "booking"]["status"]
     assert (bookings == "NO_SHOW").sum() <= 0.05 * (bookings == "RESERVED").sum()
     assert (tmp_path / "vehicles.jsonl").exists() or any(tmp_path.rglob("vehicles.jsonl"))
+    # each vehicle's trips are coordinated by its home company, the simulation's choice
+    # (before: the k-th vehicle's home was the (k mod n)-th company, the sim's a hash of its id)
+    companies = [c.id for c in load_scenario(TINY).companies]
+    homes = tb["vehicle_id"].map(lambda v: home_company(v, companies))
+    assert (tb["company_id"] == homes).all()
+    assert homes.nunique() > 1

@@ -38,12 +38,12 @@ id is the vehicle id, the booking id ``<trip id>/<stop>``), ``server_status`` (`
 from __future__ import annotations
 
 import random
-import zlib
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import simpy
 
+from evsim.booking_app import home_company
 from evsim.planning import connector_pools
 from evsim.protocol import (
     BookingChanged,
@@ -144,8 +144,8 @@ class ProtocolBus:
         return node if isinstance(node, Coordinator) else None
 
     def home_company(self, vehicle_id: str) -> str:
-        """A vehicle's home company (its coordinator): a stable hash of its id."""
-        return self.companies[zlib.crc32(vehicle_id.encode()) % len(self.companies)]
+        """A vehicle's home company (its coordinator): :func:`evsim.booking_app.home_company`."""
+        return home_company(vehicle_id, self.companies)
 
     def _after(self, node_id: str, out: list[Outgoing]) -> None:
         """Write-ahead: persist the node's new records, trace them, then send its messages."""
