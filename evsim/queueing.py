@@ -7,9 +7,9 @@ rule, :func:`assign_walkins`:
 * the queue is first-come first-served: waiters are served in queue order;
 * each waiter gets the **most powerful** free connector (ties: the lower connector index,
   i.e. scenario order) on which its session fits;
-* a waiter that fits on no free connector (a reservation in the way, see
-  :class:`evsim.model.station.ConnectorDesk`) stays queued and may be overtaken by a later one
-  that fits. Without reservations everything fits and this is plain FIFO.
+* a waiter that fits on no free connector (a reservation or hold in the way until
+  :meth:`evsim.protocol.Participant.blocked_until`) stays queued and may be overtaken by a
+  later one that fits. Without reservations everything fits and this is plain FIFO.
 
 Patience is the caller's business: a waiter whose patience ran out leaves the queue (trace
 ``abandon``) before connectors are handed out at that moment (:func:`expired`).
@@ -20,7 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
-__all__ = ["PoweredConnector", "assign_walkins", "connector_order", "expired"]
+__all__ = ["WALKIN_GRACE_MIN", "PoweredConnector", "assign_walkins", "connector_order",
+           "expired"]
+
+# the grace of the booking a walk-in's session runs on (it is charging when booked: the
+# grace only pads its window for the reservations asked for after it)
+WALKIN_GRACE_MIN = 1.0
 
 
 class PoweredConnector(Protocol):

@@ -450,8 +450,9 @@ class Fleet:
         With a booking, as the simulation's ``visit_booked``: a vehicle early for its window
         (``booking_start``) waits for it at the station, and one whose connector is still
         busy keeps asking until ``charging.max_wait_min`` after it arrived (then it leaves);
-        a booking that cannot be used (expired, canceled...) sends it to the queue as a
-        walk-in."""
+        a booking that cannot be used (expired, canceled...), or a connector still busy when
+        that patience is spent, sends it to the queue as a walk-in with the patience left
+        since it arrived (``arrived_t_min``)."""
         ch, tr = self.scenario.charging, self.trace
         srv = self.servers[company]
         token = await self._token(run, company)
@@ -475,14 +476,15 @@ class Fleet:
                 session = await srv.call("POST", "/sessions", token=token, json_body=body,
                                          ok=(200, 201, 202))
             except ApiError as exc:
-                if "booking_id" in body and exc.reason in START_LATER_REASONS \
-                        and self.clock() - t_arrive <= ch.max_wait_min:
+                booked = "booking_id" in body
+                waited = self.clock() - t_arrive
+                if booked and exc.reason in START_LATER_REASONS and waited <= ch.max_wait_min:
                     # the window has not opened on the server's clock yet, or the previous
                     # session still holds the connector: ask again a scenario minute later
                     await self.sleep_until(self.clock() + 1.0)
                     continue
                 gone = exc.status not in (409, 423, 429) or exc.reason == "station_offline"
-                if gone or self.clock() - t_arrive > ch.max_wait_min:
+                if gone or (not booked and waited > ch.max_wait_min):
                     t = self.clock()
                     tr.emit(t_arrive, Kind.ARRIVE, vehicle_id=run.vid, station_id=station_id,
                             company_id=company, session_id=local_sid, soc=soc)
@@ -490,10 +492,14 @@ class Fleet:
                             company_id=company, session_id=local_sid, soc=soc,
                             wait_min=t - t_arrive, detail=str(exc.detail))
                     return soc, t
-                # an expired or unusable booking: queue as a walk-in instead
+                if not booked:  # a refused walk-in: ask again a scenario minute later
+                    await self.sleep_until(self.clock() + 1.0)
+                    continue
+                # an unusable booking: queue as a walk-in instead, patient for what is left
+                # since the arrival (the server counts it from arrived_t_min), as the
+                # simulation's visit_booked does
                 body.pop("booking_id", None)
-                body.pop("arrived_t_min", None)
-                body.update(queue=True, max_wait_min=ch.max_wait_min)
+                body.update(queue=True, max_wait_min=ch.max_wait_min, arrived_t_min=t_arrive)
         sid = session["session_id"]
         if session.get("status") == "QUEUED":
             session = await self._wait_queued(srv, token, session)

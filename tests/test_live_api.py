@@ -356,6 +356,41 @@ def test_walk_in_session_and_no_free_connector(net: Net) -> None:
     assert r.status_code == 409 and r.json()["reason"] == "no_connector"
 
 
+def test_a_walk_in_waits_out_a_reservations_grace_as_in_the_simulation(net: Net) -> None:
+    """A queued walk-in is kept off a connector while a reservation there blocks it, grace
+    included (``Participant.blocked_until``, the simulation's rule), and the server looks
+    again the moment it stops blocking (no event announces that). A walk-in's patience and
+    wait count from ``arrived_t_min``, as for a vehicle whose booking could not be used."""
+    svc = net.svc("acme")
+    _, ha = net.register()
+    _, hb = net.register()
+    _, hc = net.register()
+    body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}
+    busy = net.c["acme"].post("/sessions", headers=ha, json=body)  # t=100, keeps /1
+    assert busy.status_code == 201 and busy.json()["connector_id"] == "acme_charlie/1"
+    trip = book_trip(net, hb, {"stops": [{
+        "station_id": "acme_charlie", "start_min": 130, "end_min": 132, "grace_min": 15,
+        "connector_ids": ["acme_charlie/2"]}]})
+    assert trip["bookings"][0]["connector_id"] == "acme_charlie/2"
+    net.clock.t = 120.0
+    r = net.c["acme"].post("/sessions", headers=hc, json={
+        **body, "queue": True, "max_wait_min": 40.0, "arrived_t_min": 118.0})
+    assert r.status_code == 202 and r.json()["arrive_t_min"] == 118.0
+    sid = r.json()["session_id"]
+    # its ~15-minute charge would run into the reservation's [130, 145): not before 145
+    assert svc.sessions._retry_at["acme_charlie"] == 145.0
+    net.clock.t = 133.0  # the window has ended, its grace has not
+    svc.sessions._run_queue("acme_charlie")
+    assert net.c["acme"].get(f"/sessions/{sid}", headers=hc).json()["status"] == "QUEUED"
+    net.clock.t = 145.0
+    svc.sessions._run_queue("acme_charlie")
+    s = net.c["acme"].get(f"/sessions/{sid}", headers=hc).json()
+    assert (s["status"], s["connector_id"]) == ("ACTIVE", "acme_charlie/2")
+    rows = {x["kind"]: x for x in svc.storage.trace_rows() if x.get("session_id") == sid}
+    assert rows["arrive"]["t_min"] == 118.0
+    assert rows["session_start"]["wait_min"] == pytest.approx(27.0)
+
+
 def test_no_show_expires_and_notifies(net: Net) -> None:
     vid, h = net.register()
     trip = book_trip(net, h, {"stops": [{"station_id": "acme_alpha", "start_min": 110,

@@ -230,6 +230,25 @@ def test_no_show_frees_the_connector() -> None:
     assert p.start_charging("a", 116.0).reason == "not_reserved"
 
 
+def test_blocked_until_keeps_walk_ins_off_a_reservation_and_its_grace() -> None:
+    """The rule the sim's stations and the live servers admit walk-ins by: a reservation
+    or hold blocks ``[start, max(end, start + grace))``; a charging one, an ended one, or
+    one outside the walk-in's window does not."""
+    p = make()
+    p.book("a", "S1", 130.0, 132.0, 0.0, connector_id="c1", grace_min=15.0)
+    assert p.blocked_until("c1", 120.0, 131.0) == 145.0  # the grace outlasts the window
+    assert p.blocked_until("c1", 133.0, 150.0) == 145.0  # past the end, inside the grace
+    assert p.blocked_until("c1", 100.0, 130.0) is None  # ends as the reservation starts
+    assert p.blocked_until("c1", 145.0, 160.0) is None
+    assert p.blocked_until("c2", 120.0, 150.0) is None
+    p.book("b", "S1", 150.0, 200.0, 0.0, connector_id="c1", grace_min=5.0)
+    assert p.blocked_until("c1", 140.0, 160.0) == 200.0  # the latest of the two
+    p.start_charging("a", 131.0)  # the booked vehicle plugged in: its connector is in use
+    assert p.blocked_until("c1", 131.0, 140.0) is None
+    p.cancel("b", 131.0)
+    assert p.blocked_until("c1", 140.0, 160.0) is None
+
+
 def test_late_arrival_without_tick_becomes_no_show() -> None:
     p = make()
     p.book("a", "S1", 100.0, 160.0, 0.0, grace_min=15.0)

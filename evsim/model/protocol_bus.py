@@ -57,6 +57,7 @@ from evsim.protocol import (
     Record,
 )
 from evsim.protocol.states import booking_next
+from evsim.queueing import WALKIN_GRACE_MIN
 from evsim.trace import Kind
 
 if TYPE_CHECKING:
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
 __all__ = ["ProtocolBus", "StationDesk", "coordinator_id", "vehicle_node"]
 
 WALKIN = "walkin:"
-_BLOCKING = (BookingState.PENDING, BookingState.RESERVED)
 
 
 def coordinator_id(company: str) -> str:
@@ -320,14 +320,7 @@ class StationDesk:
         self._walkins: set[str] = set()
 
     def blocked_until(self, connector_id: str, start_min: float, end_min: float) -> float | None:
-        until: float | None = None
-        for b in self.bus.participant(self.company).active_bookings(connector_id):
-            if b.state not in _BLOCKING or b.charging:
-                continue
-            b_end = max(b.end_min, b.start_min + b.grace_min)
-            if b.start_min < end_min and start_min < b_end:
-                until = b_end if until is None else max(until, b_end)
-        return until
+        return self.bus.participant(self.company).blocked_until(connector_id, start_min, end_min)
 
     def walkin_started(
         self, session_id: str, connector_id: str, start_min: float, end_min: float
@@ -344,7 +337,7 @@ class StationDesk:
             end_min,
             start_min,
             connector_id=connector_id,
-            grace_min=1.0,
+            grace_min=WALKIN_GRACE_MIN,
         )
         if reply.state == BookingState.RESERVED.value:
             p.start_charging(bid, start_min)

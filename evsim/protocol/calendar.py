@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from evsim.protocol.participant import _Booking
 
 _PENDING = BookingState.PENDING
+_BLOCKING = (BookingState.PENDING, BookingState.RESERVED)
 
 
 class BookingCalendar:
@@ -66,6 +67,22 @@ class BookingCalendar:
             found.append(b)
             j -= 1
         return found
+
+    def blocked_until(self, connector_id: str, start_min: float, end_min: float) -> float | None:
+        """Until when the reservations and holds on the connector (PENDING or RESERVED, not
+        charging) keep a walk-in session over ``[start_min, end_min)`` off it: the latest
+        end, ``max(end_min, start_min + grace_min)``, of those whose span overlaps the
+        window; None when none does and the walk-in may start.  The simulation's stations
+        and the live company servers admit walk-ins by it."""
+        until: float | None = None
+        for booking_id in self._ids[connector_id]:
+            b = self._bookings[booking_id]
+            if b.charging or b.state not in _BLOCKING:
+                continue
+            b_end = max(b.end_min, b.start_min + b.grace_min)
+            if b.start_min < end_min and start_min < b_end:
+                until = b_end if until is None or b_end > until else until
+        return until
 
     def _peak(self, pool: tuple[str, str], start_min: float, end_min: float,
               skip: Iterable[_Booking] = ()) -> int:

@@ -290,8 +290,10 @@ class SessionCreate(_In):
     )
     arrived_t_min: Minutes | None = Field(
         default=None,
-        description="with a booking: when the vehicle reached the station (it may come before "
-        "its window and wait), for the trace's arrive row and wait_min; default: now",
+        description="when the vehicle reached the station (at most now), for the trace's "
+        "arrive row and wait_min: with a booking it may come before its window and wait; a "
+        "walk-in's patience (max_wait_min) counts from it too, as for a vehicle that found "
+        "its booking unusable and queues instead; default: now",
     )
 
     @model_validator(mode="after")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
 from evsim.cdr import session_cdr
 from evsim.protocol import BookingChanged, BookingState, ProtocolError
-from evsim.queueing import assign_walkins, expired
+from evsim.queueing import WALKIN_GRACE_MIN, assign_walkins, expired
 from live import topics
 from live.bus import BadPayload, decode_json
 from live.server import models as m
@@ -69,7 +69,8 @@ def session_public(row: dict[str, Any], waiter: Any = None) -> m.SessionPublic:
 
 _EVENT_NUMBERS = (("energy_kwh", 0.0, 1000.0), ("soc", 0.0, 1.0), ("t_min", 0.0, 1e7),
                   ("power_kw", 0.0, 2000.0))
-SWEEP_MIN = 5.0  # scenario minutes between re-dispatches of every non-empty queue
+SWEEP_MIN = 5.0  # scenario minutes between re-dispatches of every non-empty queue (a backstop)
+_MIN_WALKIN_MIN = 1e-3  # a walk-in's booking spans at least this (a session at its target)
 _EVENTS = (topics.EV_SESSION_STARTED, topics.EV_SESSION_FINISHED, topics.EV_FAULT)
 
 
@@ -100,6 +101,8 @@ class SessionManager:
         self._queues: dict[str, list[_Waiter]] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._dirty: set[str] = set()  # stations whose queue may move (reservations changed)
+        # station -> when a reservation that keeps its queue waiting stops blocking it
+        self._retry_at: dict[str, float] = {}
         self._wake = threading.Event()
         self._stop_ev = threading.Event()
         self._thread: threading.Thread | None = None
@@ -315,25 +318,28 @@ class SessionManager:
                 q.remove(w)
                 w.status, w.wait_min = "ABANDONED", w.deadline_min - w.arrive_t_min
                 left.append(w)
-            if new is not None:
-                new.arrive_t_min = now
+            if new is not None:  # (its patience counts from its arrival at the station)
+                came = new.body.arrived_t_min
+                new.arrive_t_min = now if came is None else min(came, now)
                 wait = new.body.max_wait_min
-                new.deadline_min = now + (patience if wait is None else wait)
+                new.deadline_min = new.arrive_t_min + (patience if wait is None else wait)
                 q.append(new)
             if not q:
                 return None, []
             free = {k: c for k, c in enumerate(specs)
                     if not any(b.charging for b in p.active_bookings(c.connector_id))}
             sized: dict[tuple[int, int], tuple[float, float]] = {}
+            retry = [math.inf]  # the first time a reservation in the way stops blocking
 
             def fits(w: _Waiter, k: int, spec: Any) -> bool:
                 if w.body.connector_id is not None and w.body.connector_id != spec.connector_id:
                     return False
                 power, minutes = self._charge_min(w.body, spec)
-                end = now + max(minutes, 5.0)
-                if any(b.start_min < end and b.end_min > now
-                       for b in p.active_bookings(spec.connector_id)):
-                    return False  # a reservation (or hold) in the way
+                end = now + max(minutes, _MIN_WALKIN_MIN)
+                until = p.blocked_until(spec.connector_id, now, end)
+                if until is not None:  # a reservation (or hold) in the way until then
+                    retry[0] = min(retry[0], until)
+                    return False
                 sized[(id(w), k)] = (power, end)
                 return True
 
@@ -342,7 +348,7 @@ class SessionManager:
                 power, end = sized[(id(w), k)]
                 bid = f"{w.vehicle_id}.{secrets.token_hex(8)}"
                 reply = p.book(bid, station_id, now, end, now, connector_id=spec.connector_id,
-                               grace_min=5.0)
+                               grace_min=WALKIN_GRACE_MIN)
                 if reply.state != BookingState.RESERVED.value:
                     log.warning("walk-in %s: booking %s refused: %s", w.session_id,
                                 spec.connector_id, reply.reason)
@@ -363,6 +369,8 @@ class SessionManager:
                 if out["rejected"].state == BookingState.RESERVED.value:
                     p.cancel(out["rejected"].booking_id, now, "walk_in_failed")
             out["queue_len"] = len(q)
+            # no event announces that a reservation stopped blocking: look again then
+            self._retry_at[station_id] = retry[0] if q else math.inf
             # decided here, under the lock: the queue thread may move ``new`` on before this
             # step's extra runs on the commit leader
             out["enqueued"] = new is not None and new.queue and new.status == "QUEUED"
@@ -493,16 +501,18 @@ class SessionManager:
 
     def _queue_loop(self) -> None:
         """Leave queues at each waiter's patience deadline; re-dispatch stations whose
-        reservations changed, and every few scenario minutes any queue (a reservation
-        window that ended frees a connector without any event)."""
+        reservations changed, or whose blocking reservation window has just ended (no event
+        announces that: the simulation's stations look again at that time too), and every
+        few scenario minutes any queue."""
         svc = self.svc
         tick = max(svc.settings.tick_s, 0.02)
         scale = svc.settings.time_scale
         sweep_at = svc.now() + SWEEP_MIN
         while not self._stop_ev.is_set():
             with svc.host.lock:
-                due = min((w.deadline_min for q in self._queues.values() for w in q),
-                          default=math.inf)
+                due = min(min((w.deadline_min for q in self._queues.values() for w in q),
+                              default=math.inf),
+                          min(self._retry_at.values(), default=math.inf))
             delay = min(max((due - svc.now()) * 60.0 / scale, 0.0), tick)
             self._wake.wait(delay)
             self._wake.clear()
@@ -515,7 +525,8 @@ class SessionManager:
             with svc.host.lock:
                 dirty, self._dirty = self._dirty, set()
                 todo = [sid for sid, q in self._queues.items() if q and (
-                    sweep or sid in dirty or any(w.deadline_min <= now for w in q))]
+                    sweep or sid in dirty or self._retry_at.get(sid, math.inf) <= now
+                    or any(w.deadline_min <= now for w in q))]
             for sid in todo:
                 try:
                     self._run_queue(sid)
