@@ -33,9 +33,22 @@ __all__ = [
     "NodeIndex",
     "StationTable",
     "StatusBoard",
+    "mean_session_after",
 ]
 
 ACCESS_SPEED_KMH = 50.0  # speed on a station's access road (evsim.planning re-exports it)
+# a station's reported mean session length (what policies read for expected waits): this
+# before its first session, then an exponentially weighted mean of its sessions' minutes,
+# updated as each ends; the simulation's stations and the live station agents alike
+DEFAULT_SESSION_MIN = 45.0
+SESSION_EWMA_ALPHA = 0.1
+
+
+def mean_session_after(mean_min: float, session_min: float,
+                       alpha: float = SESSION_EWMA_ALPHA) -> float:
+    """The reported mean session length once a session of ``session_min`` has ended."""
+    return mean_min + alpha * (session_min - mean_min)
+
 _CHORD_SLACK = 1e-12  # on the unit sphere: about 6 micrometres on the ground
 
 
@@ -416,7 +429,8 @@ class NodeIndex:
 class StatusBoard:
     """Mutable replicated station status. Owners write it; policies read snapshots of it."""
 
-    def __init__(self, n_stations: int, default_session_min: float = 45.0) -> None:
+    def __init__(self, n_stations: int,
+                 default_session_min: float = DEFAULT_SESSION_MIN) -> None:
         self.busy = np.zeros(n_stations, dtype=np.int32)
         self.queued = np.zeros(n_stations, dtype=np.int32)
         self.online = np.ones(n_stations, dtype=bool)

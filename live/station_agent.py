@@ -51,6 +51,7 @@ from typing import Any
 from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
 from evsim.model.world import ConnectorSpec, World
 from evsim.scenario import Scenario, load_scenario
+from evsim.snapshot import DEFAULT_SESSION_MIN, mean_session_after
 from live.acl import station_password, station_user
 from live.bus import BadPayload, Bus, decode_json, encode_json
 from live.mqtt import Dispatcher, MqttBus, Will
@@ -69,8 +70,6 @@ from live.topics import (
 
 __all__ = ["ScaledClock", "Scheduler", "StationAgent", "StationState", "main"]
 
-SESSION_MIN_DEFAULT = 45.0  # evsim.model.station.SimStation's default_session_min
-SESSION_EWMA_ALPHA = 0.1  # ... and its ewma_alpha
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +184,7 @@ class StationState:
     by_id: dict[str, ConnectorSpec] = field(default_factory=dict)
     queued: int = 0  # walk-ins waiting in the company server's queue (``queue`` command)
     # EWMA of charge minutes per session, as the simulation's station keeps it
-    mean_session_min: float = SESSION_MIN_DEFAULT
+    mean_session_min: float = DEFAULT_SESSION_MIN
 
     def __post_init__(self) -> None:
         self.by_id = {c.connector_id: c for c in self.connectors}
@@ -426,7 +425,7 @@ class StationAgent:
         s.finished = True
         t = s.t_start + s.charge_min if t_end is None else min(t_end, s.t_start + s.charge_min)
         t = max(t, s.t_start)
-        st.mean_session_min += SESSION_EWMA_ALPHA * ((t - s.t_start) - st.mean_session_min)
+        st.mean_session_min = mean_session_after(st.mean_session_min, t - s.t_start)
         s.end = {"session_id": s.session_id, "connector_id": s.connector.connector_id,
                  "vehicle_id": s.vehicle_id, "energy_kwh": s.energy_at(t), "soc": s.soc_at(t),
                  "power_kw": s.power_kw, "charge_min": t - s.t_start, "t_min": t,

@@ -433,8 +433,13 @@ class Fleet:
 
     async def _book_stop(self, run: VehicleRun, station_id: str, start: float,
                          dur: float, connector_ids: Sequence[str] = ()) -> str | None:
+        """Book one stop (the ``stop`` mode): the window of the trip mode's stops, arrival
+        to arrival + the charge + ``booking.slot_min``, NO_SHOW ``booking.grace_min`` after
+        its start (:func:`evsim.planning.booking_window`)."""
+        bk = self.scenario.booking
         trip = await self._book(run, [{"station_id": station_id, "start_min": start,
-                                       "end_min": start + max(dur, 1.0) + 15.0,
+                                       "end_min": start + max(dur + bk.slot_min, 1.0),
+                                       "grace_min": bk.grace_min,
                                        "connector_ids": list(connector_ids)}])
         if trip is None:
             return None

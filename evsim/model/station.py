@@ -34,6 +34,7 @@ import simpy
 from evsim.model.world import ConnectorSpec
 from evsim.queueing import assign_walkins
 from evsim.slots import slot_constructor
+from evsim.snapshot import DEFAULT_SESSION_MIN, SESSION_EWMA_ALPHA, mean_session_after
 from evsim.trace import Kind, TraceWriter
 
 if TYPE_CHECKING:
@@ -99,8 +100,8 @@ class SimStation:
         connectors: tuple[ConnectorSpec, ...],
         trace: TraceWriter,
         company: CompanyServer | None = None,
-        ewma_alpha: float = 0.1,
-        default_session_min: float = 45.0,
+        ewma_alpha: float = SESSION_EWMA_ALPHA,
+        default_session_min: float = DEFAULT_SESSION_MIN,
     ) -> None:
         self.env = env
         self.index = index
@@ -380,7 +381,8 @@ class SimStation:
         finally:
             self.busy -= 1
             self._release(spec)
-        self.mean_session_min += self._alpha * (p.charge_min - self.mean_session_min)
+        self.mean_session_min = mean_session_after(self.mean_session_min, p.charge_min,
+                                                   self._alpha)
         self._end_row(
             env.now,
             vehicle_id,
