@@ -179,6 +179,10 @@ def test_two_company_trip_sessions_and_prices(net: Net) -> None:
         "city": "alpha", "destination": "delta", "soc": 0.5, "battery_kwh": 60,
         "consumption_kwh_per_km": 0.18})
     assert r.status_code == 200 and r.json()["choices"]
+    ranked = r.json()["choices"]
+    assert [c["rank"] for c in ranked] == list(range(1, len(ranked) + 1))
+    assert len({c["station_id"] for c in ranked}) == len(ranked)  # each pick excluded next
+    assert len(ranked) >= 2 and ranked[0]["score"] <= ranked[1]["score"], ranked
     trip = book_trip(net, h)
     assert trip["outcome"] == "BOOKED" and trip["state"] == "BOOKED"
     b0, b1 = trip["bookings"]

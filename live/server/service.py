@@ -31,6 +31,7 @@ from typing import Any
 from evsim.policies import resolve
 from evsim.policies.outage import (
     AffectedBooking,
+    alternatives_for,
     offline_decisions,
     request_at_station,
     stale_sessions,
@@ -291,21 +292,18 @@ class CompanyService:
         except ValueError as exc:
             raise ApiError(422, str(exc), "bad_request") from None
         now = self.now()
-        exclude: set[int] = set()
-        choices: list[m.ChoicePublic] = []
-        for rank in range(1, body.limit + 1):
-            c = self.policy(req, self.status.snapshot(exclude), now)
-            if c is None:
-                break
-            exclude.add(c.station_index)
-            choices.append(
-                m.ChoicePublic(
-                    rank=rank, station_id=c.station_id,
-                    company_id=self.world.table.company_ids[c.station_index], score=c.score,
-                    distance_km=c.distance_km, detour_km=c.detour_km, eta_min=c.eta_min,
-                    expected_wait_min=c.expected_wait_min,
-                )
+        # the policy's order on one snapshot, each pick excluded from the next ask
+        ranked = alternatives_for(req, self.status.snapshot(), now, self.policy,
+                                  limit=body.limit)
+        choices = [
+            m.ChoicePublic(
+                rank=rank, station_id=c.station_id,
+                company_id=self.world.table.company_ids[c.station_index], score=c.score,
+                distance_km=c.distance_km, detour_km=c.detour_km, eta_min=c.eta_min,
+                expected_wait_min=c.expected_wait_min,
             )
+            for rank, c in enumerate(ranked, start=1)
+        ]
         return m.Recommendations(policy=self.policy_name, t_min=now, choices=choices)
 
     # ------------------------------------------------------------------ bookings
