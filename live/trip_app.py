@@ -310,6 +310,13 @@ class TripApp:
 
     # -- the trip loop's hooks -------------------------------------------------------------
 
+    def unusable(self, held: Held) -> None:
+        """The stop's booking could not be used at the station (expired, its connector
+        busy past the patience...): the rest of that request's trip goes too, as in the
+        simulation (:meth:`evsim.model.booking.BookedTrip.visit`); the re-plan that follows
+        books those stops again."""
+        self._drop_trip(held.trip_id)
+
     def take(self, pos: int) -> tuple[PlannedStop, Held] | None:
         """At decision city ``pos``: the booked stop if there is one; None: walk in."""
         i = self.next

@@ -370,10 +370,12 @@ class Fleet:
             driven_km += go_km
             pos = st_node
             n_sessions += 1
-            soc, t = await self._charge(
+            soc, t, refused = await self._charge(
                 run, company, station_id, booking_id, soc, target, battery, vm,
                 f"{vid}-{n_sessions}", t,
                 float(held.booking["start_min"]) if held is not None else None)
+            if app is not None and held is not None and refused:
+                app.unusable(held)  # the rest of that request's trip goes too (as the sim)
             if app is not None:  # leaving the station: plan the rest of the trip again
                 await app.replan_from(i, soc, t)
             if access > 0:  # back from the station to its city (access road)
@@ -448,9 +450,10 @@ class Fleet:
     async def _charge(self, run: VehicleRun, company: str, station_id: str,
                       booking_id: str | None, soc: float, target: float, battery: float,
                       vm: Any, local_sid: str, t_arrive: float,
-                      booking_start: float | None = None) -> tuple[float, float]:
+                      booking_start: float | None = None) -> tuple[float, float, str]:
         """Plug in (queueing at the station if it is full), charge, stop; returns the new
-        SoC and the scenario time the vehicle leaves the connector (or the queue).
+        SoC, the scenario time the vehicle leaves the connector (or the queue) and, when
+        ``booking_id`` could not be used, why (else "").
 
         With a booking, as the simulation's ``visit_booked``: a vehicle early for its window
         (``booking_start``) waits for it at the station, and one whose connector is still
@@ -463,7 +466,7 @@ class Fleet:
         token = await self._token(run, company)
         target_soc = min(max(target, soc + 1e-3), 1.0)
         if target_soc <= soc:
-            return soc, t_arrive
+            return soc, t_arrive, ""
         body: dict[str, Any] = {
             "station_id": station_id, "soc": soc, "battery_kwh": battery,
             "target_soc": target_soc, "max_dc_kw": vm.max_charge_kw,
@@ -476,6 +479,7 @@ class Fleet:
         else:
             body.update(queue=True, max_wait_min=ch.max_wait_min)
         session = None
+        refused = ""  # why the booking could not be used
         while session is None:
             try:
                 session = await srv.call("POST", "/sessions", token=token, json_body=body,
@@ -496,13 +500,14 @@ class Fleet:
                     tr.emit(t, Kind.ABANDON, vehicle_id=run.vid, station_id=station_id,
                             company_id=company, session_id=local_sid, soc=soc,
                             wait_min=t - t_arrive, detail=str(exc.detail))
-                    return soc, t
+                    return soc, t, refused or (str(exc.reason or "refused") if booked else "")
                 if not booked:  # a refused walk-in: ask again a scenario minute later
                     await self.sleep_until(self.clock() + 1.0)
                     continue
                 # an unusable booking: queue as a walk-in instead, patient for what is left
                 # since the arrival (the server counts it from arrived_t_min), as the
                 # simulation's visit_booked does
+                refused = str(exc.reason or "refused")
                 body.pop("booking_id", None)
                 body.update(queue=True, max_wait_min=ch.max_wait_min, arrived_t_min=t_arrive)
         sid = session["session_id"]
@@ -512,7 +517,7 @@ class Fleet:
                 wait = session.get("wait_min")
                 t_left = float(session.get("arrive_t_min") or t_arrive) + float(
                     wait if wait is not None else ch.max_wait_min)
-                return soc, t_left
+                return soc, t_left, refused
         power = float(session.get("power_kw") or vm.max_charge_kw)
         start = float(session.get("start_t_min") or t_arrive)
         minutes = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
@@ -532,7 +537,7 @@ class Fleet:
         if soc_end is None or not math.isfinite(float(soc_end)):
             soc_end = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).soc_after(
                 soc, t_end - start)
-        return float(soc_end), t_end
+        return float(soc_end), t_end, refused
 
     async def _wait_queued(self, srv: Server, token: str,
                            session: dict[str, Any]) -> dict[str, Any]:

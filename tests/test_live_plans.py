@@ -230,6 +230,43 @@ def test_trip_app_asks_for_the_planned_connector_class() -> None:
         assert pinned["connector_id"] == want[0] and pinned["connector_ids"] == want
 
 
+def test_an_unusable_booking_drops_the_rest_of_its_trip_request() -> None:
+    """As the simulation's BookedTrip.visit: when a stop's booking cannot be used at the
+    station, the other stops booked in the same request are forgotten and that request is
+    canceled at the home server (the re-plan books them again); other requests stay."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from evsim.model.world import World
+    from evsim.scenario import load_scenario
+    from live.trip_app import Held, TripApp
+
+    sc = load_scenario(TINY)
+    deleted: list[str] = []
+
+    class Server:
+        async def call(self, method: str, path: str, **_: object) -> dict:
+            deleted.append(f"{method} {path}")
+            return {}
+
+    async def run() -> dict[int, Held]:
+        fleet = SimpleNamespace(scenario=sc, world=World.build(sc), servers={"acme": Server()},
+                                poll_s=0.01)
+        vehicle = SimpleNamespace(home="acme", tokens={"acme": "t"})
+        app = TripApp(fleet, vehicle, SimpleNamespace(vehicle_id="v1"), 0,  # type: ignore[arg-type]
+                      set())
+        first = Held("v1.a", {"booking_id": "v1.a/0"})
+        app.held = {1: Held("v1.a", {"booking_id": "v1.a/1"}),
+                    2: Held("v1.b", {"booking_id": "v1.b/0"})}
+        app.unusable(first)
+        await asyncio.gather(*list(app._tasks))
+        return app.held
+
+    held = asyncio.run(run())
+    assert set(held) == {2} and held[2].trip_id == "v1.b"
+    assert deleted == ["DELETE /bookings/v1.a"]
+
+
 # --------------------------------------------------------------------------------- live run
 
 
