@@ -267,6 +267,58 @@ def test_an_unusable_booking_drops_the_rest_of_its_trip_request() -> None:
     assert deleted == ["DELETE /bookings/v1.a"]
 
 
+def test_a_refused_booking_queues_with_the_patience_left_since_arrival() -> None:
+    """The vehicle agent's side of the simulation's visit_booked: a booking the server
+    refuses (not ``too_early`` / ``connector_busy``) sends the vehicle to the station's queue
+    as a walk-in whose patience counts from its arrival (``arrived_t_min``), and the caller
+    learns why (to drop the rest of that trip request)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from evsim.scenario import load_scenario
+    from live.vehicle_agent import ApiError, Fleet, TraceSink, VehicleRun
+
+    sc = load_scenario(TINY)
+    posts: list[dict] = []
+
+    class Server:
+        async def call(self, method: str, path: str, json_body: dict | None = None,
+                       **_: object) -> dict:
+            if method == "POST":
+                posts.append(dict(json_body or {}))
+                if "booking_id" in (json_body or {}):
+                    raise ApiError(409, "booking v1.a/0 is NO_SHOW", reason="not_reserved")
+                return {"session_id": "s1", "status": "QUEUED", "arrive_t_min": 100.0}
+            return {"session_id": "s1", "status": "ABANDONED", "arrive_t_min": 100.0,
+                    "wait_min": sc.charging.max_wait_min}
+
+    async def token(_run: object, _company: str) -> str:
+        return "t"
+
+    async def sleep_until(_t: float) -> None:
+        return None
+
+    clock = SimpleNamespace(time_scale=600.0, wall_at=lambda t: 0.0, wall_s=lambda m: 0.0)
+    fleet = SimpleNamespace(scenario=sc, trace=TraceSink(None), servers={"acme": Server()},
+                            mqtt_url=None, poll_s=0.0, _waiters={}, _token=token,
+                            sleep_until=sleep_until)
+    fleet.clock = lambda: 103.0
+    fleet.clock.wall_at, fleet.clock.wall_s = clock.wall_at, clock.wall_s  # type: ignore[attr-defined]
+    for name in ("_event", "_forget", "_wait_queued"):
+        setattr(fleet, name, getattr(Fleet, name).__get__(fleet))
+    vm = SimpleNamespace(max_charge_kw=100.0, max_ac_kw=11.0)
+    soc, t, refused = asyncio.run(Fleet._charge(  # type: ignore[arg-type]
+        fleet, VehicleRun("v1", "acme"), "acme", "acme_alpha", "v1.a/0", 0.3, 0.8, 40.0, vm,
+        "v1-1", 100.0, 95.0))
+    booked, walk_in = posts
+    assert booked["booking_id"] == "v1.a/0" and booked["arrived_t_min"] == 100.0
+    assert "booking_id" not in walk_in and walk_in["queue"] is True
+    assert walk_in["arrived_t_min"] == 100.0  # the patience counts from the arrival
+    assert walk_in["max_wait_min"] == sc.charging.max_wait_min
+    assert refused == "not_reserved"
+    assert (soc, t) == (0.3, 100.0 + sc.charging.max_wait_min)
+
+
 # --------------------------------------------------------------------------------- live run
 
 
