@@ -395,6 +395,30 @@ def test_a_walk_in_waits_out_a_reservations_grace_as_in_the_simulation(net: Net)
     assert rows["session_start"]["wait_min"] == pytest.approx(27.0)
 
 
+def test_a_session_without_a_target_charges_to_the_scenarios(tmp_path: Path) -> None:
+    """Unset, ``target_soc`` is the scenario's ``charging.target_soc`` (what the simulated
+    vehicles charge to), not a constant of the API; a vehicle already there gets a 422."""
+    path = tmp_path / "tiny90.toml"
+    path.write_text(TINY.read_text().replace("target_soc = 0.8", "target_soc = 0.9"))
+    settings = Settings(company="acme", scenario=path, db_url=f"sqlite:///{tmp_path / 'a.db'}")
+    app = create_app(settings, InMemoryBus(), Clock())
+    try:
+        c = TestClient(app)
+        reg = c.post("/vehicles", json={}).json()
+        h = {"Authorization": f"Bearer {reg['token']}"}
+        body = {"station_id": "acme_alpha", "battery_kwh": 40}
+        r = c.post("/sessions", headers=h, json={**body, "soc": 0.3})
+        assert r.status_code == 201, r.text
+        assert r.json()["target_soc"] == 0.9
+        r = c.post("/sessions", headers=h, json={**body, "soc": 0.95})
+        assert r.status_code == 422 and "target_soc" in r.json()["detail"]
+        r = c.post("/recommendations", headers=h, json={
+            "city": "alpha", "soc": 0.5, "battery_kwh": 60, "consumption_kwh_per_km": 0.18})
+        assert r.status_code == 200 and r.json()["choices"]
+    finally:
+        app.state.service.close()
+
+
 def test_no_show_expires_and_notifies(net: Net) -> None:
     vid, h = net.register()
     trip = book_trip(net, h, {"stops": [{"station_id": "acme_alpha", "start_min": 110,

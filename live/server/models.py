@@ -107,8 +107,10 @@ class RecommendationCreate(_In):
     consumption_kwh_per_km: Annotated[float, Field(gt=0, le=2)]
     max_dc_kw: Kw = 150.0
     max_ac_kw: Kw = 11.0
-    reserve_soc: Soc = 0.08
-    target_soc: Soc = 0.8
+    reserve_soc: Soc | None = Field(default=None,
+                                    description="default: the scenario's charging.reserve_soc")
+    target_soc: Soc | None = Field(default=None,
+                                   description="default: the scenario's charging.target_soc")
     limit: Annotated[int, Field(ge=1, le=20)] = 3
 
     @model_validator(mode="after")
@@ -277,7 +279,8 @@ class SessionCreate(_In):
     connector_id: ConnectorId | None = None
     soc: Soc
     battery_kwh: Kwh
-    target_soc: Soc = 0.8
+    target_soc: Soc | None = Field(default=None,
+                                   description="default: the scenario's charging.target_soc")
     max_dc_kw: Kw = 150.0
     max_ac_kw: Kw = 11.0
     queue: bool = Field(
@@ -298,7 +301,7 @@ class SessionCreate(_In):
 
     @model_validator(mode="after")
     def _target(self) -> SessionCreate:
-        if self.target_soc <= self.soc:
+        if self.target_soc is not None and self.target_soc <= self.soc:
             raise ValueError("target_soc must be above soc")
         return self
 

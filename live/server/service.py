@@ -283,11 +283,13 @@ class CompanyService:
             lat, lon = body.lat, body.lon
             node = roads.nearest_node(lat, lon)
         dest = self._city(body.destination) if body.destination else node
+        ch = self.world.scenario.charging
         try:
             req = ChargeRequest(
                 vehicle_id, node, lat, lon, dest, body.soc, body.battery_kwh,
-                body.consumption_kwh_per_km, body.max_dc_kw, body.max_ac_kw, body.reserve_soc,
-                body.target_soc,
+                body.consumption_kwh_per_km, body.max_dc_kw, body.max_ac_kw,
+                ch.reserve_soc if body.reserve_soc is None else body.reserve_soc,
+                ch.target_soc if body.target_soc is None else body.target_soc,
             )
         except ValueError as exc:
             raise ApiError(422, str(exc), "bad_request") from None

@@ -117,6 +117,12 @@ class SessionManager:
     def start_or_queue(self, vehicle_id: str, body: m.SessionCreate) -> tuple[int, m.SessionPublic]:
         """Start a session (201), or queue a walk-in with ``queue`` set (202, QUEUED)."""
         svc = self.svc
+        if body.target_soc is None:  # the scenario's, as the simulation's vehicles charge to
+            target = svc.world.scenario.charging.target_soc
+            if target <= body.soc:
+                raise ApiError(422, f"soc {body.soc} is at or above the scenario's target_soc "
+                               f"{target}; give a target_soc above it", "bad_request")
+            body = body.model_copy(update={"target_soc": target})
         cfg = svc.world.stations.get(body.station_id)
         if cfg is None:
             raise ApiError(404, f"unknown station {body.station_id!r}", "unknown_station")
