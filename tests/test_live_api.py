@@ -395,6 +395,27 @@ def test_a_walk_in_waits_out_a_reservations_grace_as_in_the_simulation(net: Net)
     assert rows["session_start"]["wait_min"] == pytest.approx(27.0)
 
 
+def test_a_walk_in_whose_patience_is_spent_leaves_at_once(net: Net) -> None:
+    """A vehicle that queues after its booking proved unusable, its patience already spent
+    since it arrived, gets a free connector if there is one, else leaves now (waited from
+    its arrival until now), as the simulation's station does."""
+    svc = net.svc("acme")
+    heads = [net.register() for _ in range(3)]
+    body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}
+    for _, h in heads[:2]:  # both connectors busy
+        assert net.c["acme"].post("/sessions", headers=h, json=body).status_code == 201
+    net.clock.t = 120.0
+    r = net.c["acme"].post("/sessions", headers=heads[2][1], json={
+        **body, "queue": True, "max_wait_min": 10.0, "arrived_t_min": 100.0})
+    assert r.status_code == 202, r.text
+    sid = r.json()["session_id"]
+    svc.sessions._run_queue("acme_charlie")  # (what the queue thread does at once)
+    s = net.c["acme"].get(f"/sessions/{sid}", headers=heads[2][1]).json()
+    assert (s["status"], s["wait_min"]) == ("ABANDONED", 20.0)
+    rows = [x for x in svc.storage.trace_rows() if x.get("session_id") == sid]
+    assert [(x["kind"], x["t_min"]) for x in rows] == [("arrive", 100.0), ("abandon", 120.0)]
+
+
 def test_a_session_without_a_target_charges_to_the_scenarios(tmp_path: Path) -> None:
     """Unset, ``target_soc`` is the scenario's ``charging.target_soc`` (what the simulated
     vehicles charge to), not a constant of the API; a vehicle already there gets a 422."""

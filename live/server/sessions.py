@@ -324,11 +324,13 @@ class SessionManager:
                 q.remove(w)
                 w.status, w.wait_min = "ABANDONED", w.deadline_min - w.arrive_t_min
                 left.append(w)
-            if new is not None:  # (its patience counts from its arrival at the station)
+            if new is not None:  # (its patience counts from its arrival at the station; one
+                # spent already leaves now, unless a connector is free: the simulation's rule)
                 came = new.body.arrived_t_min
                 new.arrive_t_min = now if came is None else min(came, now)
                 wait = new.body.max_wait_min
-                new.deadline_min = new.arrive_t_min + (patience if wait is None else wait)
+                new.deadline_min = max(new.arrive_t_min + (patience if wait is None else wait),
+                                       now)
                 q.append(new)
             if not q:
                 return None, []
