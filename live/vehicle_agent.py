@@ -492,6 +492,8 @@ class Fleet:
                     # session still holds the connector: ask again a scenario minute later
                     await self.sleep_until(self.clock() + 1.0)
                     continue
+                if booked:  # the booking cannot be used here
+                    refused = str(exc.reason or "refused")
                 gone = exc.status not in (409, 423, 429) or exc.reason == "station_offline"
                 if gone or (not booked and waited > ch.max_wait_min):
                     t = self.clock()
@@ -500,14 +502,13 @@ class Fleet:
                     tr.emit(t, Kind.ABANDON, vehicle_id=run.vid, station_id=station_id,
                             company_id=company, session_id=local_sid, soc=soc,
                             wait_min=t - t_arrive, detail=str(exc.detail))
-                    return soc, t, refused or (str(exc.reason or "refused") if booked else "")
+                    return soc, t, refused
                 if not booked:  # a refused walk-in: ask again a scenario minute later
                     await self.sleep_until(self.clock() + 1.0)
                     continue
                 # an unusable booking: queue as a walk-in instead, patient for what is left
                 # since the arrival (the server counts it from arrived_t_min), as the
                 # simulation's visit_booked does
-                refused = str(exc.reason or "refused")
                 body.pop("booking_id", None)
                 body.update(queue=True, max_wait_min=ch.max_wait_min, arrived_t_min=t_arrive)
         sid = session["session_id"]
