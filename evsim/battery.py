@@ -12,11 +12,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["DRAIN_FACTORS", "MAX_TARGET_SOC", "ChargeCurve", "session_power_kw"]
+__all__ = [
+    "DRAIN_FACTORS",
+    "MAX_TARGET_SOC",
+    "MIN_SESSION_SOC",
+    "ChargeCurve",
+    "session_power_kw",
+    "session_soc_out",
+]
 
 # Drain profiles multiply a vehicle model's consumption (driving style / load / climate).
 DRAIN_FACTORS: dict[str, float] = {"fast": 1.25, "normal": 1.0, "slow": 0.85}
 MAX_TARGET_SOC = 0.99  # the CV tail never reaches 1.0 in finite time
+MIN_SESSION_SOC = 1e-3  # the least a session charges (the API takes no target <= soc)
+
+
+def session_soc_out(soc_in: float, target_soc: float) -> float:
+    """The SoC a session charges to, in the simulation and the live network alike:
+    ``target_soc``, but at least ``MIN_SESSION_SOC`` above ``soc_in`` (a vehicle that stopped
+    to charge plugs in for something) and at most ``MAX_TARGET_SOC``; ``soc_in`` itself when
+    that is already ``MAX_TARGET_SOC`` or more (nothing to charge)."""
+    return max(min(max(target_soc, soc_in + MIN_SESSION_SOC), MAX_TARGET_SOC), soc_in)
 
 
 def session_power_kw(

@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
-from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw, session_soc_out
 from evsim.geo import RoadNetwork
 from evsim.scenario import ChargingBehaviour
 from evsim.slots import slot_constructor
@@ -474,7 +474,7 @@ def plan_stop(
     target = charge_target(roads, ch, per_km, st_node, dest, access)
     rated, ctype, power = booking_class(connectors[i], vehicle.max_dc_kw, vehicle.max_ac_kw)
     curve = ChargeCurve(vehicle.battery_kwh, power, ch.taper_soc, ch.efficiency)
-    soc_out = max(min(target, MAX_TARGET_SOC), soc_in)
+    soc_out = session_soc_out(soc_in, target)
     minutes = curve.minutes_to(soc_in, soc_out)
     stop = PlannedStop(
         pos,

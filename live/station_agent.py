@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.battery import ChargeCurve, session_power_kw, session_soc_out
 from evsim.model.world import ConnectorSpec, World
 from evsim.scenario import Scenario, load_scenario
 from evsim.snapshot import DEFAULT_SESSION_MIN, mean_session_after
@@ -403,7 +403,7 @@ class StationAgent:
             return
         power = session_power_kw(spec.power_kw, spec.type, max_dc, max_ac)
         curve = ChargeCurve(battery, power, self._taper, self._eff)
-        soc_out = max(min(target, MAX_TARGET_SOC), soc)
+        soc_out = session_soc_out(soc, target)
         minutes = curve.minutes_to(soc, soc_out)
         s = Session(sid, vid, spec, t0, soc, soc_out, power, curve, minutes)
         st.sessions[cid] = s

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from evsim.battery import MAX_TARGET_SOC, ChargeCurve
+from evsim.battery import ChargeCurve, session_soc_out
 from evsim.booking_app import home_company
 from evsim.model.demand import generate_trips
 from evsim.model.world import World
@@ -353,14 +353,14 @@ class Fleet:
                         distance_km=driven_km + soc / per_km, detail=station_id)
                 run.outcome = "stranded"
                 break
-            target = min(charge_target(roads, ch, per_km, st_node, dest, access), MAX_TARGET_SOC)
+            target = charge_target(roads, ch, per_km, st_node, dest, access)
             booking_id = held.booking["booking_id"] if held is not None else None
             if booking_id is None and self.booking == "stop":
                 rated, ctype, power = booking_class(world.connectors[i], vm.max_charge_kw,
                                                     vm.max_ac_kw)
                 soc_in = max(soc - go_km * per_km, 0.0)
                 dur = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
-                    soc_in, target)
+                    soc_in, session_soc_out(soc_in, target))
                 booking_id = await self._book_stop(  # on the class the window is sized for
                     run, station_id, t + go_min, dur,
                     class_connectors(world.connectors[i], rated, ctype))
@@ -464,7 +464,7 @@ class Fleet:
         ch, tr = self.scenario.charging, self.trace
         srv = self.servers[company]
         token = await self._token(run, company)
-        target_soc = min(max(target, soc + 1e-3), 1.0)
+        target_soc = session_soc_out(soc, target)  # what the simulation charges to
         if target_soc <= soc:
             return soc, t_arrive, ""
         body: dict[str, Any] = {

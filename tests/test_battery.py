@@ -8,7 +8,14 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from evsim.battery import DRAIN_FACTORS, MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.battery import (
+    DRAIN_FACTORS,
+    MAX_TARGET_SOC,
+    MIN_SESSION_SOC,
+    ChargeCurve,
+    session_power_kw,
+    session_soc_out,
+)
 
 batteries = st.floats(min_value=10.0, max_value=200.0)
 powers = st.floats(min_value=3.0, max_value=400.0)
@@ -114,6 +121,27 @@ def test_target_is_capped() -> None:
 def test_invalid_curves(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         ChargeCurve(**kwargs)
+
+
+def test_session_soc_out_examples() -> None:
+    assert session_soc_out(0.3, 0.8) == 0.8
+    assert session_soc_out(0.3, 1.0) == MAX_TARGET_SOC
+    # a vehicle that stopped to charge but already holds its target charges a little
+    assert session_soc_out(0.6, 0.5) == pytest.approx(0.6 + MIN_SESSION_SOC)
+    assert session_soc_out(0.6, 0.6) == pytest.approx(0.6 + MIN_SESSION_SOC)
+    # nothing past the cap: a zero-length session
+    assert session_soc_out(MAX_TARGET_SOC, 0.5) == MAX_TARGET_SOC
+    assert session_soc_out(0.995, 1.0) == 0.995
+
+
+@given(st.floats(min_value=0.0, max_value=1.0), st.floats(min_value=0.0, max_value=1.0))
+def test_session_soc_out_bounds(soc_in: float, target: float) -> None:
+    out = session_soc_out(soc_in, target)
+    assert out >= soc_in
+    assert out <= max(MAX_TARGET_SOC, soc_in)
+    if soc_in + MIN_SESSION_SOC <= MAX_TARGET_SOC:
+        assert out >= soc_in + MIN_SESSION_SOC * (1 - 1e-9)
+        assert out == min(max(target, soc_in + MIN_SESSION_SOC), MAX_TARGET_SOC)
 
 
 def test_session_power() -> None:

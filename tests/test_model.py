@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evsim.battery import ChargeCurve, session_power_kw
+from evsim.battery import MAX_TARGET_SOC, MIN_SESSION_SOC, ChargeCurve, session_power_kw
 from evsim.geo import haversine_km
 from evsim.metrics import compute_metrics
 from evsim.model import Simulation
@@ -272,6 +272,16 @@ def test_energy_conservation_per_session(run: SimpleNamespace) -> None:
     minutes = s["t_min_end"] - s["t_min_start"]
     assert (s["energy_kwh"] <= s["power_kw"] * minutes / 60.0 * (1 + 1e-9) + 1e-9).all()
     assert (s["energy_kwh"] >= 0).all()
+
+
+def test_every_session_charges_what_the_shared_rule_says(run: SimpleNamespace) -> None:
+    """No zero-length sessions: a vehicle that stopped to charge gains at least
+    MIN_SESSION_SOC (session_soc_out, the live vehicle agent's rule too)."""
+    s = _sessions(run)
+    below_cap = s["soc_start"] + MIN_SESSION_SOC <= MAX_TARGET_SOC
+    assert below_cap.all()
+    gain = s["soc_end"] - s["soc_start"]
+    assert (gain >= MIN_SESSION_SOC * (1 - 1e-9)).all(), s.loc[gain < MIN_SESSION_SOC]
 
 
 def test_connector_energy_adds_up(run: SimpleNamespace) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
-from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.battery import ChargeCurve, session_power_kw, session_soc_out
 from evsim.model.station import SessionPlan, new_plan
 from evsim.model.world import ConnectorSpec
 from evsim.planning import (
@@ -349,7 +349,7 @@ def drive(
         else:  # no road on to the destination
             target = charge_target(roads, ch, per_km, pos, dest, access)
         # (_planner, inline)
-        plan = _Planner(kit, vm, kit.tariffs[index], soc, max(min(target, MAX_TARGET_SOC), soc))
+        plan = _Planner(kit, vm, kit.tariffs[index], soc, session_soc_out(soc, target))
         d.n_sessions += 1
         session_id = f"{vid}-{d.n_sessions}"
         if booked is None:
@@ -381,8 +381,9 @@ def _planner(
     target: float,
 ) -> Callable[[ConnectorSpec, float], SessionPlan]:
     """The session a vehicle arriving with ``soc_in`` will charge on a given connector,
-    starting at a given time: to ``target`` (at most MAX_TARGET_SOC), priced by the tariff."""
-    return _Planner(kit, vm, tariff, soc_in, max(min(target, MAX_TARGET_SOC), soc_in))
+    starting at a given time: to ``target`` (:func:`~evsim.battery.session_soc_out`),
+    priced by the tariff."""
+    return _Planner(kit, vm, tariff, soc_in, session_soc_out(soc_in, target))
 
 
 class _Planner:

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw
+from evsim.battery import ChargeCurve, session_power_kw, session_soc_out
 from evsim.cdr import session_cdr
 from evsim.protocol import BookingChanged, BookingState, ProtocolError
 from evsim.queueing import WALKIN_GRACE_MIN, assign_walkins, expired
@@ -301,7 +301,7 @@ class SessionManager:
         ch = self.svc.world.scenario.charging
         power = session_power_kw(spec.power_kw, spec.type, body.max_dc_kw, body.max_ac_kw)
         minutes = ChargeCurve(body.battery_kwh, power, ch.taper_soc, ch.efficiency).minutes_to(
-            body.soc, min(body.target_soc, MAX_TARGET_SOC))
+            body.soc, session_soc_out(body.soc, body.target_soc))
         return power, minutes
 
     def _run_queue(self, station_id: str, new: _Waiter | None = None) -> Any:
