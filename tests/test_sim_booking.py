@@ -354,3 +354,27 @@ def test_walkin_share_stops_walkins_starving_behind_bookings() -> None:
     assert abandons[0] >= 5 and abandons[1] <= abandons[0] // 3, abandons
     sessions = [int((t["kind"] == "session_start").sum()) for t in (plain, kept)]
     assert sessions[1] >= 0.95 * sessions[0], sessions
+
+
+def test_station_status_queues_walkins_only(tiny: Scenario) -> None:
+    """With reservations the status a station reports (what policies read) counts the
+    vehicles in its walk-in line, as the live company server's queue does; a booked vehicle
+    waiting for its window or connector is not in it (its reservation holds the connector)."""
+    sim = Simulation(with_network(tiny, status_delay_min=0.0), booking_mode="trip")
+    seen: list[tuple[int, int, int, int]] = []  # station, reported, in line, not plugged in
+    board_set = sim.board.set
+
+    def recording(i: int, busy: int, queued: int, *rest: object) -> None:
+        st = sim.stations[i]
+        seen.append((i, queued, len(st._walkins), st.waiting))
+        board_set(i, busy, queued, *rest)  # type: ignore[arg-type]
+
+    sim.board.set = recording  # type: ignore[method-assign]
+    df = sim.run().trace
+    assert seen
+    assert all(reported == line for _, reported, line, _ in seen)
+    # the case that tells the two counts apart happened: booked vehicles waited at stations
+    assert any(waiting > line for _, _, line, waiting in seen)
+    # and walk-ins did queue (the count is not always 0)
+    assert any(line > 0 for _, _, line, _ in seen)
+    assert_every_trip_answered_and_finished(df)

@@ -50,7 +50,7 @@ class CompanyServer:
         report = (
             station.index,
             station.busy,
-            station.waiting,
+            station.queued,
             station.online,
             now,
             station.mean_session_min,

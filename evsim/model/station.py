@@ -164,6 +164,14 @@ class SimStation:
     def n_connectors(self) -> int:
         return len(self.connectors)
 
+    @property
+    def queued(self) -> int:
+        """What the station reports as queued (the status policies read): the vehicles in its
+        walk-in line. With reservations (a desk), vehicles waiting for their booked window or
+        connector are not in that line, as in the live server's queue; their reservations
+        already hold the connectors. ``waiting`` counts every vehicle not yet plugged in."""
+        return self.waiting if self._desk is None else len(self._walkins)
+
     def _changed(self) -> None:
         if self.company is not None:
             self.company.report(self)
@@ -281,6 +289,8 @@ class SimStation:
         w = _Waiter(env.event(), plan)
         self._walkins.append(w)
         self._dispatch()
+        if not w.event.triggered:  # in the line: the station reports it (else its start did)
+            self._changed()
         left = patience_min - (env.now - t_arrive)
         if not w.event.triggered:
             if left == float("inf"):
