@@ -126,6 +126,53 @@ def test_rows_written_ahead_join_in_time_order() -> None:
     assert list(w.to_frame()["vehicle_id"])[-1] == "a9"  # the run has ended: all of them
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["now", "ahead", "release"]),
+            st.integers(0, 3),  # the clock moves on by this much (0: the same instant)
+            st.integers(0, 4),  # a row ahead lies this far past the clock
+        ),
+        max_size=60,
+    ),
+    st.integers(1, 5),
+)
+def test_rows_ahead_match_a_heap_across_batches(ops: list, batch_rows: int) -> None:
+    """The batch-wise placement of rows written ahead gives what one heap of them, popped
+    before each later row, gives, whatever the batch size and wherever release is called."""
+    import heapq
+
+    w = TraceWriter(batch_rows=batch_rows)
+    now = w.row_writer(Kind.ARRIVE, "vehicle_id")
+    later = w.row_writer(Kind.TRIP_END, "vehicle_id", ahead=True)
+    heap: list[tuple[float, int, str]] = []
+    want: list[str] = []
+    clock = 0.0
+    for k, (op, step, lead) in enumerate(ops):
+        clock += step
+        name = f"{op}{k}"
+        if op == "now":
+            while heap and heap[0][0] < clock:
+                want.append(heapq.heappop(heap)[2])
+            want.append(name)
+            now(clock, name)
+        elif op == "ahead":
+            heapq.heappush(heap, (clock + lead, k, name))
+            later(clock + lead, name)
+        else:
+            until = clock + lead
+            while heap and heap[0][0] < until:
+                want.append(heapq.heappop(heap)[2])
+            w.release(until)
+    got = w.to_frame(ahead=False)
+    assert list(got["vehicle_id"]) == want
+    assert got["t_min"].is_monotonic_increasing or any(op == "release" for op, _, _ in ops)
+    rest = [heapq.heappop(heap)[2] for _ in range(len(heap))]
+    assert list(w.to_frame()["vehicle_id"]) == want + rest  # the run has ended: all of them
+    assert w.rows_written == len(want) + len(rest)
+
+
 def test_rows_ahead_not_due_are_not_written(tmp_path: Path) -> None:
     path = tmp_path / "t.parquet"
     w = TraceWriter(path)
