@@ -618,32 +618,64 @@ def _plan(minutes: float):
 
 @pytest.mark.parametrize("delay", [0.0, 30.0])
 def test_status_board_lags_by_the_status_delay(tiny, delay: float) -> None:
+    """A station's change shows in what policies read (``sim.snapshot``, brought up to date
+    when read) exactly ``status_delay_min`` after it happened."""
     sc = tiny.with_overrides(network={"status_delay_min": delay})
     sim = Simulation(sc)
-    env, station, board, snap = sim.env, sim.stations[0], sim.board, sim.snapshot
+    env, station = sim.env, sim.stations[0]
     i = station.index
     env.process(station.visit("vx", "sx", 0.2, _plan(100.0)))
     eps = 1e-6
     env.run(until=1.0)
     assert station.busy == 1
     if delay == 0:
-        assert board.busy[i] == 1 and snap.busy[i] == 1
+        assert sim.board.busy[i] == 1 and sim.snapshot.busy[i] == 1
     else:
-        assert board.busy[i] == 0 and snap.busy[i] == 0  # the change is in flight
+        assert sim.board.busy[i] == 0 and sim.snapshot.busy[i] == 0  # the change is in flight
         env.run(until=delay - eps)
-        assert snap.busy[i] == 0
+        assert sim.snapshot.busy[i] == 0
         env.run(until=delay + eps)
-        assert snap.busy[i] == 1
-        assert snap.observed_t_min[i] == 0.0  # observed when it happened, landed later
+        assert sim.snapshot.busy[i] == 1
+        assert sim.snapshot.observed_t_min[i] == 0.0  # observed when it happened, landed later
     env.run(until=100.0 + eps)
     assert station.busy == 0
     if delay > 0:
-        assert snap.busy[i] == 1  # the board still says busy
+        assert sim.snapshot.busy[i] == 1  # the board still says busy
         env.run(until=100.0 + delay - eps)
-        assert snap.busy[i] == 1
+        assert sim.snapshot.busy[i] == 1
         env.run(until=100.0 + delay + eps)
+    snap = sim.snapshot
     assert snap.busy[i] == 0
     assert snap.observed_t_min[i] == 100.0
+    # the snapshot is one view of the board: read again, it is the same object
+    assert sim.snapshot is snap and snap.busy.base is not None
+
+
+def test_status_lands_in_the_order_sent_and_only_when_due(tiny) -> None:
+    """The wire lands reports in the order sent, each at sent + delay (not before), keeps
+    the newest of a station's reports, and nothing lands from a report never sent (a
+    company that is down)."""
+    sim = Simulation(tiny.with_overrides(network={"status_delay_min": 2.0}))
+    wire, board = sim.status_wire, sim._board
+    wire.send((0, 1, 0, True, 0.0, 40.0))
+    wire.send((0, 2, 3, True, 1.0, 41.0))
+    wire.send((1, 1, 0, False, 1.5, 42.0))
+    wire.land(1.999)
+    assert board.busy[0] == 0 and board.observed_t_min[0] == 0.0
+    wire.land(2.0)  # due at 0 + 2: lands at 2 exactly
+    assert board.busy[0] == 1 and board.mean_session_min[0] == 40.0
+    wire.land(3.4)
+    assert (board.busy[0], board.queued[0], board.observed_t_min[0]) == (2, 3, 1.0)
+    assert board.online[1]  # station 1's report is due at 3.5
+    wire.land(3.5)
+    assert not board.online[1] and board.mean_session_min[1] == 42.0
+    company = next(iter(sim.companies.values()))
+    company.up = False
+    company.report(company.stations[0])
+    assert not wire._in_flight  # a company that is down sends nothing
+    company.up = True
+    company.report(company.stations[0])
+    assert len(wire._in_flight) == 1
 
 
 def test_board_frozen_by_an_endless_delay(tiny) -> None:

@@ -26,7 +26,7 @@ import pandas as pd
 import simpy
 
 from evsim.model.booking import booked_trip_process
-from evsim.model.company import CompanyServer
+from evsim.model.company import CompanyServer, StatusWire
 from evsim.model.demand import Trips, generate_trips
 from evsim.model.protocol_bus import ProtocolBus
 from evsim.model.station import SimStation
@@ -108,11 +108,11 @@ class Simulation:
             },
         )
         st = self.world.stations
-        self.board = StatusBoard(len(st))
-        self.snapshot = NetworkSnapshot.of(st, self.world.roads, self.board)
-        delay = scenario.network.status_delay_min
+        self._board = StatusBoard(len(st))
+        self._snapshot = NetworkSnapshot.of(st, self.world.roads, self._board)
+        self.status_wire = StatusWire(self._board, scenario.network.status_delay_min)
         self.companies = {
-            c.id: CompanyServer(self.env, c.id, self.board, delay) for c in scenario.companies
+            c.id: CompanyServer(self.env, c.id, self.status_wire) for c in scenario.companies
         }
         self.stations: list[SimStation] = []
         for i, sid in enumerate(st.ids):
@@ -142,6 +142,18 @@ class Simulation:
             for s in self.stations:
                 s.attach_desk(self.bus.desks[s.index])
         self.drive_kit = DriveKit(self)
+
+    @property
+    def board(self) -> StatusBoard:
+        """The network-wide status board as of now (reports due by now have landed)."""
+        self.status_wire.land(self.env.now)
+        return self._board
+
+    @property
+    def snapshot(self) -> NetworkSnapshot:
+        """What policies read: stations, roads and the board as of now (a read-only view)."""
+        self.status_wire.land(self.env.now)
+        return self._snapshot
 
     def _source(self) -> Generator[simpy.Event, Any, None]:
         """Release every trip at its departure time."""
@@ -201,6 +213,7 @@ class Simulation:
         finally:
             if frozen:
                 gc.unfreeze()
+        self.status_wire.land(self.env.now)  # the board as of the stop
         # the rows written ahead up to the stop; the later ones belong to events not reached
         self.trace.release(self.env.now)
         self.trace.close()
