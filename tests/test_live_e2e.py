@@ -105,9 +105,12 @@ def _two_company_trip(net: Any) -> None:
     sc = load_scenario(TINY)
     api = Api(net.servers, "ev-trip", "acme")
     t = now_min(net)
+    # grace: 60 scenario min = 6 wall s at x600; the default 10 (1 s) turned a stall of the
+    # machine between the window opening and the POST into a NO_SHOW (a timing flake)
     stops = [
-        {"station_id": "zap_bravo", "start_min": t + 2, "end_min": t + 90},
-        {"station_id": "acme_charlie", "start_min": t + 60, "end_min": t + 200},
+        {"station_id": "zap_bravo", "start_min": t + 2, "end_min": t + 90, "grace_min": 60},
+        {"station_id": "acme_charlie", "start_min": t + 60, "end_min": t + 200,
+         "grace_min": 60},
     ]
     r = api.call("acme", "POST", "/bookings", json={"stops": stops})
     assert r.status_code in (201, 202), r.text
