@@ -22,7 +22,8 @@ price           float64    price of the session in the tariff currency (session_
 power_kw        float64    connector rated power (connector_status) or mean session power
 distance_km     float64    distance driven (trip_end/stranded) or detour (station_chosen)
 wait_min        float64    arrival at the station -> plug-in (session_start)
-queue_len       int64      vehicles waiting at the station after the event (arrive/start)
+queue_len       int64      vehicles in the station's walk-in line after the event (booked
+                           vehicles waiting for their window are not in it)
 status          string     connector or booking status (OCPP/OCPI words), or a reason
 detail          string     free text (origin->destination, policy name, error, ...)
 ==============  =========  =====================================================================

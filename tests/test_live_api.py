@@ -395,6 +395,44 @@ def test_a_walk_in_waits_out_a_reservations_grace_as_in_the_simulation(net: Net)
     assert rows["session_start"]["wait_min"] == pytest.approx(27.0)
 
 
+def test_trace_queue_len_is_the_walk_in_line_as_simulated(net: Net) -> None:
+    """Booked arrivals, starts and session ends carry ``queue_len`` too: the vehicles in the
+    station's walk-in line (which a booked vehicle is not in), as the simulated stations
+    write it; a session's end counts the line before its connector goes to the next."""
+    svc = net.svc("acme")
+    _, ha = net.register()
+    _, hb = net.register()
+    _, hc = net.register()
+    body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}
+    busy = net.c["acme"].post("/sessions", headers=ha, json=body)  # t=100, keeps /1
+    assert busy.status_code == 201 and busy.json()["connector_id"] == "acme_charlie/1"
+    trip = book_trip(net, hb, {"stops": [{
+        "station_id": "acme_charlie", "start_min": 130, "end_min": 150,
+        "connector_ids": ["acme_charlie/2"]}]})
+    bid = trip["bookings"][0]["booking_id"]
+    net.clock.t = 120.0
+    q = net.c["acme"].post("/sessions", headers=hc, json={**body, "queue": True})
+    assert q.status_code == 202  # /2 is held for the reservation: in line
+    net.clock.t = 130.0
+    b = net.c["acme"].post("/sessions", headers=hb, json={**body, "booking_id": bid,
+                                                          "arrived_t_min": 129.0})
+    assert b.status_code == 201, b.text
+    net.clock.t = 131.0
+    a_sid = busy.json()["session_id"]
+    assert net.c["acme"].post(f"/sessions/{a_sid}/stop", headers=ha).status_code == 200
+    c = net.c["acme"].get(f"/sessions/{q.json()['session_id']}", headers=hc).json()
+    assert (c["status"], c["connector_id"]) == ("ACTIVE", "acme_charlie/1")
+    rows = svc.storage.trace_rows()
+    booked = {x["kind"]: x["queue_len"] for x in rows if x.get("booking_id") == bid
+              and x["kind"] in ("arrive", "session_start")}
+    assert booked == {"arrive": 1, "session_start": 1}  # C in line; B itself is not
+    end = next(x for x in rows if x["kind"] == "session_end" and x["session_id"] == a_sid)
+    assert end["queue_len"] == 1  # C, still in line as A's session ends
+    start_c = next(x for x in rows if x["kind"] == "session_start"
+                   and x["session_id"] == q.json()["session_id"])
+    assert start_c["queue_len"] == 0
+
+
 def test_a_walk_in_whose_patience_is_spent_leaves_at_once(net: Net) -> None:
     """A vehicle that queues after its booking proved unusable, its patience already spent
     since it arrived, gets a free connector if there is one, else leaves now (waited from

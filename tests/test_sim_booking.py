@@ -378,3 +378,31 @@ def test_station_status_queues_walkins_only(tiny: Scenario) -> None:
     # and walk-ins did queue (the count is not always 0)
     assert any(line > 0 for _, _, line, _ in seen)
     assert_every_trip_answered_and_finished(df)
+
+
+def test_trace_queue_len_is_the_walk_in_line(tiny: Scenario) -> None:
+    """In trip mode the trace's ``queue_len`` is the station's walk-in line (what the live
+    server writes too): at a booked vehicle's arrival and start, the walk-ins that arrived
+    before and had not yet plugged in or left, rebuilt from the trace's own rows."""
+    _, df = run(tiny)
+    rows = df[df["kind"].isin(["arrive", "session_start", "abandon"])]
+    arrive = rows[rows["kind"] == "arrive"]
+    walkin = arrive[arrive["booking_id"].isna()].set_index("session_id")["t_min"]
+    left = rows[rows["kind"] != "arrive"].drop_duplicates("session_id").set_index(
+        "session_id")["t_min"]
+    # walk-ins by station: (arrived, left the line)
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for sid, t0 in walkin.items():
+        st = arrive.loc[arrive["session_id"] == sid, "station_id"].iloc[0]
+        spans[st].append((t0, float(left.get(sid, float("inf")))))
+    booked = rows[rows["booking_id"].notna() & rows["kind"].isin(["arrive", "session_start"])]
+    checked = 0
+    for _, r in booked.iterrows():
+        t, st = r["t_min"], r["station_id"]
+        if any(t in span for span in spans[st]):
+            continue  # a walk-in came or went at this very instant: order within it aside
+        line = sum(a < t < b for a, b in spans[st])
+        assert r["queue_len"] == line, (r["kind"], r["session_id"], t)
+        checked += 1
+    assert checked >= 20
+    assert any(r > 0 for r in booked["queue_len"])  # walk-ins did wait beside bookings

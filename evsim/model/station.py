@@ -169,7 +169,8 @@ class SimStation:
         """What the station reports as queued (the status policies read): the vehicles in its
         walk-in line. With reservations (a desk), vehicles waiting for their booked window or
         connector are not in that line, as in the live server's queue; their reservations
-        already hold the connectors. ``waiting`` counts every vehicle not yet plugged in."""
+        already hold the connectors. ``waiting`` counts every vehicle not yet plugged in.
+        The trace's ``queue_len`` is this count too, in both runs."""
         return self.waiting if self._desk is None else len(self._walkins)
 
     def _changed(self) -> None:
@@ -239,7 +240,7 @@ class SimStation:
             session_id,
             soc,
             now - t_arrive,
-            self.waiting,
+            self.queued,
         )
         self._changed()
         return SessionResult(None, self.env.now - t_arrive, None)
@@ -256,7 +257,8 @@ class SimStation:
             session_id,
             booking_id,
             soc,
-            self.waiting,
+            # the walk-in line after it (a walk-in joins it next; a booked vehicle does not)
+            len(self._walkins) + (booking_id is None),
         )
         self._changed()
 
@@ -372,6 +374,7 @@ class SimStation:
         self.busy += 1
         now = env.now
         wait = now - t_arrive
+        queued = self.waiting if self._desk is None else len(self._walkins)  # (self.queued)
         self._start_row(
             now,
             vehicle_id,
@@ -382,7 +385,7 @@ class SimStation:
             booking_id,
             soc,
             wait,
-            self.waiting,
+            queued,
         )
         if company is not None:  # (_changed)
             company.report(self)
@@ -390,6 +393,8 @@ class SimStation:
             yield simpy.Timeout(env, p.charge_min)
         finally:
             self.busy -= 1
+            # the line as the session ends, before its connector goes to the next in it
+            queued = self.waiting if self._desk is None else len(self._walkins)
             self._release(spec)
         self.mean_session_min = mean_session_after(self.mean_session_min, p.charge_min,
                                                    self._alpha)
@@ -405,7 +410,7 @@ class SimStation:
             p.energy_kwh,
             p.price,
             p.power_kw,
-            self.waiting,
+            queued,
         )
         if company is not None:  # (_changed)
             company.report(self)

@@ -157,6 +157,8 @@ class SessionManager:
         session_id = f"{svc.company}-s-{secrets.token_hex(6)}"
         bid = body.booking_id
 
+        queue_len: list[int] = []  # the station's walk-in line (under the lock, in op)
+
         def op(now: float) -> tuple[tuple[str, Any], list]:
             p = host.participant
             if svc.storage.sessions_where(booking_id=bid, status="ACTIVE"):
@@ -164,6 +166,7 @@ class SessionManager:
             v = p.start_charging(bid, now)
             if not v.charging:
                 return ("refused", v), []
+            queue_len.append(len(self._queues.get(body.station_id, ())))
             return ("ok", v), []
 
         def extra(conn: Any, value: tuple[str, Any], fx: Any) -> None:
@@ -182,11 +185,12 @@ class SessionManager:
             # simulation); one on time did not wait (the request's latency is no wait)
             came = body.arrived_t_min
             arrived = min(came, fx.now) if came is not None and came < v.start_min else fx.now
+            # queue_len: the walk-in line, which a booked vehicle is not in (as simulated)
             Storage.add_trace(conn, [
-                {"t_min": arrived, "kind": "arrive", **base},
+                {"t_min": arrived, "kind": "arrive", **base, "queue_len": queue_len[0]},
                 {"t_min": fx.now, "kind": "session_start", **base,
                  "connector_id": v.connector_id, "wait_min": fx.now - arrived,
-                 "power_kw": power},
+                 "power_kw": power, "queue_len": queue_len[0]},
             ])
 
         kind, v = host.execute(op, extra=extra)
@@ -579,6 +583,7 @@ class SessionManager:
         svc, host = self.svc, self.svc.host
         ch = svc.world.scenario.charging
         done: list[dict[str, Any]] = []
+        queue_len: list[int] = []  # the station's walk-in line (under the lock, in op)
 
         def op(now: float) -> tuple[dict[str, Any] | None, list]:
             row = svc.storage.session(session_id)
@@ -588,6 +593,7 @@ class SessionManager:
                 host.participant.stop_charging(row["booking_id"], now)
             except ProtocolError as exc:  # the booking has no session any more
                 log.warning("session %s: %s", session_id, exc)
+            queue_len.append(len(self._queues.get(row["station_id"], ())))
             return row, []
 
         def extra(conn: Any, row: dict[str, Any] | None, fx: Any) -> None:
@@ -614,7 +620,7 @@ class SessionManager:
                 "station_id": row["station_id"], "company_id": svc.company,
                 "connector_id": row["connector_id"], "session_id": session_id,
                 "soc": cdr.soc_end, "energy_kwh": cdr.energy_kwh,
-                "price": p.total, "power_kw": row["power_kw"],
+                "price": p.total, "power_kw": row["power_kw"], "queue_len": queue_len[0],
             }])
             done.append(row)
 
