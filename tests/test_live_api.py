@@ -259,6 +259,58 @@ def test_two_company_trip_sessions_and_prices(net: Net) -> None:
             "session_end"} <= kinds
 
 
+def test_a_trip_across_companies_is_answered_without_a_waiting_thread(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an Idempotency-Key a trip with a stop at another company is booked on the
+    event loop (CompanyService.book_async: no thread blocks on the votes); one with every
+    stop at home, or with a key, takes the blocking path (CompanyService.book) on the
+    thread pool. Same answers either way."""
+    svc = net.svc("acme")
+    blocking: list[str] = []
+    book = svc.book
+
+    def counted(vehicle_id: str, body: object, key: str | None = None) -> object:
+        blocking.append("home" if key is None else "key")
+        return book(vehicle_id, body, key)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(svc, "book", counted)
+    _, h = net.register()
+    trip = book_trip(net, h)  # acme + zap
+    assert trip["outcome"] == "BOOKED" and len(trip["bookings"]) == 2
+    assert blocking == []
+    home = net.c["acme"].post("/bookings", headers=h, json={"stops": [
+        {"station_id": "acme_alpha", "start_min": 600, "end_min": 630}]})
+    assert home.status_code == 201, home.text
+    assert blocking == ["home"]
+    keyed = net.c["acme"].post("/bookings", headers={**h, "Idempotency-Key": "k1"}, json={
+        "stops": [{"station_id": "zap_bravo", "start_min": 700, "end_min": 730}]})
+    assert keyed.status_code == 201, keyed.text
+    assert blocking == ["home", "key"]
+    # a conflict across companies is answered on the loop as before: 409 with the reason
+    zap = trip["bookings"][1]
+    assert zap["company_id"] == "zap"
+    again = net.c["acme"].post("/bookings", headers=h, json={"stops": [
+        {"station_id": "zap_bravo", "start_min": 200, "end_min": 230,
+         "connector_id": zap["connector_id"]}]})
+    assert again.status_code == 409 and again.json()["outcome"] == "REJECTED", again.text
+    assert blocking == ["home", "key"]
+    bad = net.c["acme"].post("/bookings", headers=h, json={"stops": [
+        {"station_id": "nowhere", "start_min": 700, "end_min": 730}]})
+    assert bad.status_code == 422 and bad.json()["reason"] == "unknown_station"
+
+
+def test_a_booked_answer_waits_while_its_decision_is_not_durable(net: Net) -> None:
+    """The event-loop path answers BOOKED at once only when the step that logged the
+    decision is durable (ProtocolHost.booked_durable); otherwise it hands the answer to the
+    blocking path, which waits for that commit."""
+    host = net.svc("acme").host
+    assert host.booked_durable("no-such-trip", host.epoch)  # nothing decided: nothing to wait
+    host._decided["t-pending"] = host._durable + 1  # decided in a step not yet committed
+    assert not host.booked_durable("t-pending", host.epoch)
+    host._decided["t-pending"] = host._durable
+    assert host.booked_durable("t-pending", host.epoch)
+
+
 def test_cancel_trip_releases_both_stops(net: Net) -> None:
     _, h = net.register()
     trip = book_trip(net, h)

@@ -61,6 +61,8 @@ injected partition lasts.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -171,6 +173,9 @@ class ProtocolHost:
         # trip id -> Event of each request waiting for its TripResult (set after the commit
         # that stores the result; waking only that waiter, not every waiting request)
         self._waiters: dict[str, threading.Event] = {}
+        # trip id -> (loop, future) of each async request waiting for it (wait_result_async)
+        self._async_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop,
+                                                   asyncio.Future[None]]]] = {}
         self._participant_config = dict(participant_config or {})
         self._coordinator_config = dict(coordinator_config or {})
         self.participant = Participant.from_log(
@@ -399,6 +404,8 @@ class ProtocolHost:
             ev = self._waiters.get(res.trip_id)
             if ev is not None:
                 ev.set()
+            for loop, fut in self._async_waiters.get(res.trip_id, ()):
+                _wake_on(loop, fut)
 
     # ------------------------------------------------------------------ group commit
 
@@ -476,6 +483,9 @@ class ProtocolHost:
             self.epoch += 1
         for ev in self._waiters.values():
             ev.set()
+        for waiting in self._async_waiters.values():
+            for loop, fut in waiting:
+                _wake_on(loop, fut)
         self.changed.notify_all()
         log.warning("protocol nodes of %s rebuilt from the log", self.company)
 
@@ -611,6 +621,46 @@ class ProtocolHost:
         with self.lock:
             return self.coordinator.trip_result(trip_id) or self._results.get(trip_id)
 
+    async def wait_result_async(self, trip_id: str, timeout_s: float) -> TripResult | None:
+        """Wait on the event loop, up to ``timeout_s`` wall seconds, for a trip's definitive
+        result: no thread waits for it (the protocol worker's wake-up resolves a future on
+        the loop). Unlike :meth:`wait_result` it waits for no commit: the caller answers
+        only after :meth:`booked_durable` (or the blocking path)."""
+        loop = asyncio.get_running_loop()
+        with self.lock:
+            res = self.result(trip_id)
+            if res is not None:
+                return res
+            fut: asyncio.Future[None] = loop.create_future()
+            entry = (loop, fut)
+            self._async_waiters.setdefault(trip_id, []).append(entry)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, timeout_s)
+        finally:
+            with self.lock:
+                waiting = self._async_waiters.get(trip_id, [])
+                if entry in waiting:
+                    waiting.remove(entry)
+                if not waiting:
+                    self._async_waiters.pop(trip_id, None)
+        return self.result(trip_id)
+
+    def booked_durable(self, trip_id: str, epoch: int) -> bool:
+        """Can a BOOKED answer for ``trip_id`` go out now, without waiting (or leading) a
+        commit? True when the step that logged its decision is durable and no commit of
+        ``epoch`` failed since: then :meth:`wait_decided` returns at once. (For a trip
+        with stops at other companies it always is by the time BOOKED comes: the decision
+        was forced before any COMMIT left.)"""
+        with self.lock:
+            seq = self._decided.get(trip_id)
+        with self._qcond:
+            upto = seq if seq is not None else self._enqueued
+            if seq is not None and self._durable < seq:
+                return False
+        failure = self._failure
+        return not (failure is not None and failure[0] == epoch and upto >= failure[1])
+
     def wait_result(self, trip_id: str, timeout_s: float,
                     epoch: int | None = None) -> TripResult | None:
         """Block up to ``timeout_s`` wall seconds for a trip's definitive result.
@@ -640,6 +690,17 @@ class ProtocolHost:
         else:
             self.wait_decided(trip_id, epoch)
         return res
+
+
+def _wake_on(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+    """Resolve an async waiter's future on its own loop (from any thread)."""
+    with contextlib.suppress(RuntimeError):  # its loop has closed: the server is stopping
+        loop.call_soon_threadsafe(_resolve, fut)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _pack(texts: list[str], limit: int = MAX_PAYLOAD_BYTES // 2,

@@ -26,7 +26,10 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
+
+from starlette.concurrency import run_in_threadpool
 
 from evsim.policies import resolve
 from evsim.policies.outage import (
@@ -85,6 +88,17 @@ def owner_of(booking_or_trip_id: str) -> str:
     """The vehicle id encoded in a trip / booking id (``{vehicle}.{hex}[/{stop}]``)."""
     trip = booking_or_trip_id.split("/", 1)[0]
     return trip.rpartition(".")[0]
+
+
+@dataclass
+class _StartedTrip:
+    """A trip this server started (or found started), between its request and its answer."""
+
+    trip_id: str
+    vehicle_id: str
+    request_json: list[dict[str, Any]]
+    epoch: int | None = None  # the host's epoch when its first step ran
+    created: float | None = None  # when its row was committed (set by the commit leader)
 
 
 class CompanyService:
@@ -349,46 +363,87 @@ class CompanyService:
         With an ``Idempotency-Key`` the trip id is derived from it: a retry whose first
         attempt logged the trip (the replay record was lost with a crash) answers that
         trip's current outcome instead of booking again."""
+        started = self._begin_trip(vehicle_id, body, idempotency_key)
+        assert started is not None
+        res = self.host.wait_result(started.trip_id, self._booking_wait_s(),
+                                    started.epoch)
+        return self._trip_answer(started, res)
+
+    async def book_async(self, vehicle_id: str,
+                         body: m.BookingCreate) -> tuple[int, m.TripPublic]:
+        """:meth:`book` (no ``Idempotency-Key``) on the event loop: no thread waits for
+        the votes. Taken when a stop is at another company (then starting the trip sends
+        PREPAREs and returns without a commit, and a BOOKED answer rests on a decision
+        already durable); otherwise, or when an answer must wait for a commit, the
+        blocking path runs on the thread pool, as :meth:`book` does."""
+        started = self._begin_trip(vehicle_id, body, None, remote_only=True)
+        if started is None:  # every stop here: decided (and committed) in one step
+            return await run_in_threadpool(self.book, vehicle_id, body, None)
+        res = await self.host.wait_result_async(started.trip_id, self._booking_wait_s())
+        if res is not None and before_log(res) \
+                and self.host.booked_durable(started.trip_id, started.epoch):
+            self.host.wait_decided(started.trip_id, started.epoch)  # (returns at once)
+            return self._trip_answer(started, res)
+        return await run_in_threadpool(self._wait_and_answer, started)
+
+    def _wait_and_answer(self, started: _StartedTrip) -> tuple[int, m.TripPublic]:
+        """The rest of :meth:`book` after the wait for votes: its commit waits."""
+        res = self.host.wait_result(started.trip_id, 0.0, started.epoch)
+        return self._trip_answer(started, res)
+
+    def _booking_wait_s(self) -> float:
+        coord = self.host.coordinator
+        bound_min = coord.vote_timeout_min + coord.ack_timeout_min
+        return min(self.settings.booking_wait_s,
+                   bound_min * 60.0 / self.settings.time_scale + 1.0)
+
+    def _begin_trip(self, vehicle_id: str, body: m.BookingCreate,
+                    idempotency_key: str | None,
+                    remote_only: bool = False) -> _StartedTrip | None:
+        """Validate the stops and start the trip on the coordinator (or find the one an
+        ``Idempotency-Key`` already started). ``remote_only``: None, starting nothing,
+        when every stop is at this company."""
         trip_id = self.trip_id_for(vehicle_id, idempotency_key)
         request_json = [s.model_dump() for s in body.stops]
         row = self.storage.trip(trip_id) if idempotency_key is not None else None
-        created: list[float] = []  # (by the thread that commits the new trip's step)
-        epoch: list[int] = []  # the host's epoch when that step ran
+        started = _StartedTrip(trip_id, vehicle_id, request_json)
         if row is not None:
             if row["vehicle_id"] != vehicle_id or row["request"] != json.loads(
                     json.dumps(request_json)):
                 raise ApiError(422, f"Idempotency-Key {idempotency_key!r} was used for a "
                                "different request", "idempotency_key_reused")
-        else:
-            now = self.now()
-            stops = tuple(self._stop_request(i, s, now) for i, s in enumerate(body.stops))
-            req = TripRequest(f"{self.host.api}:TRIP_REQUEST:{trip_id}", self.host.api,
-                              trip_id, vehicle_id, stops)
+            return started
+        now = self.now()
+        stops = tuple(self._stop_request(i, s, now) for i, s in enumerate(body.stops))
+        if remote_only and all(s.participant == self.host.pid for s in stops):
+            return None
+        req = TripRequest(f"{self.host.api}:TRIP_REQUEST:{trip_id}", self.host.api,
+                          trip_id, vehicle_id, stops)
 
-            def op(t: float) -> tuple[bool, list]:
-                epoch.append(self.host.epoch)  # (under the host lock: the step's epoch)
-                if self.host.coordinator.trip_state(trip_id) is not None:
-                    return False, []  # a concurrent retry logged it meanwhile
-                return True, self.host.coordinator.request_trip(req, t,
-                                                                vehicle_node=self.host.api)
+        def op(t: float) -> tuple[bool, list]:
+            started.epoch = self.host.epoch  # (under the host lock: the step's epoch)
+            if self.host.coordinator.trip_state(trip_id) is not None:
+                return False, []  # a concurrent retry logged it meanwhile
+            return True, self.host.coordinator.request_trip(req, t,
+                                                            vehicle_node=self.host.api)
 
-            def extra(conn: Any, new: bool, fx: Effects) -> None:
-                if new:
-                    Storage.add_trip(conn, trip_id, vehicle_id, fx.now, request_json)
-                    created.append(fx.now)
+        def extra(conn: Any, new: bool, fx: Effects) -> None:
+            if new:
+                Storage.add_trip(conn, trip_id, vehicle_id, fx.now, request_json)
+                started.created = fx.now
 
-            # lazy: the trip's start rides on its decision's commit (no fsync of its own);
-            # wait_result below raises CommitError if that commit fails
-            self.host.execute(op, extra=extra, pipelined=True, lazy=True)
-        coord = self.host.coordinator
-        bound_min = coord.vote_timeout_min + coord.ack_timeout_min
-        bound_s = bound_min * 60.0 / self.settings.time_scale + 1.0
-        res = self.host.wait_result(trip_id, min(self.settings.booking_wait_s, bound_s),
-                                    epoch[0] if epoch else None)
-        if created:  # committed: serve the row from memory from now on
-            self.storage.cache_trip(trip_id, vehicle_id, created[0], request_json)
+        # lazy: the trip's start rides on its decision's commit (no fsync of its own);
+        # the answer's wait raises CommitError if that commit fails
+        self.host.execute(op, extra=extra, pipelined=True, lazy=True)
+        return started
+
+    def _trip_answer(self, started: _StartedTrip,
+                     res: TripResult | None) -> tuple[int, m.TripPublic]:
+        if started.created is not None:  # committed: serve the row from memory from now on
+            self.storage.cache_trip(started.trip_id, started.vehicle_id, started.created,
+                                    started.request_json)
         # BOOKED rests on durable records only (wait_result): no barrier for it either
-        trip = self.trip(trip_id, durable=res is None or not before_log(res))
+        trip = self.trip(started.trip_id, durable=res is None or not before_log(res))
         code = {"BOOKED": 201, "REJECTED": 409, "FAILED": 409, "CANCELED": 409}.get(
             trip.outcome, 202
         )

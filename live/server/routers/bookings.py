@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from live.server import models as m
-from live.server.deps import IdempotencyKey, ServiceDep, VehicleDep, idempotent
+from live.server.deps import IdempotencyKey, ServiceDep, VehicleDep, error_body, idempotent
+from live.server.service import ApiError
 
 router = APIRouter(prefix="/bookings", tags=["bookings"])
 
@@ -17,7 +19,7 @@ router = APIRouter(prefix="/bookings", tags=["bookings"])
                409: {"model": m.TripPublic, "description": "REJECTED / FAILED, with reason"},
                **m.problems(400, 401, 422)},
 )
-def book(
+async def book(
     body: m.BookingCreate, svc: ServiceDep, me: VehicleDep, request: Request,
     key: IdempotencyKey = None,
 ) -> JSONResponse:
@@ -25,7 +27,17 @@ def book(
 
     With an ``Idempotency-Key`` the trip id is derived from (vehicle, key): retrying a POST
     whose answer was lost (the server crashed) returns the same trip and its outcome."""
-    return idempotent(svc, request, me, key, body, lambda: svc.book(me, body, key))
+    if key is not None:  # stored replies, a lock per key: the blocking path, on a thread
+        return await run_in_threadpool(
+            idempotent, svc, request, me, key, body, lambda: svc.book(me, body, key))
+    # no thread waits for the other companies' votes (CompanyService.book_async)
+    try:
+        code, trip = await svc.book_async(me, body)
+    except ApiError as err:
+        if err.status >= 500:
+            raise
+        return JSONResponse(error_body(err), status_code=err.status)
+    return JSONResponse(trip.model_dump(mode="json"), status_code=code)
 
 
 @router.get("/{booking_id:path}", response_model=m.TripPublic | m.BookingPublic,
