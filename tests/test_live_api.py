@@ -311,6 +311,18 @@ def test_a_booked_answer_waits_while_its_decision_is_not_durable(net: Net) -> No
     assert host.booked_durable("t-pending", host.epoch)
 
 
+def test_servers_keep_no_copy_of_their_log_in_memory(net: Net) -> None:
+    """The database is a server's protocol log: its nodes keep their state, not every
+    record they wrote (memory and garbage-collector work that grew with each booking)."""
+    _, h = net.register()
+    book_trip(net, h)
+    for company in ("acme", "zap"):
+        host = net.svc(company).host
+        assert host.storage.load_records(host.pid) or host.storage.load_records(host.cid)
+        for node in (host.participant, host.coordinator):
+            assert not node.keep_log and node.log == []
+
+
 def test_cancel_trip_releases_both_stops(net: Net) -> None:
     _, h = net.register()
     trip = book_trip(net, h)

@@ -296,6 +296,32 @@ def test_restart_rebuilds_identical_state() -> None:
     assert q.new_records() == []
 
 
+def test_a_node_that_forgets_its_log_still_persists_and_rebuilds() -> None:
+    """``forget_log`` (what the live servers do: their database is the log) keeps no copy
+    of the records, yet every record still goes out through ``new_records`` and the node
+    rebuilt from those has the same state."""
+    p = make()
+    p.forget_log()
+    persisted = []
+    p.book("a", "S1", 100.0, 130.0, 0.0)
+    p.book("b", "S1", 100.0, 130.0, 0.0)
+    persisted += p.new_records()
+    p.start_charging("a", 101.0)
+    p.tick(200.0)
+    p.handle(Prepare("m", "C", "t", "t/0", "S9", None, 300.0, 330.0, 5.0, 10.0, 300.0), 290.0)
+    persisted += p.new_records()
+    assert p.log == [] and len(persisted) >= 5
+    twin = make()  # the same steps, keeping its log
+    twin.book("a", "S1", 100.0, 130.0, 0.0)
+    twin.book("b", "S1", 100.0, 130.0, 0.0)
+    twin.start_charging("a", 101.0)
+    twin.tick(200.0)
+    twin.handle(Prepare("m", "C", "t", "t/0", "S9", None, 300.0, 330.0, 5.0, 10.0, 300.0), 290.0)
+    assert persisted == twin.log
+    q = Participant.from_log("P1", p.stations, load_log(dump_log(persisted)))
+    assert q.durable_state() == p.durable_state() == twin.durable_state()
+
+
 # ----------------------------------------------------------------------------- walk-in share
 
 

@@ -26,18 +26,31 @@ from evsim.protocol.messages import Alternative, StopRequest, decode_tagged, enc
 
 class EventSourced:
     """Log mechanics shared by protocol nodes: every change is a record that is applied,
-    appended to ``log`` and queued for the adapter to persist (``new_records``)."""
+    appended to ``log`` and queued for the adapter to persist (``new_records``).
+
+    ``log`` is the node's whole history in memory, for in-memory networks and tests. An
+    adapter whose durable log lives elsewhere (the live servers' database) calls
+    :meth:`forget_log`: a server that runs for weeks then holds its state, not every
+    record it ever wrote (which the garbage collector would also walk again and again)."""
 
     log: list[Record]
     _new: list[Record]
+    keep_log: bool = True
 
     def _init_log(self) -> None:
         self.log = []
         self._new = []
 
+    def forget_log(self) -> None:
+        """Keep no copy of the records in memory from now on (``log`` is emptied)."""
+        self.keep_log = False
+        self.log = []
+
     def _replay(self, records: typing.Iterable[Record]) -> None:
+        keep = self.keep_log
         for rec in records:
-            self.log.append(rec)
+            if keep:
+                self.log.append(rec)
             self._apply(rec)
 
     def new_records(self) -> list[Record]:
@@ -47,7 +60,8 @@ class EventSourced:
 
     def _emit(self, rec: Record) -> None:
         self._apply(rec)
-        self.log.append(rec)
+        if self.keep_log:
+            self.log.append(rec)
         self._new.append(rec)
 
     def _apply(self, rec: Record) -> None:  # pragma: no cover - each node defines it

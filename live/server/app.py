@@ -13,6 +13,7 @@ Run one company: ``EVSIM_COMPANY=acme uvicorn --factory live.server.app:app_from
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -121,5 +122,12 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """``uvicorn --factory live.server.app:app_from_env`` (settings from ``EVSIM_*``)."""
-    return create_app(Settings.from_env())
+    """``uvicorn --factory live.server.app:app_from_env`` (settings from ``EVSIM_*``).
+
+    The server process's long-lived heap (modules, the world, the protocol state read back
+    from the database) is moved out of the cyclic garbage collector's sight once built
+    (``gc.freeze``): otherwise every full collection walks all of it again."""
+    app = create_app(Settings.from_env())
+    gc.collect()
+    gc.freeze()
+    return app

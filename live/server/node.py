@@ -184,6 +184,9 @@ class ProtocolHost:
         self.coordinator = Coordinator.from_log(
             self.cid, storage.load_records(self.cid), **self._coordinator_config
         )
+        # the database is the log: no copy of every record in memory (evsim.protocol.log)
+        self.participant.forget_log()
+        self.coordinator.forget_log()
         self.bus: Bus | None = None
         self.hooks: list[Callable[[Effects], None]] = []
         # tracers(fx) -> trace rows, under the lock; written in the step's own transaction
@@ -476,6 +479,8 @@ class ProtocolHost:
         self.coordinator = Coordinator.from_log(
             self.cid, self.storage.load_records(self.cid), **self._coordinator_config
         )
+        self.participant.forget_log()
+        self.coordinator.forget_log()
         self._results.clear()
         self._decided.clear()
         with self._qcond:
