@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -424,22 +425,28 @@ def test_walk_in_session_and_no_free_connector(net: Net) -> None:
     assert r.status_code == 409 and r.json()["reason"] == "no_connector"
 
 
+def _charlie_busy_and_booked(net: Net, window: dict) -> tuple[tuple, dict, Any, dict]:
+    """Three vehicles at acme_charlie (2 connectors): A charging on /1 from t=100, B's
+    reservation ``window`` on /2; returns (their headers A, B, C), a session body, A's
+    answer and B's trip."""
+    ha, hb, hc = (net.register()[1] for _ in range(3))
+    body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}
+    busy = net.c["acme"].post("/sessions", headers=ha, json=body)  # t=100, keeps /1
+    assert busy.status_code == 201 and busy.json()["connector_id"] == "acme_charlie/1"
+    trip = book_trip(net, hb, {"stops": [{
+        "station_id": "acme_charlie", **window, "connector_ids": ["acme_charlie/2"]}]})
+    assert trip["bookings"][0]["connector_id"] == "acme_charlie/2"
+    return (ha, hb, hc), body, busy, trip
+
+
 def test_a_walk_in_waits_out_a_reservations_grace_as_in_the_simulation(net: Net) -> None:
     """A queued walk-in is kept off a connector while a reservation there blocks it, grace
     included (``Participant.blocked_until``, the simulation's rule), and the server looks
     again the moment it stops blocking (no event announces that). A walk-in's patience and
     wait count from ``arrived_t_min``, as for a vehicle whose booking could not be used."""
     svc = net.svc("acme")
-    _, ha = net.register()
-    _, hb = net.register()
-    _, hc = net.register()
-    body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}
-    busy = net.c["acme"].post("/sessions", headers=ha, json=body)  # t=100, keeps /1
-    assert busy.status_code == 201 and busy.json()["connector_id"] == "acme_charlie/1"
-    trip = book_trip(net, hb, {"stops": [{
-        "station_id": "acme_charlie", "start_min": 130, "end_min": 132, "grace_min": 15,
-        "connector_ids": ["acme_charlie/2"]}]})
-    assert trip["bookings"][0]["connector_id"] == "acme_charlie/2"
+    (_ha, _hb, hc), body, _busy, _trip = _charlie_busy_and_booked(
+        net, {"start_min": 130, "end_min": 132, "grace_min": 15})
     net.clock.t = 120.0
     r = net.c["acme"].post("/sessions", headers=hc, json={
         **body, "queue": True, "max_wait_min": 40.0, "arrived_t_min": 118.0})
@@ -464,15 +471,8 @@ def test_trace_queue_len_is_the_walk_in_line_as_simulated(net: Net) -> None:
     station's walk-in line (which a booked vehicle is not in), as the simulated stations
     write it; a session's end counts the line before its connector goes to the next."""
     svc = net.svc("acme")
-    _, ha = net.register()
-    _, hb = net.register()
-    _, hc = net.register()
-    body = {"station_id": "acme_charlie", "soc": 0.2, "battery_kwh": 40, "target_soc": 0.8}
-    busy = net.c["acme"].post("/sessions", headers=ha, json=body)  # t=100, keeps /1
-    assert busy.status_code == 201 and busy.json()["connector_id"] == "acme_charlie/1"
-    trip = book_trip(net, hb, {"stops": [{
-        "station_id": "acme_charlie", "start_min": 130, "end_min": 150,
-        "connector_ids": ["acme_charlie/2"]}]})
+    (ha, hb, hc), body, busy, trip = _charlie_busy_and_booked(
+        net, {"start_min": 130, "end_min": 150})
     bid = trip["bookings"][0]["booking_id"]
     net.clock.t = 120.0
     q = net.c["acme"].post("/sessions", headers=hc, json={**body, "queue": True})
