@@ -45,9 +45,13 @@ class Bus(Protocol):
     def close(self) -> None: ...
 
 
+# one encoder for every payload (json.dumps with options builds a new one on each call)
+_ENCODE = json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False).encode
+
+
 def encode_json(obj: Any) -> bytes:
     """Compact UTF-8 JSON (sorted keys so identical objects give identical bytes)."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    return _ENCODE(obj).encode()
 
 
 def decode_json(payload: bytes | bytearray | str) -> dict[str, Any]:
