@@ -11,6 +11,8 @@ subprocesses (:class:`live.launcher.LiveNetwork`), the tiny scenario, a scaled c
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,3 +254,73 @@ def test_live_run_tiny_smoke(tmp_path: Path) -> None:
     assert res["metrics"]["sessions"] == m["sessions"]
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "run.json").exists()
     assert all(code is not None for code in res["info"]["exit_codes"].values())
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc: parent ids)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to list child processes")
+def test_live_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    """``evsim live up`` runs the network (vehicles too) until Ctrl-C, then stops every
+    process it started (no orphans), exits 0 and writes the trace."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    out = tmp_path / "up"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "evsim.cli", "live", "up", str(TINY), "--out", str(out),
+         "--time-scale", "600", "--vehicles"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in p.stdout or []], daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not any("Ctrl-C to stop" in x for x in seen):
+            assert time.monotonic() < deadline, f"live up did not come up: {seen}"
+            assert p.poll() is None, f"live up exited early: {seen}"
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=0.5))
+        assert any(x.startswith("server acme") for x in seen), seen
+        time.sleep(1.0)  # let the vehicles drive a little
+        kids = _descendants(p.pid)
+        assert len(kids) >= 6, kids  # broker, 2 servers, 2 station agents, vehicle agent
+        p.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    wait_for(lambda: not [k for k in kids if _alive(k)], timeout=10,
+             what="every process live up started to exit")
+    assert (out / "trace.parquet").exists()
