@@ -8,6 +8,7 @@ zap_bravo, zap_delta).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,24 @@ def test_a_trip_across_companies_is_answered_without_a_waiting_thread(
     bad = net.c["acme"].post("/bookings", headers=h, json={"stops": [
         {"station_id": "nowhere", "start_min": 700, "end_min": 730}]})
     assert bad.status_code == 422 and bad.json()["reason"] == "unknown_station"
+    # the host's lock held elsewhere (a step committing under it): the loop does not wait,
+    # the blocking path books the trip once the lock is free
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with svc.host.lock:
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    threading.Timer(0.2, release.set).start()
+    busy = net.c["acme"].post("/bookings", headers=h, json={"stops": [
+        {"station_id": "zap_bravo", "start_min": 800, "end_min": 830}]})
+    holder.join(5)
+    assert busy.status_code == 201, busy.text
+    assert blocking == ["home", "key", "home"]
 
 
 def test_a_booked_answer_waits_while_its_decision_is_not_durable(net: Net) -> None:

@@ -90,6 +90,9 @@ def owner_of(booking_or_trip_id: str) -> str:
     return trip.rpartition(".")[0]
 
 
+LOOP_LOCK_WAIT_S = 0.05  # the longest the event loop waits for the protocol host's lock
+
+
 @dataclass
 class _StartedTrip:
     """A trip this server started (or found started), between its request and its answer."""
@@ -377,7 +380,8 @@ class CompanyService:
         already durable); otherwise, or when an answer must wait for a commit, the
         blocking path runs on the thread pool, as :meth:`book` does."""
         started = self._begin_trip(vehicle_id, body, None, remote_only=True)
-        if started is None:  # every stop here: decided (and committed) in one step
+        if started is None:  # every stop here (decided and committed in one step), or the
+            # host's lock busy past LOOP_LOCK_WAIT_S: nothing started, the blocking path
             return await run_in_threadpool(self.book, vehicle_id, body, None)
         res = await self.host.wait_result_async(started.trip_id, self._booking_wait_s())
         if res is not None and before_log(res) \
@@ -401,8 +405,10 @@ class CompanyService:
                     idempotency_key: str | None,
                     remote_only: bool = False) -> _StartedTrip | None:
         """Validate the stops and start the trip on the coordinator (or find the one an
-        ``Idempotency-Key`` already started). ``remote_only``: None, starting nothing,
-        when every stop is at this company."""
+        ``Idempotency-Key`` already started). ``remote_only`` (the event loop's path):
+        None, starting nothing, when every stop is at this company or when the host's lock
+        stays taken for LOOP_LOCK_WAIT_S (a step that reads the database holds it through
+        a commit: the loop must not wait for a slow disk)."""
         trip_id = self.trip_id_for(vehicle_id, idempotency_key)
         request_json = [s.model_dump() for s in body.stops]
         row = self.storage.trip(trip_id) if idempotency_key is not None else None
@@ -432,9 +438,15 @@ class CompanyService:
                 Storage.add_trip(conn, trip_id, vehicle_id, fx.now, request_json)
                 started.created = fx.now
 
-        # lazy: the trip's start rides on its decision's commit (no fsync of its own);
-        # the answer's wait raises CommitError if that commit fails
-        self.host.execute(op, extra=extra, pipelined=True, lazy=True)
+        if remote_only and not self.host.lock.acquire(timeout=LOOP_LOCK_WAIT_S):
+            return None
+        try:
+            # lazy: the trip's start rides on its decision's commit (no fsync of its own);
+            # the answer's wait raises CommitError if that commit fails
+            self.host.execute(op, extra=extra, pipelined=True, lazy=True)
+        finally:
+            if remote_only:
+                self.host.lock.release()
         return started
 
     def _trip_answer(self, started: _StartedTrip,
