@@ -319,6 +319,46 @@ def test_a_trip_across_companies_is_answered_without_a_waiting_thread(
     assert blocking == ["home", "key", "home"]
 
 
+def test_the_loop_does_not_wait_for_the_hosts_lock_to_answer(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the result is in, the answer reads the host's state under its lock; taken by
+    another thread past LOOP_LOCK_WAIT_S, the answer goes to the blocking path."""
+    svc = net.svc("acme")
+    wait_async = svc.host.wait_result_async
+    release = threading.Event()
+    holders: list[threading.Thread] = []
+
+    async def result_then_lock_taken(trip_id: str, timeout_s: float) -> object:
+        res = await wait_async(trip_id, timeout_s)
+        held = threading.Event()
+
+        def hold() -> None:
+            with svc.host.lock:
+                held.set()
+                release.wait(5)
+
+        holders.append(threading.Thread(target=hold))
+        holders[-1].start()
+        held.wait(5)
+        threading.Timer(0.3, release.set).start()
+        return res
+
+    answered: list[str] = []
+    wait_and_answer = svc._wait_and_answer
+
+    def counted(started: object) -> object:
+        answered.append("blocking")
+        return wait_and_answer(started)
+
+    monkeypatch.setattr(svc.host, "wait_result_async", result_then_lock_taken)
+    monkeypatch.setattr(svc, "_wait_and_answer", counted)
+    _, h = net.register()
+    trip = book_trip(net, h)  # acme + zap: the event-loop path
+    assert trip["outcome"] == "BOOKED"
+    assert answered == ["blocking"]
+    holders[0].join(5)
+
+
 def test_a_booked_answer_waits_while_its_decision_is_not_durable(net: Net) -> None:
     """The event-loop path answers BOOKED at once only when the step that logged the
     decision is durable (ProtocolHost.booked_durable); otherwise it hands the answer to the

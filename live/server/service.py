@@ -384,10 +384,16 @@ class CompanyService:
             # host's lock busy past LOOP_LOCK_WAIT_S: nothing started, the blocking path
             return await run_in_threadpool(self.book, vehicle_id, body, None)
         res = await self.host.wait_result_async(started.trip_id, self._booking_wait_s())
+        # the answer reads the host's state under its lock: held (the lock is reentrant)
+        # for all of it, and only if it comes within LOOP_LOCK_WAIT_S
         if res is not None and before_log(res) \
-                and self.host.booked_durable(started.trip_id, started.epoch):
-            self.host.wait_decided(started.trip_id, started.epoch)  # (returns at once)
-            return self._trip_answer(started, res)
+                and self.host.lock.acquire(timeout=LOOP_LOCK_WAIT_S):
+            try:
+                if self.host.booked_durable(started.trip_id, started.epoch):
+                    self.host.wait_decided(started.trip_id, started.epoch)  # (at once)
+                    return self._trip_answer(started, res)
+            finally:
+                self.host.lock.release()
         return await run_in_threadpool(self._wait_and_answer, started)
 
     def _wait_and_answer(self, started: _StartedTrip) -> tuple[int, m.TripPublic]:
