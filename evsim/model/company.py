@@ -7,7 +7,7 @@ decide on a snapshot that is as stale as the scenario says.
 The reports on their way travel on a :class:`StatusWire`: one delay for all, so they land in
 the order they were sent, and the wire lands the due ones whenever the board is read (the
 simulation's ``snapshot`` and ``board``), not with an event each: a run has about one report
-per trace row, and scheduling each landing cost a tenth of the run.
+per trace row (some 23,000 landing events in a 10x Bahia run, about 2% of its CPU).
 """
 
 from __future__ import annotations
