@@ -5,10 +5,16 @@ The road graph is a networkx graph of cities. It is either given explicitly in t
 ``k`` nearest neighbours with great-circle distance x a circuity factor, and the components
 that leaves apart are joined by their closest pair of cities. Shortest paths (by distance) for
 all pairs are computed once with scipy's Dijkstra, so routing in the model is a table lookup.
+
+Road lengths derived from coordinates are rounded up to the millimetre (:func:`road_km`):
+numpy's sin/cos/arcsin differ in the last bits between CPUs (its AVX-512 loops are not its
+AVX2 ones), and without the rounding a scenario's road tables, and every trace after them,
+would differ in the last bits, and now and then in a decision, from one machine to another.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -18,9 +24,10 @@ from scipy.spatial import cKDTree
 
 from evsim.scenario import Scenario
 
-__all__ = ["EARTH_RADIUS_KM", "RoadNetwork", "haversine_km", "to_unit_xyz"]
+__all__ = ["EARTH_RADIUS_KM", "RoadNetwork", "haversine_km", "road_km", "to_unit_xyz"]
 
 EARTH_RADIUS_KM = 6371.0088
+_PER_KM = 1_000_000  # road lengths from coordinates: whole millimetres (module docstring)
 
 
 def haversine_km(lat1, lon1, lat2, lon2):
@@ -30,6 +37,14 @@ def haversine_km(lat1, lon1, lat2, lon2):
     dlmb = np.radians(np.asarray(lon2) - np.asarray(lon1))
     a = np.sin(dphi / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlmb / 2) ** 2
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def road_km(great_circle_km: float, circuity: float) -> float:
+    """A road's length from its great-circle distance: x ``circuity``, rounded up to the
+    millimetre, so the same on every CPU (see the module docstring) and never shorter than
+    the great circle (the k-d tree pre-filter's bound, :meth:`~evsim.snapshot.StationTable.
+    within_km`)."""
+    return math.ceil(float(great_circle_km) * circuity * _PER_KM) / _PER_KM
 
 
 def to_unit_xyz(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -73,7 +88,9 @@ class RoadNetwork:
         if geo.roads:
             for r in geo.roads:
                 i, j = pos[r.a], pos[r.b]
-                d = r.distance_km if r.distance_km is not None else gc_km(i, j) * geo.circuity
+                d = r.distance_km
+                if d is None:
+                    d = road_km(gc_km(i, j), geo.circuity)
                 v = r.speed_kmh or geo.speed_kmh
                 g.add_edge(i, j, distance_km=d, time_min=d / v * 60.0)
         elif len(ids) > 1:
@@ -83,7 +100,7 @@ class RoadNetwork:
             _, nbrs = tree.query(xyz, k=k)
             for i, row in enumerate(np.atleast_2d(nbrs)):
                 for j in row[1:]:
-                    d = gc_km(i, int(j)) * geo.circuity
+                    d = road_km(gc_km(i, int(j)), geo.circuity)
                     g.add_edge(i, int(j), distance_km=d, time_min=d / geo.speed_kmh * 60.0)
             _join_components(g, lat, lon, geo.circuity, geo.speed_kmh)
         return cls._with_tables(ids, lat, lon, g)
@@ -170,6 +187,6 @@ def _join_components(
             if best is None or cand[0] < best[0]:
                 best = cand
         assert best is not None
-        dkm = best[0] * circuity
+        dkm = road_km(best[0], circuity)
         g.add_edge(best[1], best[2], distance_km=dkm, time_min=dkm / v * 60.0)
         comps = [sorted(c) for c in nx.connected_components(g)]

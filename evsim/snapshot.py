@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from evsim.battery import session_power_kw
-from evsim.geo import EARTH_RADIUS_KM, RoadNetwork, haversine_km, to_unit_xyz
+from evsim.geo import EARTH_RADIUS_KM, RoadNetwork, haversine_km, road_km, to_unit_xyz
 from evsim.scenario import Scenario
 from evsim.tariff import active_element
 
@@ -206,7 +207,7 @@ class StationTable:
             lat.append(la)
             lon.append(lo)
             node.append(city)
-            acc.append(float(haversine_km(la, lo, roads.lat[city], roads.lon[city])) * circuity)
+            acc.append(road_km(haversine_km(la, lo, roads.lat[city], roads.lon[city]), circuity))
             ncon.append(sum(c.count for c in s.connectors))
             pmax.append(max(c.power_kw for c in s.connectors))
             dc.append(any(c.type == "DC" for c in s.connectors))
@@ -501,6 +502,19 @@ class NetworkSnapshot:
         """The stations' :class:`NodeIndex` over this snapshot's road tables (None: use the
         k-d tree, :meth:`StationTable.within_km`)."""
         return self.stations.node_index(self.dist_km, self.time_min, self.node_lat, self.node_lon)
+
+    def without(self, stations: Iterable[int]) -> NetworkSnapshot:
+        """This snapshot with the stations of index ``stations`` offline: what a policy
+        sees for a vehicle that must not be sent there (stations it gave up on, picks
+        already ranked, stations a re-plan leaves out). ``self`` when there are none; the
+        road tables are shared, so range queries keep their node index."""
+        drop = sorted(set(stations))
+        if not drop:
+            return self
+        online = np.array(self.online, dtype=bool, copy=True)
+        online[drop] = False
+        online.flags.writeable = False
+        return replace(self, online=online)
 
 
 @dataclass(frozen=True, slots=True)

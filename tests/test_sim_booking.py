@@ -97,10 +97,11 @@ def assert_no_double_booking(sim: Simulation, df: pd.DataFrame) -> None:
 
 def test_on_arrival_traces_unchanged() -> None:
     """Same seed -> the same trace as before the protocol was wired in (hashes taken from
-    the code before; update them only when the on_arrival model changes on purpose)."""
+    the code before; update them only when the on_arrival model changes on purpose; last:
+    road lengths from coordinates rounded up to the millimetre, :func:`evsim.geo.road_km`)."""
     expected = {
-        None: ("862e76f9715ec758cdec3a875f08f757047bd14082738c70a18d025470492a23", 546),
-        3: ("da483da5019a9162a9e117a45b4ed677ad1a083bb843d873ae2f99ea53765324", 513),
+        None: ("4e53ed003bc181f64e0184bbf1f6d6996729053131c31ee6c4194f5a2860b120", 546),
+        3: ("cd1d1ba8276744329f8c77ec303132ea8445383684ab5773aa319b7d425c96ec", 513),
     }
     sc = load_scenario(DATA / "tiny.toml")
     for seed, (digest, rows) in expected.items():
