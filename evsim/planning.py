@@ -360,20 +360,43 @@ def choose_station(
     request: ChargeRequest,
     snapshot: NetworkSnapshot,
     now: float,
+    avoid: Collection[int] = (),
 ) -> Choice | None:
-    """The policy's choice; if none, an emergency choice that dips into the reserve (the
-    requests of :func:`fallback_requests`, the second built only when needed)."""
-    choice = policy(request, snapshot, now)
-    if choice is not None or request.reserve_soc <= 0:
+    """The policy's choice; if none, an emergency choice that dips into the reserve: the
+    asks of :func:`fallback_requests`, in their order, each built only when needed.
+
+    ``avoid``: stations the vehicle gave up on during this trip (it left without charging:
+    its patience ran out in the queue, or the station turned it away). The policy sees
+    them offline, so it does not send the vehicle back to a queue it just left; only when
+    no other station is reachable, even dipping into the reserve, is it asked again with
+    them (going back beats running dry). Both runs keep that list the same way
+    (:func:`evsim.model.vehicle.left_without_charging`, the live vehicle agent)."""
+    snap = snapshot.without(avoid) if avoid else snapshot
+    choice = policy(request, snap, now)
+    if choice is not None:
         return choice
-    return policy(replace(request, reserve_soc=0.0), snapshot, now)
+    relaxed = replace(request, reserve_soc=0.0) if request.reserve_soc > 0 else None
+    if relaxed is not None:
+        choice = policy(relaxed, snap, now)
+    if choice is not None or snap is snapshot:
+        return choice
+    choice = policy(request, snapshot, now)  # nowhere else: back to one it gave up on
+    if choice is None and relaxed is not None:
+        choice = policy(relaxed, snapshot, now)
+    return choice
 
 
-def fallback_requests(request: ChargeRequest) -> list[ChargeRequest]:
-    """The requests to try in order: as asked, then (emergency) with no reserve kept."""
-    if request.reserve_soc > 0:
-        return [request, replace(request, reserve_soc=0.0)]
-    return [request]
+def fallback_requests(
+    request: ChargeRequest, avoid: Collection[int] = ()
+) -> list[tuple[ChargeRequest, frozenset[int]]]:
+    """:func:`choose_station`'s asks in order, each a request and the stations it leaves
+    out: as asked, then (emergency) with no reserve kept; with ``avoid``, the same two
+    again without leaving those out."""
+    asks = [request] if request.reserve_soc <= 0 else [request, replace(request, reserve_soc=0.0)]
+    out = [(r, frozenset(avoid)) for r in asks]
+    if avoid:
+        out += [(r, frozenset()) for r in asks]
+    return out
 
 
 def charge_target(
@@ -453,14 +476,16 @@ def plan_stop(
     dest: int,
     soc: float,
     t: float,
+    avoid: Collection[int] = (),
 ) -> tuple[PlannedStop | None, bool]:
     """The stop a vehicle at decision node ``pos`` (time ``t``, SoC ``soc``) would make:
     ``(stop, True)``; ``(None, True)`` if the policy has no station; ``(None, False)`` if the
-    chosen station is out of reach (the vehicle would run dry on the way)."""
+    chosen station is out of reach (the vehicle would run dry on the way). ``avoid``: as
+    :func:`choose_station`'s."""
     st = snapshot.stations
     per_km = vehicle.per_km
     request = charge_request(roads, ch, vehicle, pos, dest, soc)
-    choice = choose_station(policy, request, snapshot, t)
+    choice = choose_station(policy, request, snapshot, t, avoid)
     if choice is None:
         return None, True
     i = choice.station_index
@@ -507,11 +532,13 @@ def plan_trip(
     now: float,
     max_stops: int = 16,
     skip_at: Iterable[int] = (),
+    avoid: Collection[int] = (),
 ) -> TripPlan:
     """Predict the charging stops of a trip leaving ``origin`` at ``now`` with ``soc``.
 
     ``skip_at``: decision nodes where the vehicle already charged (or asked) on this trip
-    (:attr:`evsim.model.vehicle.Drive.skip_at`), to plan the rest of a trip under way."""
+    (:attr:`evsim.model.vehicle.Drive.skip_at`), to plan the rest of a trip under way;
+    ``avoid``: stations it gave up on (:func:`choose_station`)."""
     st = snapshot.stations
     per_km = vehicle.per_km
     pos, t = origin, now
@@ -531,7 +558,7 @@ def plan_trip(
         if not w.stop_here:
             return TripPlan(tuple(stops), True, t, soc)
         stop, reachable = plan_stop(
-            roads, snapshot, connectors, policy, ch, vehicle, pos, dest, soc, t
+            roads, snapshot, connectors, policy, ch, vehicle, pos, dest, soc, t, avoid
         )
         skip.add(pos)
         if not reachable:
@@ -651,17 +678,15 @@ def choose_again(
     dest: int,
     excluded: Iterable[int],
     skip_at: Iterable[int] = (),
+    avoid: Collection[int] = (),
 ) -> PlannedStop | None:
     """The stop the policy picks for ``stop``'s decision (at its decision node, time and SoC)
     with the ``excluded`` stations treated as offline; None if there is none, or if the rest
     of the trip would run dry from there (``skip_at``: the decision nodes already used on this
-    trip, the stop's own included: a vehicle charges once per city per trip)."""
-    online = np.array(snapshot.online, dtype=bool, copy=True)
-    online[sorted(excluded)] = False
-    online.flags.writeable = False
-    snap = replace(snapshot, online=online)
-    args = (roads, snap, connectors, policy, ch, vehicle)
-    new, _ = plan_stop(*args, stop.decision_node, dest, stop.decide_soc, stop.decide_min)
+    trip, the stop's own included: a vehicle charges once per city per trip; ``avoid``: as
+    :func:`choose_station`'s)."""
+    args = (roads, snapshot.without(excluded), connectors, policy, ch, vehicle)
+    new, _ = plan_stop(*args, stop.decision_node, dest, stop.decide_soc, stop.decide_min, avoid)
     if new is None:
         return None
     st = snapshot.stations
@@ -669,7 +694,9 @@ def choose_again(
     soc, t = new.soc_out, new.arrive_min + new.charge_min
     if access > 0:
         soc, t = max(soc - access * vehicle.per_km, 0.0), t + access_min(access)
-    rest = plan_trip(*args, st.node_list[new.station_index], dest, soc, t, skip_at=skip_at)
+    rest = plan_trip(
+        *args, st.node_list[new.station_index], dest, soc, t, skip_at=skip_at, avoid=avoid
+    )
     return new if rest.feasible else None
 
 

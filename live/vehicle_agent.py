@@ -295,6 +295,7 @@ class Fleet:
         await self._token(run, run.home)
         soc, driven_km, n_sessions = float(trips.soc0[k]), 0.0, 0
         skip_at: set[int] = set()
+        gave_up: list[str] = []  # stations left without charging (evsim.planning.choose_station)
         tr = self.trace
         tr.emit(t, Kind.TRIP_START, vehicle_id=vid, booking_id=vid, soc=soc,
                 detail=f"{roads.node_ids[pos]}->{roads.node_ids[dest]}")
@@ -306,7 +307,7 @@ class Fleet:
         if self.booking == "trip":
             from live.trip_app import TripApp  # imports this module: not at the top
 
-            app = TripApp(self, run, params, dest, skip_at)
+            app = TripApp(self, run, params, dest, skip_at, gave_up)
             if not await app.depart(pos, soc, t):
                 app = None  # no stop planned: charge on arrival, as the simulation does
 
@@ -328,7 +329,7 @@ class Fleet:
             choice = None
             if stop is None:
                 request = charge_request(roads, ch, params, pos, dest, soc)
-                choice = await self._recommend(run, request)
+                choice = await self._recommend(run, request, gave_up)
                 skip_at.add(pos)
                 if choice is None:
                     tr.emit(t, Kind.NO_STATION, vehicle_id=vid, soc=soc,
@@ -370,10 +371,12 @@ class Fleet:
             driven_km += go_km
             pos = st_node
             n_sessions += 1
-            soc, t, refused = await self._charge(
+            soc, t, refused, charged = await self._charge(
                 run, company, station_id, booking_id, soc, target, battery, vm,
                 f"{vid}-{n_sessions}", t,
                 float(held.booking["start_min"]) if held is not None else None)
+            if not charged and station_id not in gave_up:  # (left_without_charging)
+                gave_up.append(station_id)
             if app is not None and held is not None and refused:
                 app.unusable(held)  # the rest of that request's trip goes too (as the sim)
             if app is not None:  # leaving the station: plan the rest of the trip again
@@ -388,9 +391,11 @@ class Fleet:
         await self._read_history(run)
         return run
 
-    async def _recommend(self, run: VehicleRun, request: ChargeRequest) -> dict[str, Any] | None:
+    async def _recommend(self, run: VehicleRun, request: ChargeRequest,
+                         gave_up: Sequence[str] = ()) -> dict[str, Any] | None:
         """The home server's policy choice for ``request`` (:func:`evsim.planning.
-        charge_request`); none: ask again dipping into the reserve, exactly as
+        charge_request`), leaving out the stations the vehicle ``gave_up`` on; none: ask
+        again dipping into the reserve, then with those stations back, exactly as
         :func:`evsim.planning.choose_station` does in the simulation."""
         roads = self.world.roads
         body = {
@@ -401,8 +406,10 @@ class Fleet:
             "reserve_soc": request.reserve_soc, "target_soc": request.target_soc, "limit": 1,
         }
         token = await self._token(run, run.home)
-        for attempt in fallback_requests(request):
+        index = self._station
+        for attempt, leave_out in fallback_requests(request, [index[s] for s in gave_up]):
             body["reserve_soc"] = attempt.reserve_soc
+            body["exclude"] = [s for s in gave_up if index[s] in leave_out]
             r = await self.servers[run.home].call("POST", "/recommendations", token=token,
                                                   json_body=body)
             if r.get("choices"):
@@ -450,10 +457,11 @@ class Fleet:
     async def _charge(self, run: VehicleRun, company: str, station_id: str,
                       booking_id: str | None, soc: float, target: float, battery: float,
                       vm: Any, local_sid: str, t_arrive: float,
-                      booking_start: float | None = None) -> tuple[float, float, str]:
+                      booking_start: float | None = None) -> tuple[float, float, str, bool]:
         """Plug in (queueing at the station if it is full), charge, stop; returns the new
-        SoC, the scenario time the vehicle leaves the connector (or the queue) and, when
-        ``booking_id`` could not be used, why (else "").
+        SoC, the scenario time the vehicle leaves the connector (or the queue), when
+        ``booking_id`` could not be used, why (else ""), and whether it charged (False: it
+        left without, :func:`evsim.model.vehicle.left_without_charging`).
 
         With a booking, as the simulation's ``visit_booked``: a vehicle early for its window
         (``booking_start``) waits for it at the station, and one whose connector is still
@@ -466,7 +474,7 @@ class Fleet:
         token = await self._token(run, company)
         target_soc = session_soc_out(soc, target)  # what the simulation charges to
         if target_soc <= soc:
-            return soc, t_arrive, ""
+            return soc, t_arrive, "", True
         body: dict[str, Any] = {
             "station_id": station_id, "soc": soc, "battery_kwh": battery,
             "target_soc": target_soc, "max_dc_kw": vm.max_charge_kw,
@@ -502,7 +510,7 @@ class Fleet:
                     tr.emit(t, Kind.ABANDON, vehicle_id=run.vid, station_id=station_id,
                             company_id=company, session_id=local_sid, soc=soc,
                             wait_min=t - t_arrive, detail=str(exc.detail))
-                    return soc, t, refused
+                    return soc, t, refused, False
                 if not booked:  # a refused walk-in: ask again a scenario minute later
                     await self.sleep_until(self.clock() + 1.0)
                     continue
@@ -518,7 +526,7 @@ class Fleet:
                 wait = session.get("wait_min")
                 t_left = float(session.get("arrive_t_min") or t_arrive) + float(
                     wait if wait is not None else ch.max_wait_min)
-                return soc, t_left, refused
+                return soc, t_left, refused, False
         power = float(session.get("power_kw") or vm.max_charge_kw)
         start = float(session.get("start_t_min") or t_arrive)
         minutes = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
@@ -538,7 +546,7 @@ class Fleet:
         if soc_end is None or not math.isfinite(float(soc_end)):
             soc_end = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).soc_after(
                 soc, t_end - start)
-        return float(soc_end), t_end, refused
+        return float(soc_end), t_end, refused, True
 
     async def _wait_queued(self, srv: Server, token: str,
                            session: dict[str, Any]) -> dict[str, Any]:

@@ -66,7 +66,7 @@ import simpy
 from evsim.booking_app import Answer, Choose, Send, Window, booking_round
 from evsim.model.protocol_bus import coordinator_id, vehicle_node
 from evsim.model.station import SessionPlan, SessionResult, SimStation
-from evsim.model.vehicle import Drive, drive, start_trip
+from evsim.model.vehicle import Drive, drive, left_without_charging, start_trip
 from evsim.model.world import ConnectorSpec
 from evsim.planning import (
     PlannedStop,
@@ -283,6 +283,7 @@ class BookedTrip:
             soc,
             t0,
             skip_at=d.skip_at,
+            avoid=d.gave_up,
         )
         self._at_station = False
         self._set_plan(plan.stops, t0, t0)
@@ -437,6 +438,7 @@ class BookedTrip:
             d.dest,
             excluded,
             skip,
+            d.gave_up,
         )
 
     def replace(self, i: int, new: PlannedStop) -> None:
@@ -499,7 +501,7 @@ class BookedTrip:
         sim, d, env = self.sim, self.d, self.env
         world = sim.world
         request = charge_request(world.roads, world.scenario.charging, d.params, pos, d.dest, d.soc)
-        choice = choose_station(sim.policy, request, sim.snapshot, env.now)
+        choice = choose_station(sim.policy, request, sim.snapshot, env.now, d.gave_up)
         if choice is None:
             return None
         nan = math.nan
@@ -546,6 +548,8 @@ class BookedTrip:
             )
             if why:  # the rest of that request's trip goes too
                 self._drop_trip(h.trip_id, why)
+        if result.connector is None:  # before the re-plan, which must avoid it too
+            left_without_charging(self.d, station.index)
         if self.active:
             p = result.plan
             soc_after = p.soc_after if p is not None and p.soc_after is not None else soc

@@ -60,6 +60,7 @@ __all__ = [
     "DriveKit",
     "depart",
     "drive",
+    "left_without_charging",
     "prepare",
     "start_trip",
     "trip_process",
@@ -82,6 +83,7 @@ class Drive:
     driven_km: float = 0.0
     n_sessions: int = 0
     skip_at: set[int] = field(default_factory=set)  # nodes where asking again would not help
+    gave_up: tuple[int, ...] = ()  # stations it left without charging (not asked again)
     _params: VehicleParams | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -309,7 +311,7 @@ def drive(
             index, detour_km = stop[0].station_index, stop[0].detour_km
         else:
             request = charge_request(roads, ch, d.params, pos, dest, d.soc)
-            choice = choose_station(sim.policy, request, sim.snapshot, env.now)
+            choice = choose_station(sim.policy, request, sim.snapshot, env.now, d.gave_up)
             d.skip_at.add(pos)
             if choice is None:
                 kit.no_station(env.now, vid, d.soc, kit.node_ids[pos])
@@ -362,6 +364,8 @@ def drive(
                 else station.visit(vid, session_id, soc, plan, ch.max_wait_min)
             )
             result = yield env.process(visit)
+        if result.connector is None:
+            left_without_charging(d, index)
         if result.plan is not None and result.plan.soc_after is not None:
             soc = result.plan.soc_after  # pos stays in skip_at: one charge per city per trip
         d.soc = soc
@@ -371,6 +375,14 @@ def drive(
             yield simpy.Timeout(env, access_min(access))
             d.soc = max(d.soc - access * per_km, 0.0)
             d.driven_km += access
+
+
+def left_without_charging(d: Drive, station_index: int) -> None:
+    """The vehicle left the station without charging (its patience ran out in the queue,
+    or the station turned it away): the rest of its trip avoids that station
+    (:func:`~evsim.planning.choose_station`'s ``avoid``; the trip mode's re-plans too)."""
+    if station_index not in d.gave_up:
+        d.gave_up = (*d.gave_up, station_index)
 
 
 def _planner(

@@ -20,12 +20,9 @@ No I/O, no clock: the live company servers call these (``live.server.service``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-import numpy as np
 
 from evsim.snapshot import ChargeRequest, Choice, NetworkSnapshot
 
@@ -99,18 +96,14 @@ def alternatives_for(
     limit: int = 3,
 ) -> tuple[Choice, ...]:
     """Up to ``limit`` stations in the policy's order (each pick excluded from the next ask)."""
-    online = np.array(snapshot.online, dtype=bool, copy=True)
-    for i in exclude:
-        online[i] = False
+    snap = snapshot.without(exclude)
     out: list[Choice] = []
     for _ in range(limit):
-        online.flags.writeable = False
-        c = policy(request, dataclasses.replace(snapshot, online=online), now)
+        c = policy(request, snap, now)
         if c is None:
             break
         out.append(c)
-        online = online.copy()
-        online[c.station_index] = False
+        snap = snap.without((c.station_index,))
     return tuple(out)
 
 

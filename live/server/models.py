@@ -112,6 +112,9 @@ class RecommendationCreate(_In):
     target_soc: Soc | None = Field(default=None,
                                    description="default: the scenario's charging.target_soc")
     limit: Annotated[int, Field(ge=1, le=20)] = 3
+    exclude: Annotated[list[Id], Field(max_length=256)] = Field(
+        default=[], description="station ids to leave out (as if offline)"
+    )
 
     @model_validator(mode="after")
     def _where(self) -> RecommendationCreate:
@@ -163,6 +166,10 @@ class PlanCreate(_In):
     mode: Literal["trip", "stop"] = "trip"
     exclude: Annotated[list[Id], Field(max_length=256)] = Field(
         default=[], description="station ids to leave out (as if offline)"
+    )
+    avoid: Annotated[list[Id], Field(max_length=256)] = Field(
+        default=[], description="station ids the vehicle gave up on during this trip: left out "
+        "unless no other station is reachable (evsim.planning.choose_station)"
     )
 
 

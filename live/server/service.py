@@ -290,6 +290,17 @@ class CompanyService:
             raise ApiError(422, f"unknown city {city!r}", "unknown_city")
         return i
 
+    def station_indices(self, station_ids: list[str], what: str = "station") -> set[int]:
+        """The table indices of ``station_ids`` (422 naming the first unknown one)."""
+        index = self.world.table.index
+        out: set[int] = set()
+        for sid in station_ids:
+            i = index.get(sid)
+            if i is None:
+                raise ApiError(422, f"unknown {what} {sid!r}", "unknown_station")
+            out.add(i)
+        return out
+
     def recommend(self, vehicle_id: str, body: m.RecommendationCreate) -> m.Recommendations:
         roads = self.world.roads
         if body.city is not None:
@@ -310,10 +321,11 @@ class CompanyService:
             )
         except ValueError as exc:
             raise ApiError(422, str(exc), "bad_request") from None
+        excluded = self.station_indices(body.exclude)
         now = self.now()
         # the policy's order on one snapshot, each pick excluded from the next ask
         ranked = alternatives_for(req, self.status.snapshot(), now, self.policy,
-                                  limit=body.limit)
+                                  exclude=excluded, limit=body.limit)
         choices = [
             m.ChoicePublic(
                 rank=rank, station_id=c.station_id,

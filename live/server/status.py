@@ -34,8 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from evsim.snapshot import NetworkSnapshot, StatusBoard
 from live import topics
 from live.bus import BadPayload, decode_json
@@ -251,6 +249,4 @@ class StatusReplica:
             copy.online[:] = b.online
             copy.mean_session_min[:] = b.mean_session_min
             copy.observed_t_min[:] = b.observed_t_min
-        if exclude:
-            copy.online[np.fromiter(exclude, dtype=np.int64)] = False
-        return NetworkSnapshot.of(self.world.table, self.world.roads, copy)
+        return NetworkSnapshot.of(self.world.table, self.world.roads, copy).without(exclude or ())

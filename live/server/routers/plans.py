@@ -57,12 +57,8 @@ def make_plan(svc: CompanyService, vehicle_id: str, body: m.PlanCreate) -> m.Pla
     origin = _node(svc, body.city, "current")
     dest = _node(svc, body.destination, "destination")
     skip = {_node(svc, c, "skip_at") for c in body.skip_at}
-    excluded = set()
-    for sid in body.exclude:
-        i = world.table.index.get(sid)
-        if i is None:
-            raise ApiError(422, f"unknown station {sid!r}", "unknown_station")
-        excluded.add(i)
+    excluded = svc.station_indices(body.exclude)
+    avoid = sorted(svc.station_indices(body.avoid, "station to avoid"))
     now = svc.now()
     t = now if body.t_min is None else body.t_min
     vehicle = VehicleParams(vehicle_id, body.battery_kwh,
@@ -74,14 +70,14 @@ def make_plan(svc: CompanyService, vehicle_id: str, body: m.PlanCreate) -> m.Pla
     if body.mode == "stop":
         decision = PlannedStop(origin, -1, "", t, body.soc, body.soc, 0.0, 0.0, 0.0, "", 0.0,
                                t, body.soc)
-        stop = choose_again(*args, decision, dest, excluded, skip | {origin})
+        stop = choose_again(*args, decision, dest, excluded, skip | {origin}, avoid)
         stops = () if stop is None else (stop,)
         return m.PlanPublic(policy=svc.policy_name, t_min=now, depart_min=t,
                             feasible=stop is not None, end_min=None, end_soc=None,
                             stops=[_public(svc, s) for s in stops])
     if excluded:
         args = (world.roads, svc.status.snapshot(excluded), *args[2:])
-    plan = plan_trip(*args, origin, dest, body.soc, t, skip_at=skip)
+    plan = plan_trip(*args, origin, dest, body.soc, t, skip_at=skip, avoid=avoid)
     return m.PlanPublic(
         policy=svc.policy_name, t_min=now, depart_min=t, feasible=plan.feasible,
         end_min=plan.end_min if math.isfinite(plan.end_min) else None,
