@@ -1,9 +1,14 @@
-"""The trip-booking driver app's booking round, sans-IO.
+"""The trip-booking driver app, sans-IO: its rules and its booking round.
+
+The rules are plain functions over a plan (:class:`~evsim.planning.PlannedStop` s): which
+stops to book now on the rolling horizon (:func:`stops_to_book`, :func:`next_booking_min`),
+the window to ask for one (:func:`booking_window`), how to rebook a refused one
+(:func:`rebook_choice`) and which reservations a re-plan keeps (:func:`kept_stop`).
 
 One round books some stops of a vehicle's plan in one trip request and, when the request is
 REJECTED, rebooks the refused stop up to ``booking.max_attempts`` times: a later window on
 the same connector class at most ``booking.max_shift_min`` away
-(:func:`evsim.planning.rebook_choice`), else another station for that stop's decision (the
+(:func:`rebook_choice`), else another station for that stop's decision (the
 refused ones excluded). Stops left without a reservation are walked in at.
 
 :func:`booking_round` is that loop as a generator in the style of h11: it does no I/O and
@@ -25,12 +30,13 @@ canceled task) closes the generator, which releases the stops it marked busy.
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Generator, Sequence
+from collections.abc import Collection, Generator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
-from evsim.planning import PlannedStop, rebook_choice
+from evsim.planning import PlannedStop
 from evsim.protocol import Alternative
 
 __all__ = [
@@ -42,9 +48,134 @@ __all__ = [
     "TripHost",
     "Window",
     "booking_round",
+    "booking_window",
     "home_company",
+    "kept_stop",
+    "next_booking_min",
+    "rebook_choice",
     "still_next",
+    "stops_to_book",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the app's rules: which plan stops to book when, how to rebook one, what survives a re-plan
+# ---------------------------------------------------------------------------------------------
+
+
+class ArrivingStop(Protocol):
+    @property
+    def arrive_min(self) -> float: ...
+
+
+class Offer(Protocol):
+    @property
+    def connector_id(self) -> str: ...
+
+    @property
+    def start_min(self) -> float: ...
+
+
+OfferT = TypeVar("OfferT", bound=Offer)
+
+
+def stops_to_book(
+    stops: Sequence[ArrivingStop],
+    now: float,
+    max_advance_min: float,
+    *,
+    first: int = 0,
+    offset: float = 0.0,
+    held: Collection[int] = (),
+    blocked: Collection[int] = (),
+) -> list[int]:
+    """Indices of the plan stops to book now: from ``first`` on, those whose window starts
+    within the horizon (``now + max_advance_min``) and are not ``held`` already; stops after a
+    ``blocked`` one (being booked, or left to walk in: the times after it are unknown) wait."""
+    horizon = now + max_advance_min
+    out = []
+    for i in range(first, len(stops)):
+        if stops[i].arrive_min + offset > horizon:
+            break
+        if i in held:
+            continue
+        if i in blocked:
+            break
+        out.append(i)
+    return out
+
+
+def next_booking_min(
+    stops: Sequence[ArrivingStop],
+    max_advance_min: float,
+    *,
+    first: int = 0,
+    offset: float = 0.0,
+    held: Collection[int] = (),
+    blocked: Collection[int] = (),
+) -> float | None:
+    """When the next stop to book enters the horizon (None: nothing left to book)."""
+    for i in range(first, len(stops)):
+        if i in held:
+            continue
+        if i in blocked:
+            return None
+        return stops[i].arrive_min + offset - max_advance_min
+    return None
+
+
+def booking_window(stop: PlannedStop, slot_min: float, offset: float = 0.0) -> tuple[float, float]:
+    """The window to book for a plan stop: expected arrival to arrival + estimated charging
+    time + ``slot_min``."""
+    start = stop.arrive_min + offset
+    return start, start + stop.charge_min + slot_min
+
+
+def rebook_choice(
+    start_min: float, alternatives: Iterable[OfferT], max_shift_min: float
+) -> tuple[Literal["shift", "other"], OfferT | None, float]:
+    """After a REJECTED stop wanted from ``start_min``: ``("shift", offer, delay)`` to take the
+    earliest offered window on the same class starting at most ``max_shift_min`` later, else
+    ``("other", earliest offer or None, delay)``: ask the policy for another station
+    (:func:`~evsim.planning.choose_again`); if there is none, give up (walk in)."""
+    later = [a for a in alternatives if a.start_min >= start_min]
+    shift = min(later, key=lambda a: (a.start_min, a.connector_id)) if later else None
+    delay = math.inf if shift is None else shift.start_min - start_min
+    if shift is not None and delay <= max_shift_min:
+        return "shift", shift, delay
+    return "other", shift, delay
+
+
+def kept_stop(
+    old: PlannedStop,
+    booked_start_min: float,
+    stops: Sequence[PlannedStop],
+    slot_min: float,
+    grace_min: float,
+    *,
+    offset: float = 0.0,
+    taken: Collection[int] = (),
+) -> int | None:
+    """After a re-plan: the index in ``stops`` where a reservation made for plan stop ``old``
+    (its window starting at ``booked_start_min``) is kept -- the first stop with the same
+    decision node, station and connector class, not ``taken`` by another reservation, whose
+    expected arrival is at most ``slot_min`` before the window's start or ``grace_min / 2``
+    after it; None: cancel it."""
+    cls = (old.connector_power_kw, old.connector_type)
+    k = next(
+        (
+            k
+            for k, s in enumerate(stops)
+            if s.decision_node == old.decision_node
+            and s.station_index == old.station_index
+            and (s.connector_power_kw, s.connector_type) == cls
+        ),
+        None,
+    )
+    if k is None or k in taken:
+        return None
+    late = stops[k].arrive_min + offset - booked_start_min
+    return k if -slot_min <= late <= grace_min / 2 else None
 
 
 def home_company(vehicle_id: str, companies: Sequence[str]) -> str:

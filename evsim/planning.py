@@ -19,7 +19,7 @@ import math
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -38,23 +38,19 @@ __all__ = [
     "VehicleParams",
     "access_min",
     "booking_class",
-    "booking_window",
     "charge_request",
     "charge_target",
     "charge_target_on",
     "choose_again",
+    "choose_station",
     "class_connectors",
     "connector_class",
     "connector_pools",
-    "kept_stop",
     "needs_charge",
-    "next_booking_min",
     "plan_stop",
     "plan_trip",
-    "rebook_choice",
     "route_legs",
     "route_of",
-    "stops_to_book",
     "walk_route",
     "walk_rules",
 ]
@@ -584,89 +580,6 @@ def plan_trip(
 # ``offset``: how late the vehicle runs on the plan's times (0 when it left on time).
 
 
-class ArrivingStop(Protocol):
-    @property
-    def arrive_min(self) -> float: ...
-
-
-class Offer(Protocol):
-    @property
-    def connector_id(self) -> str: ...
-
-    @property
-    def start_min(self) -> float: ...
-
-
-OfferT = TypeVar("OfferT", bound=Offer)
-
-
-def stops_to_book(
-    stops: Sequence[ArrivingStop],
-    now: float,
-    max_advance_min: float,
-    *,
-    first: int = 0,
-    offset: float = 0.0,
-    held: Collection[int] = (),
-    blocked: Collection[int] = (),
-) -> list[int]:
-    """Indices of the plan stops to book now: from ``first`` on, those whose window starts
-    within the horizon (``now + max_advance_min``) and are not ``held`` already; stops after a
-    ``blocked`` one (being booked, or left to walk in: the times after it are unknown) wait."""
-    horizon = now + max_advance_min
-    out = []
-    for i in range(first, len(stops)):
-        if stops[i].arrive_min + offset > horizon:
-            break
-        if i in held:
-            continue
-        if i in blocked:
-            break
-        out.append(i)
-    return out
-
-
-def next_booking_min(
-    stops: Sequence[ArrivingStop],
-    max_advance_min: float,
-    *,
-    first: int = 0,
-    offset: float = 0.0,
-    held: Collection[int] = (),
-    blocked: Collection[int] = (),
-) -> float | None:
-    """When the next stop to book enters the horizon (None: nothing left to book)."""
-    for i in range(first, len(stops)):
-        if i in held:
-            continue
-        if i in blocked:
-            return None
-        return stops[i].arrive_min + offset - max_advance_min
-    return None
-
-
-def booking_window(stop: PlannedStop, slot_min: float, offset: float = 0.0) -> tuple[float, float]:
-    """The window to book for a plan stop: expected arrival to arrival + estimated charging
-    time + ``slot_min``."""
-    start = stop.arrive_min + offset
-    return start, start + stop.charge_min + slot_min
-
-
-def rebook_choice(
-    start_min: float, alternatives: Iterable[OfferT], max_shift_min: float
-) -> tuple[Literal["shift", "other"], OfferT | None, float]:
-    """After a REJECTED stop wanted from ``start_min``: ``("shift", offer, delay)`` to take the
-    earliest offered window on the same class starting at most ``max_shift_min`` later, else
-    ``("other", earliest offer or None, delay)``: ask the policy for another station
-    (:func:`choose_again`); if there is none, give up (walk in)."""
-    later = [a for a in alternatives if a.start_min >= start_min]
-    shift = min(later, key=lambda a: (a.start_min, a.connector_id)) if later else None
-    delay = math.inf if shift is None else shift.start_min - start_min
-    if shift is not None and delay <= max_shift_min:
-        return "shift", shift, delay
-    return "other", shift, delay
-
-
 def choose_again(
     roads: RoadNetwork,
     snapshot: NetworkSnapshot,
@@ -698,35 +611,3 @@ def choose_again(
         *args, st.node_list[new.station_index], dest, soc, t, skip_at=skip_at, avoid=avoid
     )
     return new if rest.feasible else None
-
-
-def kept_stop(
-    old: PlannedStop,
-    booked_start_min: float,
-    stops: Sequence[PlannedStop],
-    slot_min: float,
-    grace_min: float,
-    *,
-    offset: float = 0.0,
-    taken: Collection[int] = (),
-) -> int | None:
-    """After a re-plan: the index in ``stops`` where a reservation made for plan stop ``old``
-    (its window starting at ``booked_start_min``) is kept -- the first stop with the same
-    decision node, station and connector class, not ``taken`` by another reservation, whose
-    expected arrival is at most ``slot_min`` before the window's start or ``grace_min / 2``
-    after it; None: cancel it."""
-    cls = (old.connector_power_kw, old.connector_type)
-    k = next(
-        (
-            k
-            for k, s in enumerate(stops)
-            if s.decision_node == old.decision_node
-            and s.station_index == old.station_index
-            and (s.connector_power_kw, s.connector_type) == cls
-        ),
-        None,
-    )
-    if k is None or k in taken:
-        return None
-    late = stops[k].arrive_min + offset - booked_start_min
-    return k if -slot_min <= late <= grace_min / 2 else None

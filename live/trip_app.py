@@ -20,16 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from evsim import booking_app
 from evsim.booking_app import Answer, Choose, Send, Window, booking_round
 from evsim.planning import (
     PlannedStop,
     VehicleParams,
     access_min,
-    booking_window,
     class_connectors,
-    kept_stop,
-    next_booking_min,
-    stops_to_book,
 )
 from evsim.protocol import Alternative
 from live.vehicle_agent import ApiError, Fleet, VehicleRun
@@ -53,13 +50,13 @@ class TripApp:
 
     The plan comes from the home server (``POST /plans``: :func:`evsim.planning.plan_trip`
     with the server's policy over its network snapshot); which stops to book and when
-    (:func:`~evsim.planning.stops_to_book`, :func:`~evsim.planning.next_booking_min`: the
+    (:func:`~evsim.booking_app.stops_to_book`, :func:`~evsim.booking_app.next_booking_min`: the
     ``booking.max_advance_min`` horizon, in the background while driving), how to rebook a
-    REJECTED stop (:func:`~evsim.planning.rebook_choice`: a later window at most
+    REJECTED stop (:func:`~evsim.booking_app.rebook_choice`: a later window at most
     ``booking.max_shift_min`` away, else another station -- ``POST /plans`` in ``stop`` mode:
     :func:`~evsim.planning.choose_again` -- up to ``booking.max_attempts`` requests per
     round) and which reservations survive a re-plan on leaving a station
-    (:func:`~evsim.planning.kept_stop`) are the same pure functions the simulation uses; the
+    (:func:`~evsim.booking_app.kept_stop`) are the same pure functions the simulation uses; the
     booking round is the simulation's :func:`evsim.booking_app.booking_round`, driven here
     with asyncio.
 
@@ -142,8 +139,8 @@ class TripApp:
         self.plan, self.next, self.tried, self.held = stops, 0, {}, {}
         drop: list[str] = []
         for i, h in held.items():
-            k = kept_stop(old[i], float(h.booking["start_min"]), stops, self.cfg.slot_min,
-                          self.cfg.grace_min, taken=self.held)
+            k = booking_app.kept_stop(old[i], float(h.booking["start_min"]), stops,
+                                      self.cfg.slot_min, self.cfg.grace_min, taken=self.held)
             if k is None:
                 if h.trip_id not in drop:
                     drop.append(h.trip_id)
@@ -177,7 +174,7 @@ class TripApp:
     def _due(self, now: float) -> list[int]:
         if self.at_station:
             return []  # its times are unknown until it leaves: re-planned then
-        return stops_to_book(self.plan, now, self.cfg.max_advance_min, first=self.next,
+        return booking_app.stops_to_book(self.plan, now, self.cfg.max_advance_min, first=self.next,
                              held=self.held, blocked=self._blocked())
 
     def _spawn(self, coro: Any) -> None:
@@ -193,7 +190,7 @@ class TripApp:
         if due:
             self._spawn(self._round(due))
             return
-        t = next_booking_min(self.plan, self.cfg.max_advance_min, first=self.next,
+        t = booking_app.next_booking_min(self.plan, self.cfg.max_advance_min, first=self.next,
                              held=self.held, blocked=self._blocked())
         if t is None or (self._wake is not None and not self._wake[1].done()
                          and self._wake[0] <= t):
@@ -260,7 +257,7 @@ class TripApp:
     # -- the TripHost side of booking_round
 
     def window(self, s: PlannedStop) -> Window:
-        start, end = booking_window(s, self.cfg.slot_min)
+        start, end = booking_app.booking_window(s, self.cfg.slot_min)
         return Window(start, end, None, start)
 
     def beyond_horizon(self, s: PlannedStop) -> bool:

@@ -444,7 +444,7 @@ class Fleet:
                          dur: float, connector_ids: Sequence[str] = ()) -> str | None:
         """Book one stop (the ``stop`` mode): the window of the trip mode's stops, arrival
         to arrival + the charge + ``booking.slot_min``, NO_SHOW ``booking.grace_min`` after
-        its start (:func:`evsim.planning.booking_window`)."""
+        its start (:func:`evsim.booking_app.booking_window`)."""
         bk = self.scenario.booking
         trip = await self._book(run, [{"station_id": station_id, "start_min": start,
                                        "end_min": start + max(dur + bk.slot_min, 1.0),

@@ -22,17 +22,14 @@ pytest.importorskip("fastapi")
 
 from test_live_api import TINY, Net
 
-from evsim.planning import (
-    PlannedStop,
-    VehicleParams,
+from evsim.booking_app import (
     booking_window,
-    choose_again,
     kept_stop,
     next_booking_min,
-    plan_trip,
     rebook_choice,
     stops_to_book,
 )
+from evsim.planning import PlannedStop, VehicleParams, choose_again, plan_trip
 from evsim.protocol import Alternative
 from live.broker import find_mosquitto
 

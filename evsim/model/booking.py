@@ -63,7 +63,17 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
-from evsim.booking_app import Answer, Choose, Send, Window, booking_round
+from evsim.booking_app import (
+    Answer,
+    Choose,
+    Send,
+    Window,
+    booking_round,
+    booking_window,
+    kept_stop,
+    next_booking_min,
+    stops_to_book,
+)
 from evsim.model.protocol_bus import coordinator_id, vehicle_node
 from evsim.model.station import SessionPlan, SessionResult, SimStation
 from evsim.model.vehicle import Drive, drive, left_without_charging, start_trip
@@ -71,15 +81,11 @@ from evsim.model.world import ConnectorSpec
 from evsim.planning import (
     PlannedStop,
     access_min,
-    booking_window,
     charge_request,
     choose_again,
     choose_station,
     class_connectors,
-    kept_stop,
-    next_booking_min,
     plan_trip,
-    stops_to_book,
 )
 from evsim.protocol import (
     BookedStop,

@@ -15,10 +15,10 @@ import math
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from evsim.booking_app import booking_window
 from evsim.planning import (
     PlannedStop,
     VehicleParams,
-    booking_window,
     choose_again,
     plan_trip,
 )
