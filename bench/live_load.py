@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import json as _json
+import math
 import os
 import signal
 import statistics
@@ -48,7 +49,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,17 @@ class Cell:
     ok: int
     codes: Counter[int]
     latencies_s: list[float]
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds used, per process
+
+    def cpu_ms_per_booking(self, who: str) -> float:
+        return self.cpu_s.get(who, math.nan) / self.ok * 1e3 if self.ok else math.nan
+
+    @property
+    def one_core_each(self) -> float:
+        """Bookings/s per company server if each server had a core of its own: the rate at
+        which the busiest server's CPU per booking fills one core, over the servers."""
+        busiest = max((self.cpu_s.get(c, math.nan) for c in COMPANIES), default=math.nan)
+        return self.ok / busiest / len(COMPANIES) if busiest > 0 else math.nan
 
     @property
     def rate(self) -> float:
@@ -301,9 +313,36 @@ class Cell:
         return percentile(self.latencies_s, q) * 1e3
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CpuProbe = Callable[[], dict[str, float]]
+
+
+def cpu_probe(net: LoadNetwork) -> CpuProbe:
+    """CPU seconds so far of each company server, the broker and this process (the load)."""
+    pids = {c: p.pid for c, p in net.procs.items()}
+    if net.broker is not None and net.broker.proc is not None:
+        pids["broker"] = net.broker.proc.pid
+
+    def probe() -> dict[str, float]:
+        out = {who: process_cpu_s(pid) for who, pid in pids.items()}
+        out["load"] = time.process_time()
+        return out
+
+    return probe
+
+
 async def run_cell(client: Client, vehicles: list[Vehicle], size: int,
-                   n_requests: int, base_min: float) -> Cell:
-    """``n_requests`` trip bookings of ``size`` stops by ``len(vehicles)`` concurrent loops."""
+                   n_requests: int, base_min: float, cpu: CpuProbe | None = None) -> Cell:
+    """``n_requests`` trip bookings of ``size`` stops by ``len(vehicles)`` concurrent loops
+    (with ``cpu``, what each process spent on them)."""
     counter = itertools.count()
     lat: list[float] = []
     codes: Counter[int] = Counter()
@@ -322,10 +361,13 @@ async def run_cell(client: Client, vehicles: list[Vehicle], size: int,
             lat.append(time.perf_counter() - t0)
             codes[code] += 1
 
+    before = cpu() if cpu is not None else {}
     t0 = time.perf_counter()
     await asyncio.gather(*(loop(v) for v in vehicles))
     dt = time.perf_counter() - t0
-    return Cell(size, len(vehicles), n_requests, dt, codes[201], codes, lat)
+    after = cpu() if cpu is not None else {}
+    used = {who: after[who] - before[who] for who in before}
+    return Cell(size, len(vehicles), n_requests, dt, codes[201], codes, lat, used)
 
 
 # ----------------------------------------------------------------------------- floors
@@ -596,7 +638,8 @@ async def throughput(net: LoadNetwork, vehicle_counts: list[int], n_requests: in
         for size in (1, 2, 3):
             for n in vehicle_counts:
                 # vehicles spread over the three home servers (round robin)
-                cells.append(await run_cell(client, vehicles[:n], size, n_requests, base))
+                cells.append(await run_cell(client, vehicles[:n], size, n_requests, base,
+                                            cpu_probe(net)))
                 base += n_requests + 10.0
         await trivial_rate(client, trivial_url, nmax, 200)  # warm-up
         floor = await trivial_rate(client, trivial_url, nmax, max(n_requests, 1000))
@@ -674,6 +717,22 @@ def main(argv: list[str] | None = None) -> int:
           f"trips ({best3.vehicles} vehicles), {best.rate / len(COMPANIES):.1f}/s at best "
           f"({best.size}-company, {best.vehicles} vehicles) (aim >= 200/s)")
     print(f"ratio: best trip bookings/s / trivial endpoint req/s = {best.rate / floor.rate:.2f}")
+    # where the machine's CPUs went: the servers share them with the broker and with this
+    # process's load generator, so the rates above are those of servers on part of a core
+    if best3.cpu_s:
+        share = {who: v / best3.seconds for who, v in best3.cpu_s.items()}
+        servers = sum(share.get(c, 0.0) for c in COMPANIES)
+        print(f"cpu: three-company trips, {best3.vehicles} vehicles: CPU ms per booking, "
+              + ", ".join(f"{c} {best3.cpu_ms_per_booking(c):.2f}" for c in COMPANIES)
+              + f", broker {best3.cpu_ms_per_booking('broker'):.2f}, load generator "
+              f"{best3.cpu_ms_per_booking('load'):.2f}; cores busy: servers {servers:.2f}, "
+              f"broker {share.get('broker', math.nan):.2f}, load generator "
+              f"{share.get('load', math.nan):.2f} (of {os.cpu_count()})")
+        print(f"cpu: at those CPU costs, one core per company server carries "
+              f"{best3.one_core_each:.0f} three-company trip bookings/s per server (the "
+              f"busiest server's core full; best cell of any size: "
+              f"{max(c.one_core_each for c in cells):.0f}/s); measured above on "
+              f"{servers:.2f} cores shared by three servers: {per_server:.1f}/s")
     return 0
 
 
