@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["LIVE_BOOKING", "TwinResult", "run_twin", "twin"]
+__all__ = ["LIVE_BOOKING", "TwinResult", "lag_warnings", "run_twin", "twin"]
 
 LIVE_BOOKING = {"on_arrival": "none", "trip": "trip"}
 
@@ -41,6 +41,7 @@ class TwinResult:
     agreement: list[dict[str, str]] = field(default_factory=list)
     lag: dict[str, float] = field(default_factory=dict)  # vehicle agent's clock lag
     live: dict[str, Any] = field(default_factory=dict)  # run_scenario's info + metrics
+    warnings: list[str] = field(default_factory=list)  # why the live run may not compare
 
     @property
     def sim_dir(self) -> Path:
@@ -53,6 +54,36 @@ class TwinResult:
     @property
     def report_dir(self) -> Path:
         return self.out / "report"
+
+
+def lag_warnings(
+    lag: dict[str, float], time_scale: float, *, booking: str, grace_min: float,
+    mean_wait_min: float | None = None, wait_rel: float = 0.10,
+) -> list[str]:
+    """Why a live run's clock lag may spoil the comparison (empty: it kept up).
+
+    ``lag``: the vehicle agent's lateness behind the scaled clock (``mean_s``, ``p99_s``,
+    ``max_s``, in wall seconds); a vehicle that acts late arrives late. In the trip mode,
+    one later than ``grace_min`` after its window opened finds its reservation gone
+    (NO_SHOW), which the simulation never sees; and a mean lateness above the tolerance on
+    the mean wait (``wait_rel`` x the reference's ``mean_wait_min``) moves arrivals, on
+    average, by more than the difference the comparison looks for."""
+    if not lag:
+        return []
+    out: list[str] = []
+    scale = time_scale / 60.0  # scenario minutes per wall second
+    max_min, mean_min = lag.get("max_s", 0.0) * scale, lag.get("mean_s", 0.0) * scale
+    advice = "; run it again on a quieter machine or at a lower --time-scale"
+    if booking == "trip" and max_min > grace_min:
+        out.append(f"the vehicle agent fell up to {max_min:.1f} scenario min behind the clock, "
+                   f"more than booking.grace_min ({grace_min:g}): late vehicles lost their "
+                   f"reservations (NO_SHOW), which the simulation never does{advice}")
+    if mean_wait_min is not None and mean_min > wait_rel * mean_wait_min:
+        out.append(f"the vehicle agent's actions were {mean_min:.2f} scenario min late on "
+                   f"average, over {wait_rel:.0%} of the reference mean wait "
+                   f"({mean_wait_min:.2f} min): timing noise of the size of the tolerance"
+                   f"{advice}")
+    return out
 
 
 def run_twin(
@@ -103,8 +134,13 @@ def run_twin(
             rows = list(csv.DictReader(fh))
     for row in rows:
         say("  " + ", ".join(f"{k}={v}" for k, v in row.items() if v != ""))
+    ref = next((float(r["reference (min)"]) for r in rows if r.get("reference (min)")), None)
+    warnings = lag_warnings(lag, time_scale, booking=booking, grace_min=sc.booking.grace_min,
+                            mean_wait_min=ref)
+    for w in warnings:
+        say(f"  warning: {w}")
     say(f"-> {html}")
-    return TwinResult(out, Path(html), rows, lag, live)
+    return TwinResult(out, Path(html), rows, lag, live, warnings)
 
 
 def twin(

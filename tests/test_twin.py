@@ -184,3 +184,24 @@ def test_twin_tiny(tmp_path: Path) -> None:
     assert live["t_min"].max() < 720.0  # cut at the horizon like the simulation
     assert (live["kind"] == "session_start").sum() > 0
     assert res.lag and res.lag["n"] > 0
+
+
+def test_lag_warnings_say_when_the_live_run_fell_behind() -> None:
+    """The three trip-mode twins of Bahia at x600 on this machine (2026-11-25): the one
+    that passed kept up; the two that failed had stalled (93 and 7 NO_SHOWs live, 0 in
+    the simulation)."""
+    from live.twin import lag_warnings
+
+    kw = {"booking": "trip", "grace_min": 15.0, "mean_wait_min": 2.73}
+    passed = {"mean_s": 0.006, "p99_s": 0.063, "max_s": 1.040}
+    assert lag_warnings(passed, 600.0, **kw) == []
+    stalled = {"mean_s": 0.012, "p99_s": 0.073, "max_s": 2.416}  # 24 min > 15 min grace
+    (w,) = lag_warnings(stalled, 600.0, **kw)
+    assert "24.2 scenario min" in w and "NO_SHOW" in w
+    late = {"mean_s": 0.044, "p99_s": 0.560, "max_s": 6.829}  # 0.44 min > 10% of 2.73
+    ws = lag_warnings(late, 600.0, **kw)
+    assert len(ws) == 2 and "0.44 scenario min late on average" in ws[1]
+    # walk-ins have no reservation to lose; the same stall at x60 is 2.4 min: no warning
+    assert lag_warnings(stalled, 600.0, **{**kw, "booking": "on_arrival"}) == []
+    assert lag_warnings(stalled, 60.0, **kw) == []
+    assert lag_warnings({}, 600.0, **kw) == []
