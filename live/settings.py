@@ -77,6 +77,9 @@ class Settings(BaseModel):
     booking_wait_s: float = Field(default=5.0, ge=0)
     reconcile_s: float = Field(default=10.0, ge=0, description="wall seconds between session "
                                "reconciliations of one station (live.server.reconcile)")
+    otel: bool = Field(default=False, description="FastAPI's native OpenTelemetry (spans, "
+                       "metrics, logs to the global providers); off by default: where it is on "
+                       "it looks the providers up on every request")
 
     @property
     def database_url(self) -> str:
@@ -120,6 +123,7 @@ class Settings(BaseModel):
             ("tick_s", "TICK_S"),
             ("booking_wait_s", "BOOKING_WAIT_S"),
             ("reconcile_s", "RECONCILE_S"),
+            ("otel", "OTEL"),
         ]:
             v = get(var)
             if v is not None:

@@ -834,3 +834,19 @@ def test_server_protocol_nodes_use_the_scenario_booking_config(tmp_path: Path) -
     dc = [c for c in p.stations["acme_alpha"] if p._pool_of[c][1] == "50DC"]
     assert len(dc) == 2 and p._reservable[("acme_alpha", "50DC")] == 1
     assert p._reservable[("acme_alpha", "22AC")] == 1
+
+
+def test_native_telemetry_is_off_unless_asked(tmp_path: Path) -> None:
+    """FastAPI >= 0.165 looks the global OpenTelemetry providers up on every request unless
+    its telemetry is off (about a tenth of a server's CPU per booking); EVSIM_OTEL=1 keeps
+    it on."""
+    for otel in (False, True):
+        s = Settings(company="acme", scenario=TINY, otel=otel,
+                     db_url=f"sqlite:///{tmp_path / f'acme-{otel}.db'}")
+        app = create_app(s, InMemoryBus(), Clock())
+        cfg = getattr(app, "_telemetry", None)
+        if cfg is None:
+            pytest.skip("this FastAPI has no native telemetry")
+        assert (cfg["tracing"], cfg["metrics"], cfg["logs"]) == (otel, otel, otel)
+    assert Settings.from_env({"EVSIM_OTEL": "1"}).otel is True
+    assert Settings.from_env({}).otel is False

@@ -84,6 +84,9 @@ def create_app(
         "Every 4xx body is a Problem: ``detail`` and a machine-readable ``reason``.",
         version="1",
         lifespan=lifespan,
+        # FastAPI >= 0.165 checks the global OpenTelemetry providers on every request (a
+        # few % of a server's CPU) unless told not to; older versions keep it as an extra
+        telemetry=None if settings.otel else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = svc
     app.state.settings = settings
