@@ -19,7 +19,7 @@ import math
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,7 @@ __all__ = [
     "TripPlan",
     "VehicleParams",
     "access_min",
+    "avoid_after",
     "booking_class",
     "charge_request",
     "charge_target",
@@ -365,8 +366,7 @@ def choose_station(
     its patience ran out in the queue, or the station turned it away). The policy sees
     them offline, so it does not send the vehicle back to a queue it just left; only when
     no other station is reachable, even dipping into the reserve, is it asked again with
-    them (going back beats running dry). Both runs keep that list the same way
-    (:func:`evsim.model.vehicle.left_without_charging`, the live vehicle agent)."""
+    them (going back beats running dry). Both runs keep that list by :func:`avoid_after`."""
     snap = snapshot.without(avoid) if avoid else snapshot
     choice = policy(request, snap, now)
     if choice is not None:
@@ -380,6 +380,17 @@ def choose_station(
     if choice is None and relaxed is not None:
         choice = policy(relaxed, snapshot, now)
     return choice
+
+
+T = TypeVar("T")
+
+
+def avoid_after(avoid: tuple[T, ...], station: T, charged: bool) -> tuple[T, ...]:
+    """The stations a vehicle avoids for the rest of its trip (``choose_station``'s
+    ``avoid``) once it leaves ``station``: that one added if it left without charging (its
+    patience ran out in the queue, or the station turned it away). Station indices in the
+    simulation, ids in the live vehicle agent."""
+    return avoid if charged or station in avoid else (*avoid, station)
 
 
 def fallback_requests(

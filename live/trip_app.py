@@ -69,13 +69,12 @@ class TripApp:
     """
 
     def __init__(self, fleet: Fleet, run: VehicleRun, params: VehicleParams, dest: int,
-                 skip_at: set[int], gave_up: Sequence[str] = ()) -> None:
+                 skip_at: set[int]) -> None:
         self.fleet = fleet
         self.run = run
         self.params = params
         self.dest = dest
         self.skip_at = skip_at  # the trip loop's: cities where the vehicle charged (or asked)
-        self.gave_up = gave_up  # the trip loop's: stations it left without charging
         self.cfg = fleet.scenario.booking
         self.active = True
         self.plan: tuple[PlannedStop, ...] = ()
@@ -98,7 +97,7 @@ class TripApp:
             "soc": min(max(soc, 0.0), 1.0), "battery_kwh": p.battery_kwh,
             "consumption_kwh_per_km": p.per_km * p.battery_kwh, "max_dc_kw": p.max_dc_kw,
             "max_ac_kw": p.max_ac_kw, "t_min": max(t, 0.0),
-            "skip_at": [names[n] for n in sorted(skip)], "avoid": list(self.gave_up), **extra,
+            "skip_at": [names[n] for n in sorted(skip)], "avoid": list(self.run.gave_up), **extra,
         }
         try:
             token = await f._token(self.run, self.run.home)

@@ -51,6 +51,7 @@ from evsim.model.world import World
 from evsim.planning import (
     VehicleParams,
     access_min,
+    avoid_after,
     booking_class,
     charge_request,
     charge_target,
@@ -166,6 +167,7 @@ class VehicleRun:
     sessions: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     outcome: str = ""
+    gave_up: tuple[str, ...] = ()  # stations left without charging (evsim.planning.avoid_after)
 
 
 class Fleet:
@@ -295,7 +297,6 @@ class Fleet:
         await self._token(run, run.home)
         soc, driven_km, n_sessions = float(trips.soc0[k]), 0.0, 0
         skip_at: set[int] = set()
-        gave_up: list[str] = []  # stations left without charging (evsim.planning.choose_station)
         tr = self.trace
         tr.emit(t, Kind.TRIP_START, vehicle_id=vid, booking_id=vid, soc=soc,
                 detail=f"{roads.node_ids[pos]}->{roads.node_ids[dest]}")
@@ -307,7 +308,7 @@ class Fleet:
         if self.booking == "trip":
             from live.trip_app import TripApp  # imports this module: not at the top
 
-            app = TripApp(self, run, params, dest, skip_at, gave_up)
+            app = TripApp(self, run, params, dest, skip_at)
             if not await app.depart(pos, soc, t):
                 app = None  # no stop planned: charge on arrival, as the simulation does
 
@@ -329,7 +330,7 @@ class Fleet:
             choice = None
             if stop is None:
                 request = charge_request(roads, ch, params, pos, dest, soc)
-                choice = await self._recommend(run, request, gave_up)
+                choice = await self._recommend(run, request, run.gave_up)
                 skip_at.add(pos)
                 if choice is None:
                     tr.emit(t, Kind.NO_STATION, vehicle_id=vid, soc=soc,
@@ -375,8 +376,7 @@ class Fleet:
                 run, company, station_id, booking_id, soc, target, battery, vm,
                 f"{vid}-{n_sessions}", t,
                 float(held.booking["start_min"]) if held is not None else None)
-            if not charged and station_id not in gave_up:  # (left_without_charging)
-                gave_up.append(station_id)
+            run.gave_up = avoid_after(run.gave_up, station_id, charged)
             if app is not None and held is not None and refused:
                 app.unusable(held)  # the rest of that request's trip goes too (as the sim)
             if app is not None:  # leaving the station: plan the rest of the trip again
@@ -461,7 +461,7 @@ class Fleet:
         """Plug in (queueing at the station if it is full), charge, stop; returns the new
         SoC, the scenario time the vehicle leaves the connector (or the queue), when
         ``booking_id`` could not be used, why (else ""), and whether it charged (False: it
-        left without, :func:`evsim.model.vehicle.left_without_charging`).
+        left without, :func:`evsim.planning.avoid_after`).
 
         With a booking, as the simulation's ``visit_booked``: a vehicle early for its window
         (``booking_start``) waits for it at the station, and one whose connector is still

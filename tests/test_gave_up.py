@@ -3,7 +3,8 @@
 Its patience ran out in the queue (or the station turned it away): the rest of its trip
 avoids that station (:func:`evsim.planning.choose_station`'s ``avoid``), unless no other
 station is reachable, even dipping into the reserve. The simulation keeps the list in
-:attr:`evsim.model.vehicle.Drive.gave_up`; the live vehicle agent sends it as the
+:attr:`evsim.model.vehicle.Drive.gave_up`, the live one in ``VehicleRun.gave_up``, both by
+:func:`~evsim.planning.avoid_after`; the live vehicle agent sends it as the
 ``exclude`` of ``POST /recommendations`` (in :func:`~evsim.planning.fallback_requests`'
 order) and the ``avoid`` of ``POST /plans``.
 """
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 import evsim.model.booking
 import evsim.model.vehicle
 from evsim.model import Simulation
-from evsim.planning import choose_station, fallback_requests
+from evsim.planning import avoid_after, choose_station, fallback_requests
 from evsim.policies import resolve
 from evsim.scenario import load_scenario
 from evsim.snapshot import ChargeRequest, NetworkSnapshot
@@ -162,3 +163,11 @@ def test_fallback_requests_order() -> None:
     ]
     assert fallback_requests(no_reserve, [1]) == [(no_reserve, frozenset({1})),
                                                   (no_reserve, frozenset())]
+
+
+def test_avoid_after_adds_a_station_left_without_charging_once() -> None:
+    assert avoid_after((), 4, True) == ()
+    assert avoid_after((), 4, False) == (4,)
+    assert avoid_after((4,), 4, False) == (4,)
+    assert avoid_after((4,), 2, False) == (4, 2)
+    assert avoid_after(("a",), "b", True) == ("a",)

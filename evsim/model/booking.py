@@ -76,11 +76,12 @@ from evsim.booking_app import (
 )
 from evsim.model.protocol_bus import coordinator_id, vehicle_node
 from evsim.model.station import SessionPlan, SessionResult, SimStation
-from evsim.model.vehicle import Drive, drive, left_without_charging, start_trip
+from evsim.model.vehicle import Drive, drive, start_trip
 from evsim.model.world import ConnectorSpec
 from evsim.planning import (
     PlannedStop,
     access_min,
+    avoid_after,
     charge_request,
     choose_again,
     choose_station,
@@ -554,8 +555,8 @@ class BookedTrip:
             )
             if why:  # the rest of that request's trip goes too
                 self._drop_trip(h.trip_id, why)
-        if result.connector is None:  # before the re-plan, which must avoid it too
-            left_without_charging(self.d, station.index)
+        d = self.d  # (before the re-plan, which must avoid it too)
+        d.gave_up = avoid_after(d.gave_up, station.index, result.connector is not None)
         if self.active:
             p = result.plan
             soc_after = p.soc_after if p is not None and p.soc_after is not None else soc

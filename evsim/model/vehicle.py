@@ -38,6 +38,7 @@ from evsim.planning import (
     VehicleParams,
     Walk,
     access_min,
+    avoid_after,
     charge_request,
     charge_target,
     charge_target_on,
@@ -60,7 +61,6 @@ __all__ = [
     "DriveKit",
     "depart",
     "drive",
-    "left_without_charging",
     "prepare",
     "start_trip",
     "trip_process",
@@ -83,7 +83,7 @@ class Drive:
     driven_km: float = 0.0
     n_sessions: int = 0
     skip_at: set[int] = field(default_factory=set)  # nodes where asking again would not help
-    gave_up: tuple[int, ...] = ()  # stations it left without charging (not asked again)
+    gave_up: tuple[int, ...] = ()  # stations it left without charging (avoid_after)
     _params: VehicleParams | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -364,8 +364,7 @@ def drive(
                 else station.visit(vid, session_id, soc, plan, ch.max_wait_min)
             )
             result = yield env.process(visit)
-        if result.connector is None:
-            left_without_charging(d, index)
+        d.gave_up = avoid_after(d.gave_up, index, result.connector is not None)
         if result.plan is not None and result.plan.soc_after is not None:
             soc = result.plan.soc_after  # pos stays in skip_at: one charge per city per trip
         d.soc = soc
@@ -375,14 +374,6 @@ def drive(
             yield simpy.Timeout(env, access_min(access))
             d.soc = max(d.soc - access * per_km, 0.0)
             d.driven_km += access
-
-
-def left_without_charging(d: Drive, station_index: int) -> None:
-    """The vehicle left the station without charging (its patience ran out in the queue,
-    or the station turned it away): the rest of its trip avoids that station
-    (:func:`~evsim.planning.choose_station`'s ``avoid``; the trip mode's re-plans too)."""
-    if station_index not in d.gave_up:
-        d.gave_up = (*d.gave_up, station_index)
 
 
 def _planner(
