@@ -44,7 +44,9 @@ def road_km(great_circle_km: float, circuity: float) -> float:
     millimetre, so the same on every CPU (see the module docstring) and never shorter than
     the great circle (the k-d tree pre-filter's bound, :meth:`~evsim.snapshot.StationTable.
     within_km`)."""
-    return math.ceil(float(great_circle_km) * circuity * _PER_KM) / _PER_KM
+    km = float(great_circle_km) * circuity
+    # (on the grid already, the division can land an ulp under the product: keep that)
+    return max(math.ceil(km * _PER_KM) / _PER_KM, km)
 
 
 def to_unit_xyz(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import simpy
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from evsim.model import Simulation
@@ -394,3 +394,21 @@ def test_traces_do_not_depend_on_the_last_bits_of_trig(monkeypatch: pytest.Monke
         monkeypatch.setattr(evsim.geo, "haversine_km", nudged)
         monkeypatch.setattr(evsim.snapshot, "haversine_km", nudged)
         assert digest(Simulation(sc).run().trace) == digest(plain), direction
+
+
+@settings(max_examples=300, deadline=None)
+@example(gc=4624.183568, circuity=1.25)  # ceil(x * 1e6) / 1e6 is an ulp under x * 1.25 here
+@given(
+    gc=st.floats(0.0, 5000.0, allow_nan=False) | st.integers(0, 5 * 10**9).map(lambda m: m / 1e6),
+    circuity=st.sampled_from([1.0, 1.1, 1.25, 1.3]) | st.floats(1.0, 3.0, allow_nan=False),
+)
+def test_road_km_rounds_up_to_the_millimetre(gc: float, circuity: float) -> None:
+    """Never shorter than the great circle x circuity (the k-d tree pre-filter's bound;
+    great circles on the millimetre grid are where a plain ceil/1e6 fell an ulp short),
+    at most a millimetre longer, and on the millimetre grid."""
+    from evsim.geo import road_km
+
+    d = road_km(gc, circuity)
+    exact = gc * circuity
+    assert exact <= d <= exact + 1e-6 + 1e-12 * exact
+    assert abs(d * 1e6 - round(d * 1e6)) < 1e-6 * max(1.0, d)
