@@ -47,6 +47,7 @@ __all__ = [
     "class_connectors",
     "connector_class",
     "connector_pools",
+    "dry_on_the_way",
     "needs_charge",
     "plan_stop",
     "plan_trip",
@@ -108,6 +109,18 @@ class TripPlan:
 
 def access_min(access_km: float) -> float:
     return access_km / ACCESS_SPEED_KMH * 60.0
+
+
+def dry_on_the_way(
+    soc: float, per_km: float, go_km: float, go_min: float
+) -> tuple[float, float] | None:
+    """A vehicle with ``soc`` (``per_km`` SoC per km) setting off on a drive of ``go_km`` /
+    ``go_min`` to a station (a stale or optimistic choice can be out of reach): None if it
+    gets there, else the minutes and km it drives before its battery is empty (it is
+    stranded there). The one rule of both runs and of the planner."""
+    if soc - go_km * per_km < 0:
+        return go_min * (soc / per_km) / go_km, soc / per_km
+    return None
 
 
 _ROUTES: weakref.WeakKeyDictionary[RoadNetwork, dict[tuple[int, int], list[int]]] = (
@@ -499,9 +512,10 @@ def plan_stop(
     st_node = st.node_list[i]
     access = st.access_km_list[i]
     go_km = roads.dist_km.item(pos, st_node) + access
-    if soc - go_km * per_km < 0:
+    go_min = roads.time_min.item(pos, st_node) + access_min(access)
+    if dry_on_the_way(soc, per_km, go_km, go_min) is not None:
         return None, False
-    arrive = t + (roads.time_min.item(pos, st_node) + access_min(access))
+    arrive = t + go_min
     soc_in = soc - go_km * per_km
     target = charge_target(roads, ch, per_km, st_node, dest, access)
     rated, ctype, power = booking_class(connectors[i], vehicle.max_dc_kw, vehicle.max_ac_kw)

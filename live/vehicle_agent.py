@@ -56,6 +56,7 @@ from evsim.planning import (
     charge_request,
     charge_target,
     class_connectors,
+    dry_on_the_way,
     fallback_requests,
     needs_charge,
     walk_route,
@@ -348,11 +349,12 @@ class Fleet:
             tr.emit(t, Kind.STATION_CHOSEN, vehicle_id=vid, station_id=station_id,
                     company_id=company, soc=soc, distance_km=detour,
                     detail="trip" if stop else str(choice.get("policy", "")))
-            if soc - go_km * per_km < 0:  # a stale or optimistic choice: run dry on the way
-                t += go_min * (soc / per_km) / go_km
+            dry = dry_on_the_way(soc, per_km, go_km, go_min)
+            if dry is not None:  # a stale or optimistic choice: run dry on the way
+                t += dry[0]
                 await self.sleep_until(t)
                 tr.emit(t, Kind.STRANDED, vehicle_id=vid, booking_id=vid, soc=0.0,
-                        distance_km=driven_km + soc / per_km, detail=station_id)
+                        distance_km=driven_km + dry[1], detail=station_id)
                 run.outcome = "stranded"
                 break
             target = charge_target(roads, ch, per_km, st_node, dest, access)

@@ -412,3 +412,26 @@ def test_road_km_rounds_up_to_the_millimetre(gc: float, circuity: float) -> None
     exact = gc * circuity
     assert exact <= d <= exact + 1e-6 + 1e-12 * exact
     assert abs(d * 1e6 - round(d * 1e6)) < 1e-6 * max(1.0, d)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    soc=st.floats(0.0, 1.0),
+    per_km=st.floats(1e-4, 0.01),
+    go_km=st.floats(0.1, 400.0),
+    speed_kmh=st.floats(20.0, 120.0),
+)
+def test_dry_on_the_way(soc: float, per_km: float, go_km: float, speed_kmh: float) -> None:
+    """The one 'runs dry on the way to the station' rule of the sim, the live agent and the
+    planner: None when the battery lasts the drive, else the minutes and km it lasts."""
+    from evsim.planning import dry_on_the_way
+
+    go_min = go_km / speed_kmh * 60.0
+    dry = dry_on_the_way(soc, per_km, go_km, go_min)
+    if soc >= go_km * per_km:
+        assert dry is None
+    else:
+        assert dry is not None
+        minutes, km = dry
+        assert km == pytest.approx(soc / per_km) and 0.0 <= km < go_km
+        assert minutes == pytest.approx(go_min * km / go_km) and 0.0 <= minutes < go_min

@@ -43,6 +43,7 @@ from evsim.planning import (
     charge_target,
     charge_target_on,
     choose_station,
+    dry_on_the_way,
     route_legs,
     walk_rules,
 )
@@ -335,9 +336,10 @@ def drive(
         go_km = roads.dist_km.item(pos, st_node) + access
         go_min = roads.time_min.item(pos, st_node) + access_min(access)
         soc = d.soc
-        if soc - go_km * per_km < 0:  # a stale or optimistic choice: run dry on the way
-            yield simpy.Timeout(env, go_min * (soc / per_km) / go_km)
-            kit.stranded(env.now, vid, vid, 0.0, d.driven_km + soc / per_km, station.station_id)
+        dry = dry_on_the_way(soc, per_km, go_km, go_min)
+        if dry is not None:  # a stale or optimistic choice: run dry on the way
+            yield simpy.Timeout(env, dry[0])
+            kit.stranded(env.now, vid, vid, 0.0, d.driven_km + dry[1], station.station_id)
             if booked is not None:
                 booked.finish("stranded")
             return
