@@ -38,6 +38,7 @@ __all__ = [
     "VehicleParams",
     "access_min",
     "avoid_after",
+    "back_to_city",
     "booking_class",
     "charge_request",
     "charge_target",
@@ -109,6 +110,14 @@ class TripPlan:
 
 def access_min(access_km: float) -> float:
     return access_km / ACCESS_SPEED_KMH * 60.0
+
+
+def back_to_city(soc: float, per_km: float, access_km: float) -> tuple[float, float]:
+    """The drive back from a station to its city on its access road, as every run and plan
+    makes it on leaving: its minutes and the SoC after it (no road: 0 and ``soc``)."""
+    if access_km > 0:
+        return access_min(access_km), max(soc - access_km * per_km, 0.0)
+    return 0.0, soc
 
 
 def dry_on_the_way(
@@ -589,12 +598,9 @@ def plan_trip(
         stops.append(stop)
         if len(stops) > max_stops:
             return TripPlan(tuple(stops), False, stop.arrive_min, stop.soc_in)
-        access = st.access_km_list[stop.station_index]
+        back_min, soc = back_to_city(stop.soc_out, per_km, st.access_km_list[stop.station_index])
         pos = st.node_list[stop.station_index]
-        t = stop.arrive_min + (stop.charge_min + (access_min(access) if access > 0 else 0.0))
-        soc = stop.soc_out
-        if access > 0:
-            soc = max(soc - access * per_km, 0.0)
+        t = stop.arrive_min + (stop.charge_min + back_min)
     return TripPlan(tuple(stops), False, t, soc)
 
 
@@ -628,10 +634,8 @@ def choose_again(
     if new is None:
         return None
     st = snapshot.stations
-    access = st.access_km_list[new.station_index]
-    soc, t = new.soc_out, new.arrive_min + new.charge_min
-    if access > 0:
-        soc, t = max(soc - access * vehicle.per_km, 0.0), t + access_min(access)
+    back_min, soc = back_to_city(new.soc_out, vehicle.per_km, st.access_km_list[new.station_index])
+    t = new.arrive_min + new.charge_min + back_min
     rest = plan_trip(
         *args, st.node_list[new.station_index], dest, soc, t, skip_at=skip_at, avoid=avoid
     )

@@ -22,12 +22,7 @@ from typing import Any
 
 from evsim import booking_app
 from evsim.booking_app import Answer, Choose, Send, Window, booking_round
-from evsim.planning import (
-    PlannedStop,
-    VehicleParams,
-    access_min,
-    class_connectors,
-)
+from evsim.planning import PlannedStop, VehicleParams, back_to_city, class_connectors
 from evsim.protocol import Alternative
 from live.vehicle_agent import ApiError, Fleet, VehicleRun
 
@@ -154,9 +149,8 @@ class TripApp:
         if not self.active:
             return
         st = self.fleet.world.stations
-        node, access = st.node_list[index], st.access_km_list[index]
-        if access > 0:
-            t, soc = t + access_min(access), max(soc - access * self.params.per_km, 0.0)
+        back_min, soc = back_to_city(soc, self.params.per_km, st.access_km_list[index])
+        node, t = st.node_list[index], t + back_min
         stops = await self._plans(node, soc, t, set(self.skip_at))
         if not self.active:
             return

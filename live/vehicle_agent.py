@@ -52,6 +52,7 @@ from evsim.planning import (
     VehicleParams,
     access_min,
     avoid_after,
+    back_to_city,
     booking_class,
     charge_request,
     charge_target,
@@ -384,9 +385,9 @@ class Fleet:
             if app is not None:  # leaving the station: plan the rest of the trip again
                 await app.replan_from(i, soc, t)
             if access > 0:  # back from the station to its city (access road)
-                t += access_min(access)
+                back_min, soc = back_to_city(soc, per_km, access)
+                t += back_min
                 await self.sleep_until(t)
-                soc = max(soc - access * per_km, 0.0)
                 driven_km += access
         if app is not None:  # cancel the reservations it did not use
             await app.finish()

@@ -435,3 +435,15 @@ def test_dry_on_the_way(soc: float, per_km: float, go_km: float, speed_kmh: floa
         minutes, km = dry
         assert km == pytest.approx(soc / per_km) and 0.0 <= km < go_km
         assert minutes == pytest.approx(go_min * km / go_km) and 0.0 <= minutes < go_min
+
+
+def test_back_to_city() -> None:
+    """Leaving a station: the access road's minutes (at ACCESS_SPEED_KMH) and the SoC after
+    it, never below 0; no access road, no drive."""
+    from evsim.planning import ACCESS_SPEED_KMH, back_to_city
+
+    assert back_to_city(0.5, 0.002, 0.0) == (0.0, 0.5)
+    minutes, soc = back_to_city(0.5, 0.002, 5.0)
+    assert minutes == pytest.approx(5.0 / ACCESS_SPEED_KMH * 60.0)
+    assert soc == pytest.approx(0.49)
+    assert back_to_city(0.001, 0.002, 5.0)[1] == 0.0

@@ -80,8 +80,8 @@ from evsim.model.vehicle import Drive, drive, start_trip
 from evsim.model.world import ConnectorSpec
 from evsim.planning import (
     PlannedStop,
-    access_min,
     avoid_after,
+    back_to_city,
     charge_request,
     choose_again,
     choose_station,
@@ -273,11 +273,9 @@ class BookedTrip:
         sim, d, env = self.sim, self.d, self.env
         world = sim.world
         node = world.stations.node_list[index]
-        access = world.stations.access_km_list[index]
-        t0 = env.now
-        if access > 0:  # what drive() does next: back to the city on the access road
-            t0 = env.now + access_min(access)
-            soc = max(soc - access * d.per_km, 0.0)
+        # what drive() does next: back to the city on the access road
+        back_min, soc = back_to_city(soc, d.per_km, world.stations.access_km_list[index])
+        t0 = env.now + back_min
         plan = plan_trip(
             world.roads,
             sim.snapshot,

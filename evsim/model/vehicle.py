@@ -39,6 +39,7 @@ from evsim.planning import (
     Walk,
     access_min,
     avoid_after,
+    back_to_city,
     charge_request,
     charge_target,
     charge_target_on,
@@ -373,8 +374,8 @@ def drive(
         del plan, result  # (likewise)
         # back from the station to its city (access road)
         if access > 0:
-            yield simpy.Timeout(env, access_min(access))
-            d.soc = max(d.soc - access * per_km, 0.0)
+            back_min, d.soc = back_to_city(d.soc, per_km, access)
+            yield simpy.Timeout(env, back_min)
             d.driven_km += access
 
 
