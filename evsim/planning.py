@@ -54,6 +54,7 @@ __all__ = [
     "plan_trip",
     "route_legs",
     "route_of",
+    "to_station",
     "walk_route",
     "walk_rules",
 ]
@@ -110,6 +111,15 @@ class TripPlan:
 
 def access_min(access_km: float) -> float:
     return access_km / ACCESS_SPEED_KMH * 60.0
+
+
+def to_station(roads: RoadNetwork, pos: int, st_node: int, access_km: float) -> tuple[float, float]:
+    """Road km and minutes from node ``pos`` to a station off node ``st_node`` at the end of
+    an access road of ``access_km``."""
+    return (
+        roads.dist_km.item(pos, st_node) + access_km,
+        roads.time_min.item(pos, st_node) + access_min(access_km),
+    )
 
 
 def back_to_city(soc: float, per_km: float, access_km: float) -> tuple[float, float]:
@@ -520,8 +530,7 @@ def plan_stop(
     i = choice.station_index
     st_node = st.node_list[i]
     access = st.access_km_list[i]
-    go_km = roads.dist_km.item(pos, st_node) + access
-    go_min = roads.time_min.item(pos, st_node) + access_min(access)
+    go_km, go_min = to_station(roads, pos, st_node, access)
     if dry_on_the_way(soc, per_km, go_km, go_min) is not None:
         return None, False
     arrive = t + go_min

@@ -50,7 +50,6 @@ from evsim.model.demand import generate_trips
 from evsim.model.world import World
 from evsim.planning import (
     VehicleParams,
-    access_min,
     avoid_after,
     back_to_city,
     booking_class,
@@ -60,6 +59,7 @@ from evsim.planning import (
     dry_on_the_way,
     fallback_requests,
     needs_charge,
+    to_station,
     walk_route,
 )
 from evsim.protocol import START_LATER_REASONS
@@ -344,8 +344,7 @@ class Fleet:
             company = world.stations.company_ids[i] if stop else choice["company_id"]
             st_node = int(world.stations.node[i])
             access = float(world.stations.access_km[i])
-            go_km = float(roads.dist_km[pos, st_node]) + access
-            go_min = float(roads.time_min[pos, st_node]) + access_min(access)
+            go_km, go_min = to_station(roads, pos, st_node, access)
             detour = float(choice["detour_km"]) if choice else stop.detour_km
             tr.emit(t, Kind.STATION_CHOSEN, vehicle_id=vid, station_id=station_id,
                     company_id=company, soc=soc, distance_km=detour,

@@ -37,7 +37,6 @@ from evsim.planning import (
     RouteLegs,
     VehicleParams,
     Walk,
-    access_min,
     avoid_after,
     back_to_city,
     charge_request,
@@ -46,6 +45,7 @@ from evsim.planning import (
     choose_station,
     dry_on_the_way,
     route_legs,
+    to_station,
     walk_rules,
 )
 from evsim.scenario import VehicleModelConfig
@@ -334,8 +334,7 @@ def drive(
         )
         st_node = kit.station_node[index]
         access = kit.station_access[index]
-        go_km = roads.dist_km.item(pos, st_node) + access
-        go_min = roads.time_min.item(pos, st_node) + access_min(access)
+        go_km, go_min = to_station(roads, pos, st_node, access)
         soc = d.soc
         dry = dry_on_the_way(soc, per_km, go_km, go_min)
         if dry is not None:  # a stale or optimistic choice: run dry on the way
