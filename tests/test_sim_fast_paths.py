@@ -84,6 +84,38 @@ def test_trips_without_a_stop_get_no_process() -> None:
     assert len(made) == 1 + deciding.nunique()  # the source, and the trips that stop
 
 
+def test_a_trip_process_ends_at_its_last_decision() -> None:
+    """The stretch after a trip's last decision (its last session, or a city with no
+    station) meets nobody: its TRIP_END row is written ahead and the process ends there,
+    with no timeout for the rest of the way (the digests above pin the rows themselves)."""
+    sim = Simulation(load_scenario(DATA / "bahia.toml"))
+    ended: dict[str, float] = {}
+    process = sim.env.process
+
+    def timed(gen):  # type: ignore[no-untyped-def]
+        vid = gen.gi_frame.f_locals["d"].vid if "d" in gen.gi_frame.f_locals else None
+
+        def run():  # type: ignore[no-untyped-def]
+            result = yield from gen
+            if vid is not None:
+                ended[vid] = sim.env.now
+            return result
+
+        return process(run())
+
+    sim.env.process = timed  # type: ignore[method-assign]
+    sim.run()
+    sim.env.run()  # until every vehicle has arrived
+    full = sim.trace.to_frame()
+    last = full.groupby("vehicle_id").tail(1).set_index("vehicle_id")
+    decided = full[full["kind"].isin([Kind.SESSION_END, Kind.ABANDON, Kind.NO_STATION])]
+    decided = decided.groupby("vehicle_id")["t_min"].max()
+    arrived = last.index[last["kind"] == Kind.TRIP_END].intersection(decided.index)
+    assert len(arrived) > 500 and set(arrived) <= set(ended)
+    assert all(ended[v] == decided[v] for v in arrived)  # not at the trip's end
+    assert (last.loc[arrived, "t_min"] > decided[arrived]).mean() > 0.9
+
+
 # ------------------------------------------------------------------------------ trace writer
 
 

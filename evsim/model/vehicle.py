@@ -14,7 +14,9 @@ before it leaves (:func:`prepare`): one that reaches its destination (or runs dr
 charging decision on the way meets nothing and nobody, so it needs no process and no event:
 its TRIP_START and TRIP_END (or STRANDED) rows are written to the trace ahead of time, and
 join it in time order. The others leave at their time as a :func:`drive` process
-(:func:`depart`). In the ``trip`` booking mode
+(:func:`depart`), which likewise ends at the trip's last decision: the stretch after it
+(from the last station, or on from a city where no station was found) gets its TRIP_END or
+STRANDED row written ahead instead of a timeout. In the ``trip`` booking mode
 :mod:`evsim.model.booking` runs the same :func:`drive` loop with a
 :class:`~evsim.model.booking.BookedTrip`: at a decision node where a stop is booked the
 vehicle goes to the booked station instead of asking the policy.
@@ -227,6 +229,16 @@ class DriveKit:
         else:
             self.trip_end(t_min, d.vid, d.vid, d.soc, d.driven_km)
 
+    def end_ahead(self, d: Drive, legs: RouteLegs, w: Walk, t_min: float) -> None:
+        """:meth:`end`'s row, written ahead for ``t_min``: ``w``, the trip's last stretch
+        (along ``legs`` from where ``d`` is now), has no decision on it, so nothing met on
+        the way can change it (what :func:`prepare` does for a whole trip)."""
+        km = d.driven_km + w.km
+        if w.stranded_km is not None:
+            self.stranded_ahead(t_min, d.vid, d.vid, 0.0, km, self.node_ids[legs.nodes[w.j]])
+        else:
+            self.trip_end_ahead(t_min, d.vid, d.vid, w.soc, km)
+
 
 def start_trip(sim: Simulation, k: int) -> Drive:
     """The vehicle of trip ``k`` at its origin; emits TRIP_START."""
@@ -298,6 +310,11 @@ def drive(
     while True:
         if w is None:
             w = walk_rules(ch, legs, d.soc, per_km, d.skip_at)  # kit.walk(d)
+        if booked is None and not w.stop_here and w.minutes > 0:
+            # the last stretch: its row is written ahead, with no event (one that takes no
+            # time ends the trip now, below, between the rows of this instant as before)
+            kit.end_ahead(d, legs, w, env.now + w.minutes)
+            return
         if w.minutes > 0:
             yield simpy.Timeout(env, w.minutes)
         d.soc, d.driven_km = w.soc, d.driven_km + w.km  # where the stretch ends
@@ -374,8 +391,14 @@ def drive(
         # back from the station to its city (access road)
         if access > 0:
             back_min, d.soc = back_to_city(d.soc, per_km, access)
-            yield simpy.Timeout(env, back_min)
             d.driven_km += access
+            if booked is None:  # the stretch from the city, walked now (no clock involved)
+                w = walk_rules(ch, legs, d.soc, per_km, d.skip_at)
+                if not w.stop_here:  # the last one: the trip ends with no event more
+                    t = env.now + back_min  # (where the timeout would put the clock)
+                    kit.end_ahead(d, legs, w, t + w.minutes if w.minutes > 0 else t)
+                    return
+            yield simpy.Timeout(env, back_min)
 
 
 def _planner(
