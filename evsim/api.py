@@ -55,7 +55,7 @@ def simulate(
     """Run one simulation. With ``out`` the run directory gets ``trace.parquet``,
     ``metrics.json``, ``run.json`` and the PNG plots; otherwise the trace stays in memory.
 
-    ``booking_mode`` (``"on_arrival"`` or ``"trip"``; default: the scenario's
+    ``booking_mode`` (``"on_arrival"``, ``"trip"`` or ``"stop"``; default: the scenario's
     ``booking.mode``) overrides how vehicles get a charger; a policy label such as
     ``"least_wait+trip"`` does the same (see :func:`split_label`)."""
     sc = as_scenario(scenario)

@@ -129,7 +129,10 @@ def simulate(
     plots: Annotated[bool, typer.Option(help="Write PNG plots next to the trace.")] = True,
     booking: Annotated[
         str | None,
-        typer.Option(help="on_arrival | trip (book whole trips first); default: the scenario's."),
+        typer.Option(
+            help="on_arrival | trip (book whole trips first) | stop (book each stop when "
+            "deciding to make it); default: the scenario's."
+        ),
     ] = None,
 ) -> None:
     """Simulate a scenario; write trace.parquet, metrics.json and plots; print the metrics."""

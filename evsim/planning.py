@@ -27,7 +27,7 @@ from evsim.battery import MAX_TARGET_SOC, ChargeCurve, session_power_kw, session
 from evsim.geo import RoadNetwork
 from evsim.scenario import ChargingBehaviour
 from evsim.slots import slot_constructor
-from evsim.snapshot import ACCESS_SPEED_KMH, ChargeRequest, Choice, NetworkSnapshot
+from evsim.snapshot import ACCESS_SPEED_KMH, ChargeRequest, Choice, NetworkSnapshot, StationTable
 
 __all__ = [
     "TOPUP_SLACK_SOC",
@@ -54,6 +54,7 @@ __all__ = [
     "plan_trip",
     "route_legs",
     "route_of",
+    "stop_at",
     "to_station",
     "walk_route",
     "walk_rules",
@@ -521,18 +522,40 @@ def plan_stop(
     ``(stop, True)``; ``(None, True)`` if the policy has no station; ``(None, False)`` if the
     chosen station is out of reach (the vehicle would run dry on the way). ``avoid``: as
     :func:`choose_station`'s."""
-    st = snapshot.stations
-    per_km = vehicle.per_km
     request = charge_request(roads, ch, vehicle, pos, dest, soc)
     choice = choose_station(policy, request, snapshot, t, avoid)
     if choice is None:
         return None, True
-    i = choice.station_index
-    st_node = st.node_list[i]
-    access = st.access_km_list[i]
+    stop = stop_at(
+        roads, snapshot.stations, connectors, ch, vehicle, pos, dest, soc, t,
+        choice.station_index, choice.detour_km,
+    )
+    return stop, stop is not None
+
+
+def stop_at(
+    roads: RoadNetwork,
+    stations: StationTable,
+    connectors: Sequence[Sequence[ConnectorLike]],
+    ch: ChargingBehaviour,
+    vehicle: VehicleParams,
+    pos: int,
+    dest: int,
+    soc: float,
+    t: float,
+    station_index: int,
+    detour_km: float,
+) -> PlannedStop | None:
+    """The stop a vehicle at decision node ``pos`` (time ``t``, SoC ``soc``) makes at the
+    station it chose: arrival, SoC in and out, and the charge on the connector class it
+    books there (:func:`booking_class`); None if it would run dry on the way."""
+    i = station_index
+    per_km = vehicle.per_km
+    st_node = stations.node_list[i]
+    access = stations.access_km_list[i]
     go_km, go_min = to_station(roads, pos, st_node, access)
     if dry_on_the_way(soc, per_km, go_km, go_min) is not None:
-        return None, False
+        return None
     arrive = t + go_min
     soc_in = soc - go_km * per_km
     target = charge_target(roads, ch, per_km, st_node, dest, access)
@@ -540,10 +563,10 @@ def plan_stop(
     curve = ChargeCurve(vehicle.battery_kwh, power, ch.taper_soc, ch.efficiency)
     soc_out = session_soc_out(soc_in, target)
     minutes = curve.minutes_to(soc_in, soc_out)
-    stop = PlannedStop(
+    return PlannedStop(
         pos,
         i,
-        st.ids[i],
+        stations.ids[i],
         arrive,
         soc_in,
         soc_out,
@@ -551,11 +574,10 @@ def plan_stop(
         power,
         rated,
         ctype,
-        choice.detour_km,
+        detour_km,
         t,
         soc,
     )
-    return stop, True
 
 
 def plan_trip(

@@ -211,11 +211,13 @@ class NetworkConfig(_Model):
 
 
 class BookingConfig(_Model):
-    """How vehicles get a charger: ``on_arrival`` (queue where the policy sends them) or
+    """How vehicles get a charger: ``on_arrival`` (queue where the policy sends them),
     ``trip`` (book the stops of the trip through the reservation protocol, each one once it
-    is at most ``max_advance_min`` ahead; see :mod:`evsim.model.booking`)."""
+    is at most ``max_advance_min`` ahead; see :mod:`evsim.model.booking`) or ``stop`` (book
+    each stop when deciding to make it, the live network's default; see
+    :mod:`evsim.model.stop_booking`)."""
 
-    mode: Literal["on_arrival", "trip"] = "on_arrival"
+    mode: Literal["on_arrival", "trip", "stop"] = "on_arrival"
     grace_min: NonNegFloat = 15.0  # a reservation turns NO_SHOW this long after its start
     slot_min: NonNegFloat = 5.0  # booked window = estimated charging time + this margin
     answer_timeout_min: PosFloat = 15.0  # a vehicle leaves without a booking after this

@@ -3,7 +3,8 @@ side-by-side report.
 
 The simulated run and the live run draw the same trips (``generate_trips`` with the scenario's
 seed) and use the same policy; ``--booking on_arrival`` maps to the live vehicle agent's
-walk-in mode (``none``) and ``--booking trip`` to booked trips in both. The report's agreement
+walk-in mode (``none``), ``--booking trip`` to booked trips and ``--booking stop`` to
+booked stops (the live default) in both. The report's agreement
 table says whether the live network reproduces the simulation within the tolerances of
 :data:`evsim.stats.TOLERANCES` (mean wait within 10%, KS D < 0.1, per-station utilisation
 within 5 points). Both runs take every decision with the same code: the vehicle agent drives
@@ -29,7 +30,7 @@ import typer
 
 __all__ = ["LIVE_BOOKING", "TwinResult", "lag_warnings", "run_twin", "twin"]
 
-LIVE_BOOKING = {"on_arrival": "none", "trip": "trip"}
+LIVE_BOOKING = {"on_arrival": "none", "trip": "trip", "stop": "stop"}
 
 
 @dataclass
@@ -63,7 +64,7 @@ def lag_warnings(
     """Why a live run's clock lag may spoil the comparison (empty: it kept up).
 
     ``lag``: the vehicle agent's lateness behind the scaled clock (``mean_s``, ``p99_s``,
-    ``max_s``, in wall seconds); a vehicle that acts late arrives late. In the trip mode,
+    ``max_s``, in wall seconds); a vehicle that acts late arrives late. In the booked modes,
     one later than ``grace_min`` after its window opened finds its reservation gone
     (NO_SHOW), which the simulation never sees; and a mean lateness above the tolerance on
     the mean wait (``wait_rel`` x the reference's ``mean_wait_min``) moves arrivals, on
@@ -74,7 +75,7 @@ def lag_warnings(
     scale = time_scale / 60.0  # scenario minutes per wall second
     max_min, mean_min = lag.get("max_s", 0.0) * scale, lag.get("mean_s", 0.0) * scale
     advice = "; run it again on a quieter machine or at a lower --time-scale"
-    if booking == "trip" and max_min > grace_min:
+    if booking in ("trip", "stop") and max_min > grace_min:
         out.append(f"the vehicle agent fell up to {max_min:.1f} scenario min behind the clock, "
                    f"more than booking.grace_min ({grace_min:g}): late vehicles lost their "
                    f"reservations (NO_SHOW), which the simulation never does{advice}")
@@ -149,7 +150,7 @@ def twin(
     time_scale: Annotated[
         float, typer.Option(help="Live run: simulated seconds per wall second.")
     ] = 120.0,
-    booking: Annotated[str, typer.Option(help="on_arrival | trip (same in both runs).")] = (
+    booking: Annotated[str, typer.Option(help="on_arrival | trip | stop (same in both runs).")] = (
         "on_arrival"
     ),
     out: Annotated[Path, typer.Option(help="Directory for sim/, live/ and report/.")] = Path(

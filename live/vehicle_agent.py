@@ -45,20 +45,21 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from evsim.battery import ChargeCurve, session_soc_out
-from evsim.booking_app import home_company
+from evsim.booking_app import booking_window, home_company
 from evsim.model.demand import generate_trips
 from evsim.model.world import World
 from evsim.planning import (
+    PlannedStop,
     VehicleParams,
     avoid_after,
     back_to_city,
-    booking_class,
     charge_request,
     charge_target,
     class_connectors,
     dry_on_the_way,
     fallback_requests,
     needs_charge,
+    stop_at,
     to_station,
     walk_route,
 )
@@ -360,14 +361,10 @@ class Fleet:
             target = charge_target(roads, ch, per_km, st_node, dest, access)
             booking_id = held.booking["booking_id"] if held is not None else None
             if booking_id is None and self.booking == "stop":
-                rated, ctype, power = booking_class(world.connectors[i], vm.max_charge_kw,
-                                                    vm.max_ac_kw)
-                soc_in = max(soc - go_km * per_km, 0.0)
-                dur = ChargeCurve(battery, power, ch.taper_soc, ch.efficiency).minutes_to(
-                    soc_in, session_soc_out(soc_in, target))
-                booking_id = await self._book_stop(  # on the class the window is sized for
-                    run, station_id, t + go_min, dur,
-                    class_connectors(world.connectors[i], rated, ctype))
+                planned = stop_at(roads, world.stations, world.connectors, ch, params, pos,
+                                  dest, soc, t, i, detour)
+                if planned is not None:  # (it is: dry_on_the_way said so above)
+                    booking_id = await self._book_stop(run, planned)
             t += go_min
             await self.sleep_until(t)
             soc -= go_km * per_km
@@ -442,16 +439,19 @@ class Fleet:
         trip = await self._request_trip(run, stops)
         return trip if trip is not None and trip.get("outcome") == "BOOKED" else None
 
-    async def _book_stop(self, run: VehicleRun, station_id: str, start: float,
-                         dur: float, connector_ids: Sequence[str] = ()) -> str | None:
-        """Book one stop (the ``stop`` mode): the window of the trip mode's stops, arrival
-        to arrival + the charge + ``booking.slot_min``, NO_SHOW ``booking.grace_min`` after
-        its start (:func:`evsim.booking_app.booking_window`)."""
+    async def _book_stop(self, run: VehicleRun, stop: PlannedStop) -> str | None:
+        """Book one stop (the ``stop`` mode, as the simulation's :class:`evsim.model.
+        stop_booking.StopBooking`): the window of the trip mode's stops, arrival to arrival
+        + the charge + ``booking.slot_min`` (:func:`evsim.booking_app.booking_window`),
+        NO_SHOW ``booking.grace_min`` after its start, on the connector class the charge is
+        sized for."""
         bk = self.scenario.booking
-        trip = await self._book(run, [{"station_id": station_id, "start_min": start,
-                                       "end_min": start + max(dur + bk.slot_min, 1.0),
-                                       "grace_min": bk.grace_min,
-                                       "connector_ids": list(connector_ids)}])
+        start, end = booking_window(stop, bk.slot_min)
+        connectors = class_connectors(self.world.connectors[stop.station_index],
+                                      stop.connector_power_kw, stop.connector_type)
+        trip = await self._book(run, [{"station_id": stop.station_id, "start_min": start,
+                                       "end_min": end, "grace_min": bk.grace_min,
+                                       "connector_ids": list(connectors)}])
         if trip is None:
             return None
         return next((b["booking_id"] for b in trip.get("bookings", [])), None)

@@ -102,10 +102,10 @@ from evsim.trace import Kind
 if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
 
-__all__ = ["BookedTrip", "booked_trip_process"]
+__all__ = ["BookedTrip", "VehicleLink", "booked_trip_process"]
 
 
-class _Link:
+class VehicleLink:
     """The vehicle's line to its home coordinator: several requests and cancels in flight at
     once, answers told apart by trip id."""
 
@@ -193,7 +193,7 @@ class BookedTrip:
         self.cfg = sim.scenario.booking
         self.d = d
         self.home = home
-        self.link = _Link(sim, d.vid, home)
+        self.link = VehicleLink(sim, d.vid, home)
         self.link.on_canceled = self._owner_canceled
         self.active = True
         self.plan: tuple[PlannedStop, ...] = ()

@@ -5,9 +5,11 @@ departure time; stations, company servers and the status board hold the state; t
 the pure function resolved from the registry. Events stream into a :class:`TraceWriter`.
 
 ``booking_mode`` (default: the scenario's ``booking.mode``) picks how vehicles get a charger:
-``"on_arrival"`` (:func:`~evsim.model.vehicle.prepare` and :func:`~evsim.model.vehicle.depart`)
-or ``"trip"`` (:func:`~evsim.model.booking.booked_trip_process`: book every stop through the
-reservation protocol, run by :class:`~evsim.model.protocol_bus.ProtocolBus`). The bus also runs
+``"on_arrival"`` (:func:`~evsim.model.vehicle.prepare` and :func:`~evsim.model.vehicle.depart`),
+``"trip"`` (:func:`~evsim.model.booking.booked_trip_process`: book every stop through the
+reservation protocol, run by :class:`~evsim.model.protocol_bus.ProtocolBus`) or ``"stop"``
+(:class:`~evsim.model.stop_booking.StopBooking`: as ``on_arrival``, each stop booked when
+the vehicle decides to make it; the live network's default). The bus also runs
 whenever the scenario has server outages; without outages the ``on_arrival`` mode never builds
 it. In the ``on_arrival`` mode a trip with no charging decision on the way has no process and
 no event: its rows are written to the trace ahead of time, and the source only wakes up for
@@ -30,6 +32,7 @@ from evsim.model.company import CompanyServer, StatusWire
 from evsim.model.demand import Trips, generate_trips
 from evsim.model.protocol_bus import ProtocolBus
 from evsim.model.station import SimStation
+from evsim.model.stop_booking import StopBooking
 from evsim.model.vehicle import DriveKit, depart, prepare
 from evsim.model.world import World
 from evsim.policies import resolve
@@ -39,7 +42,7 @@ from evsim.trace import Kind, TraceWriter
 
 __all__ = ["BOOKING_MODES", "SimResult", "Simulation"]
 
-BOOKING_MODES = ("on_arrival", "trip")
+BOOKING_MODES = ("on_arrival", "trip", "stop")
 
 
 @dataclass
@@ -135,9 +138,9 @@ class Simulation:
                 )
         self.trips: Trips = generate_trips(self.world, self.seed, trips_scale)
         self.bus: ProtocolBus | None = None
-        if self.booking_mode == "trip" or scenario.network.outages:
+        if self.booking_mode != "on_arrival" or scenario.network.outages:
             self.bus = ProtocolBus(self)
-        if self.booking_mode == "trip":
+        if self.booking_mode != "on_arrival":
             assert self.bus is not None
             for s in self.stations:
                 s.attach_desk(self.bus.desks[s.index])
@@ -167,10 +170,11 @@ class Simulation:
                     yield env.timeout(t - env.now)
                 env.process(booked_trip_process(self, k))
             return
-        # on_arrival: wake up only for the trips that will stop to charge; the others are
-        # written ahead (vehicle.prepare). ``clock`` is the time each trip leaves: where one
-        # timeout per trip (``t - now`` each) put SimPy's clock, to the last bit
+        # on_arrival and stop: wake up only for the trips that will stop to charge; the
+        # others are written ahead (vehicle.prepare). ``clock`` is the time each trip leaves:
+        # where one timeout per trip (``t - now`` each) put SimPy's clock, to the last bit
         clock: float = env.now
+        stop_app = StopBooking if self.booking_mode == "stop" else None
         passed: list[float] = []  # departures since the source last woke up
         for k, t in enumerate(times):
             if t > clock:
@@ -188,7 +192,7 @@ class Simulation:
                         if tp > env.now:
                             yield simpy.Timeout(env, tp - env.now)
             passed.clear()
-            depart(self, *leaving)
+            depart(self, *leaving, app=stop_app)
 
     def run(self, progress: Callable[[float], None] | None = None, steps: int = 100) -> SimResult:
         """Run to the horizon. ``progress(t_min)`` is called ``steps`` times along the way."""

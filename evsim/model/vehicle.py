@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import simpy
 
@@ -56,13 +56,16 @@ from evsim.tariff import CompiledTariff, compiled
 from evsim.trace import Kind
 
 if TYPE_CHECKING:
-    from evsim.model.booking import BookedTrip
     from evsim.model.simulation import Simulation
+    from evsim.model.station import SessionResult, SimStation
+    from evsim.planning import PlannedStop
+    from evsim.protocol import BookedStop
 
 __all__ = [
     "TOPUP_SLACK_SOC",
     "Drive",
     "DriveKit",
+    "DriverApp",
     "depart",
     "drive",
     "prepare",
@@ -71,6 +74,32 @@ __all__ = [
 ]
 
 _NOWHERE: frozenset[int] = frozenset()  # a trip's skip_at when it leaves
+
+
+class DriverApp(Protocol):
+    """What :func:`drive` asks of a booking mode's driver app (:class:`~evsim.model.booking.
+    BookedTrip` for ``trip``, :class:`~evsim.model.stop_booking.StopBooking` for ``stop``)."""
+
+    def take(self, pos: int) -> tuple[PlannedStop, BookedStop | None] | None:
+        """Where to charge at decision node ``pos`` (and the booking held there, if any);
+        None: the policy has no station."""
+        ...
+
+    def visit(
+        self,
+        station: SimStation,
+        stop: tuple[PlannedStop, BookedStop | None],
+        session_id: str,
+        soc: float,
+        plan: Callable[[ConnectorSpec, float], SessionPlan],
+        patience_min: float,
+    ) -> Generator[simpy.Event, Any, SessionResult]:
+        """Charge at ``station`` (the stop :meth:`take` gave)."""
+        ...
+
+    def finish(self, reason: str) -> None:
+        """The trip is over (``"trip_ended"`` or ``"stranded"``)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -288,15 +317,26 @@ def prepare(sim: Simulation, k: int, t_min: float) -> tuple[Drive, Walk] | None:
     return None
 
 
-def depart(sim: Simulation, d: Drive, first: Walk) -> None:
-    """The vehicle of :func:`prepare` leaves now: TRIP_START, then its :func:`drive`."""
+def depart(
+    sim: Simulation,
+    d: Drive,
+    first: Walk,
+    app: Callable[[Simulation, Drive, str], DriverApp] | None = None,
+) -> None:
+    """The vehicle of :func:`prepare` leaves now: TRIP_START, then its :func:`drive`; with
+    ``app`` (the ``stop`` mode's :class:`~evsim.model.stop_booking.StopBooking`), driven by
+    ``app(sim, d, home company)``."""
     kit = getattr(sim, "drive_kit", None) or DriveKit.of(sim)  # (DriveKit.of, inline)
     kit.trip_start(sim.env.now, d.vid, d.vid, d.soc, kit.od_detail(d.pos, d.dest))
-    sim.env.process(drive(sim, d, first=first))
+    if app is None:
+        sim.env.process(drive(sim, d, first=first))
+    else:
+        assert sim.bus is not None
+        sim.env.process(drive(sim, d, app(sim, d, sim.bus.home_company(d.vid)), first=first))
 
 
 def drive(
-    sim: Simulation, d: Drive, booked: BookedTrip | None = None, first: Walk | None = None
+    sim: Simulation, d: Drive, booked: DriverApp | None = None, first: Walk | None = None
 ) -> Generator[simpy.Event, Any, None]:
     """Drive to the destination, charging where needed (at booked stations when given).
     ``first``: the first stretch, already walked from where ``d`` is (:func:`depart`)."""

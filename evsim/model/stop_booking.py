@@ -1,0 +1,172 @@
+"""The ``stop`` booking mode: a vehicle books each charging stop when it decides to make it.
+
+The live network's default (``evsim live run --booking stop``), simulated. A vehicle drives
+as in ``on_arrival``: at a decision node the policy picks a station (the same
+:func:`~evsim.planning.choose_station`, with its reserve fallback and ``avoid``). Then,
+instead of just driving there, the vehicle books that stop through the reservation protocol,
+as a one-stop trip request to its home company's coordinator: the window from its arrival
+to arrival + the estimated charge on the connector class it can use best + ``booking.
+slot_min`` (:func:`evsim.planning.stop_at`, :func:`evsim.booking_app.booking_window`),
+NO_SHOW ``booking.grace_min`` after its start. The request runs while the vehicle drives;
+at the station it waits for the answer if it has not come yet (at most
+``booking.answer_timeout_min`` from the request). BOOKED: it charges on the booked connector
+(:meth:`SimStation.visit_booked`, which falls back to the station's walk-in line when the
+booking cannot be used); REJECTED, FAILED or no answer: it queues there as a walk-in. No
+stop is booked ahead, nothing is re-planned and nothing is rebooked: what the live vehicle
+agent does in this mode, step for step.
+
+Requests are traced as in the ``trip`` mode (:mod:`evsim.model.booking`): ``trip_booking``
+rows with ``booking_id`` = the request's trip id (``<vehicle id>``, then ``<vehicle
+id>.<n>``), PENDING then BOOKED / REJECTED / FAILED.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+import simpy
+
+from evsim.booking_app import booking_window
+from evsim.model.booking import VehicleLink
+from evsim.model.protocol_bus import vehicle_node
+from evsim.model.station import SessionPlan, SessionResult, SimStation
+from evsim.model.vehicle import Drive
+from evsim.model.world import ConnectorSpec
+from evsim.planning import PlannedStop, charge_request, choose_station, class_connectors, stop_at
+from evsim.protocol import BookedStop, StopRequest, TripRequest
+from evsim.protocol.messages import msg_id
+from evsim.trace import Kind
+
+if TYPE_CHECKING:
+    from evsim.model.simulation import Simulation
+
+__all__ = ["StopBooking"]
+
+
+class StopBooking:
+    """The driver app of one vehicle in the ``stop`` mode (the hooks :func:`~evsim.model.
+    vehicle.drive` calls: :meth:`take`, :meth:`visit`, :meth:`finish`)."""
+
+    def __init__(self, sim: Simulation, d: Drive, home: str) -> None:
+        self.sim = sim
+        self.env = sim.env
+        self.cfg = sim.scenario.booking
+        self.d = d
+        self.home = home
+        self.link = VehicleLink(sim, d.vid, home)
+        self._requests = 0
+        self._answer: simpy.Process | None = None  # the booking of the stop under way
+
+    def take(self, pos: int) -> tuple[PlannedStop, BookedStop | None] | None:
+        """At decision node ``pos``: the policy's station, its booking requested (answered
+        at the station, :meth:`visit`); None if the policy has none."""
+        sim, d, env = self.sim, self.d, self.env
+        world = sim.world
+        ch = world.scenario.charging
+        request = charge_request(world.roads, ch, d.params, pos, d.dest, d.soc)
+        choice = choose_station(sim.policy, request, sim.snapshot, env.now, d.gave_up)
+        if choice is None:
+            return None
+        stop = stop_at(
+            world.roads,
+            world.stations,
+            world.connectors,
+            ch,
+            d.params,
+            pos,
+            d.dest,
+            d.soc,
+            env.now,
+            choice.station_index,
+            choice.detour_km,
+        )
+        if stop is None:  # it runs dry on the way (drive() strands it): nothing to book
+            nan = math.nan
+            stop = PlannedStop(
+                pos, choice.station_index, choice.station_id, nan, d.soc, nan, nan, nan, nan,
+                "", choice.detour_km,
+            )
+            return stop, None
+        self._answer = env.process(self._book(stop))
+        return stop, None
+
+    def _book(self, stop: PlannedStop) -> Generator[simpy.Event, Any, BookedStop | None]:
+        """Request ``stop``'s window (traced); the booked stop, or None."""
+        d, cfg = self.d, self.cfg
+        self._requests += 1
+        tid = d.vid if self._requests == 1 else f"{d.vid}.{self._requests}"
+        station = self.sim.stations[stop.station_index]
+        start, end = booking_window(stop, cfg.slot_min)
+        vnode = vehicle_node(d.vid)
+        req = TripRequest(
+            msg_id(vnode, "TRIP_REQUEST", tid),
+            vnode,
+            tid,
+            d.vid,
+            (
+                StopRequest(
+                    station.company_id,
+                    station.station_id,
+                    start,
+                    end,
+                    cfg.grace_min,
+                    None,
+                    class_connectors(
+                        station.connectors, stop.connector_power_kw, stop.connector_type
+                    ),
+                ),
+            ),
+        )
+        self._emit(tid, "PENDING", "1 stop(s)")
+        result = yield from self.link.request(req)
+        if result is None:
+            self._emit(tid, "FAILED", "no_answer")
+            return None
+        self._emit(tid, result.outcome, result.reason or None)
+        return result.bookings[0] if result.outcome == "BOOKED" and result.bookings else None
+
+    def visit(
+        self,
+        station: SimStation,
+        stop: tuple[PlannedStop, BookedStop | None],
+        session_id: str,
+        soc: float,
+        plan: Callable[[ConnectorSpec, float], SessionPlan],
+        patience_min: float,
+    ) -> Generator[simpy.Event, Any, SessionResult]:
+        """Charge at ``station``: against the booking if it came, else as a walk-in."""
+        answer, self._answer = self._answer, None
+        booked: BookedStop | None = None
+        if answer is not None:
+            booked = answer.value if answer.triggered else (yield answer)
+        vid = self.d.vid
+        if booked is None:
+            return (yield from station.visit(vid, session_id, soc, plan, patience_min))
+        result, _why = yield from station.visit_booked(
+            vid,
+            session_id,
+            soc,
+            plan,
+            booked.booking_id,
+            booked.connector_id,
+            booked.start_min,
+            patience_min,
+        )
+        return result
+
+    def finish(self, reason: str) -> None:
+        """The trip is over. A booking it did not reach is left to expire (NO_SHOW), as the
+        live vehicle agent leaves it in this mode."""
+
+    def _emit(self, tid: str, status: str, detail: str | None) -> None:
+        self.sim.trace.emit(
+            self.env.now,
+            Kind.TRIP_BOOKING,
+            vehicle_id=self.d.vid,
+            booking_id=tid,
+            company_id=self.home,
+            status=status,
+            detail=detail,
+        )
