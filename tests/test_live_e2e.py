@@ -252,6 +252,17 @@ def test_live_run_tiny_smoke(tmp_path: Path) -> None:
     assert m["energy_kwh"] > 0 and m["revenue"]["total"] > 0
     assert set(m["revenue"]["per_company"]) == {"acme", "zap"}
     assert res["metrics"]["sessions"] == m["sessions"]
+    # the participants' booking rows, as a simulated run writes them (BookingRows): every
+    # booking starts PENDING; a booked session is its booking's FULFILLED row, on its connector
+    b = df[df["kind"] == "booking"]
+    assert len(b) and (b.groupby("booking_id")["status"].first() == "PENDING").all()
+    ful = b[b["status"] == "FULFILLED"].set_index("booking_id")
+    booked = df[(df["kind"] == "session_start") & df["booking_id"].notna()]
+    assert len(booked) > 0 and set(booked["booking_id"]) == set(ful.index)
+    assert (ful.loc[booked["booking_id"], "connector_id"].to_numpy()
+            == booked["connector_id"].to_numpy()).all()
+    assert m["bookings"]["final"].get("FULFILLED", 0) + m["bookings"]["final"].get(
+        "RESERVED", 0) >= m["bookings"]["trips_booked"]
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "run.json").exists()
     assert all(code is not None for code in res["info"]["exit_codes"].values())
 

@@ -609,3 +609,55 @@ def test_answer_is_bounded_even_under_total_partition() -> None:
         link.tick(t)
     assert t <= 3.0 + 1e-9
     assert results(link)[0].outcome == "REJECTED"
+
+
+def test_booking_rows_trace_each_change_at_the_participant() -> None:
+    """:class:`evsim.protocol.tracing.BookingRows` (the rows both runs write): a booked stop
+    traced PENDING -> RESERVED -> FULFILLED, the session's end not a change; a refused one
+    PENDING -> REJECTED with its reason; a walk-in's hold (no trip) not at all; and after a
+    restart (a booking first seen changing) the participant's state."""
+    from evsim.protocol.tracing import BookingRows
+
+    link, c, ps = setup()
+    p1 = ps["P1"]
+    rows = BookingRows("acme", lambda trip_id: "veh-" + trip_id)
+    traced: list[dict] = []
+
+    def trace() -> None:
+        for rec in p1.new_records():
+            row = rows.row(p1, rec)
+            if row is not None:
+                traced.append(row)
+
+    link.send(c.request_trip(trip("t1", LEGS[:1]), 0.0))
+    link.deliver(1.0)  # PREPARE -> vote
+    link.deliver(1.5)  # the vote -> COMMIT
+    link.deliver(2.0)  # COMMIT -> ack
+    trace()
+    link.send(c.request_trip(trip("t2", [("P1", 110.0, 125.0)], connector=True), 3.0))
+    link.deliver(4.0)
+    trace()
+    p1.start_charging("t1/0", 100.0)
+    p1.stop_charging("t1/0", 120.0)
+    p1.book("walk", "S1", 125.0, 128.0, 125.0)  # a walk-in's hold (no trip)
+    trace()
+    window = "window 100.00-130.00"
+    row = {"booking_id": "t1/0", "vehicle_id": "veh-t1", "station_id": "S1",
+           "company_id": "acme", "connector_id": "P1-c1"}
+    assert traced[:2] == [
+        {**row, "connector_id": "P1-c1", "status": "PENDING", "detail": window},
+        {**row, "status": "RESERVED", "detail": window},
+    ]
+    assert [(r["booking_id"], r["status"], r["detail"]) for r in traced[2:]] == [
+        ("t2/0", "PENDING", "window 110.00-125.00"), ("t2/0", "REJECTED", "conflict"),
+        ("t1/0", "FULFILLED", window)]
+    # a restarted server: its rows go on from the participant's state
+    link.send(c.request_trip(trip("t3", [("P1", 200.0, 230.0)]), 5.0))
+    link.deliver(6.0)
+    link.deliver(6.5)
+    p1.new_records()
+    fresh, traced = BookingRows("acme", lambda t: t), []
+    rows = fresh
+    link.deliver(7.0)  # COMMIT
+    trace()
+    assert [(r["booking_id"], r["status"]) for r in traced] == [("t3/0", "RESERVED")]

@@ -48,7 +48,6 @@ from evsim.planning import connector_pools
 from evsim.protocol import (
     BookingChanged,
     BookingCreated,
-    BookingEvent,
     BookingState,
     Coordinator,
     Message,
@@ -56,7 +55,7 @@ from evsim.protocol import (
     Participant,
     Record,
 )
-from evsim.protocol.states import booking_next
+from evsim.protocol.tracing import BookingRows
 from evsim.queueing import WALKIN_GRACE_MIN
 from evsim.trace import Kind
 
@@ -111,7 +110,7 @@ class ProtocolBus:
         self._down_count = dict.fromkeys(self.companies, 0)
         self._pending: dict[str, list[Callable[[float], None]]] = {c: [] for c in self.companies}
         self._wake_at: dict[str, float] = dict.fromkeys(self.nodes, float("inf"))
-        self._bstate: dict[str, BookingState] = {}
+        self._booking_rows = {c: BookingRows(c, trip_vehicle) for c in self.companies}
         self._inbox: dict[str, Callable[[Message], None]] = {}
         self.sent = self.lost = self.dropped_down = 0
         self.desks = {st.index: StationDesk(self, st.index, st.company_id) for st in sim.stations}
@@ -263,38 +262,23 @@ class ProtocolBus:
             self._pending[company].append(cmd)
 
     def _trace_records(self, company: str, recs: list[Record]) -> None:
+        """The ``booking`` rows of the participant's new records
+        (:class:`evsim.protocol.tracing.BookingRows`, as a live server's); the stations they
+        touched hand out their connectors again."""
         part = self.participants[company]
+        rows = self._booking_rows[company]
         touched: set[int] = set()
         for r in recs:
-            if isinstance(r, BookingCreated):
-                state, reason = BookingState.PENDING, ""
-            elif isinstance(r, BookingChanged):
-                state = booking_next(self._bstate[r.booking_id], BookingEvent(r.event))
-                reason = r.reason
-            else:
+            if not isinstance(r, BookingCreated | BookingChanged):
                 continue
-            bid = r.booking_id
-            self._bstate[bid] = state
-            b = part.booking(bid)
+            b = part.booking(r.booking_id)
             assert b is not None
             station = self.station_index.get(b.station_id)
             if station is not None:
                 touched.add(station)
-            if bid.startswith(WALKIN) or (
-                isinstance(r, BookingChanged) and r.event == BookingEvent.STOP
-            ):
-                continue  # walk-in sessions and session ends are not booking changes
-            self.trace.emit(
-                self.env.now,
-                Kind.BOOKING,
-                booking_id=bid,
-                vehicle_id=trip_vehicle(b.trip_id),
-                station_id=self.sim.stations[station].station_id if station is not None else None,
-                company_id=company,
-                connector_id=b.connector_id or None,
-                status=state.value,
-                detail=reason or f"window {b.start_min:.2f}-{b.end_min:.2f}",
-            )
+            row = rows.row(part, r)
+            if row is not None:
+                self.trace.emit(self.env.now, Kind.BOOKING, **row)
         for i in sorted(touched):
             self.sim.stations[i].refresh()
 

@@ -48,6 +48,7 @@ from evsim.protocol import (
     TripResult,
     before_log,
 )
+from evsim.protocol.tracing import BookingRows
 from evsim.scenario import load_scenario
 from evsim.snapshot import ChargeRequest
 from live import topics
@@ -126,6 +127,7 @@ class CompanyService:
         )
         self.host.hooks.append(self._after_protocol)
         self.host.tracers.append(self._trace_rows)  # written in the step's own transaction
+        self._booking_rows = BookingRows(self.company, owner_of)  # (as a simulated server's)
         self.status = StatusReplica(self.world)
         name = settings.policy or scenario.policy.name
         params = scenario.policy.params if name == scenario.policy.name else {}
@@ -592,19 +594,18 @@ class CompanyService:
                         t_min=rec.t_min)
 
     def _trace_rows(self, fx: Effects) -> list[dict[str, Any]]:
-        """Host tracer (under the host lock): the step's trace rows, committed with it."""
+        """Host tracer (under the host lock): the step's trace rows, committed with it: the
+        trip results this server coordinates, and a ``booking`` row per change of its own
+        participant's bookings (:class:`evsim.protocol.tracing.BookingRows`, the rows a
+        simulated company server writes)."""
         rows: list[dict[str, Any]] = []
         for res in fx.results:
             self._on_result(res, fx.now, rows)
-        for rec in fx.booking_events(BookingEvent.NO_SHOW_EXPIRE):
-            vid = owner_of(rec.booking_id)
-            v = self.host.participant.booking(rec.booking_id)
-            rows.append({
-                "t_min": rec.t_min, "kind": "booking", "vehicle_id": vid,
-                "booking_id": rec.booking_id, "company_id": self.company, "status": "NO_SHOW",
-                "station_id": v.station_id if v else None,
-                "connector_id": v.connector_id if v else None,
-            })
+        p, booking_rows = self.host.participant, self._booking_rows
+        for rec in fx.participant_records:
+            row = booking_rows.row(p, rec)
+            if row is not None:
+                rows.append({"t_min": fx.now, "kind": "booking", **row})
         return rows
 
     def _on_result(self, res: TripResult, now: float, rows: list[dict[str, Any]] | None) -> None:
@@ -630,13 +631,6 @@ class CompanyService:
             "t_min": now, "kind": "trip_booking", "vehicle_id": vid, "booking_id": res.trip_id,
             "company_id": self.company, "status": res.outcome, "detail": res.reason or None,
         })
-        status = {"BOOKED": "RESERVED"}.get(res.outcome, res.outcome)
-        for b in res.bookings:
-            rows.append({
-                "t_min": now, "kind": "booking", "vehicle_id": vid, "booking_id": b.booking_id,
-                "station_id": b.station_id, "company_id": b.participant,
-                "connector_id": b.connector_id, "status": status,
-            })
 
     # ------------------------------------------------------------------ station outages
 
@@ -724,16 +718,8 @@ class CompanyService:
             # a cancelled trip stop tells its coordinator (StopCanceled, due at once)
             return None, p.tick(now) if done else []
 
-        def extra(conn: Any, _v: None, fx: Effects) -> None:
-            by_id = {a.booking_id: a for a in affected}
-            Storage.add_trace(conn, [{
-                "t_min": fx.now, "kind": "booking", "vehicle_id": by_id[bid].vehicle_id,
-                "booking_id": bid, "station_id": station_id, "company_id": self.company,
-                "connector_id": by_id[bid].connector_id, "status": "CANCELED",
-                "detail": "station_offline",
-            } for bid in done])
-
-        self.host.execute(op, extra=extra, pipelined=True)
+        # (the CANCELED rows are the participant's changes: _trace_rows)
+        self.host.execute(op, pipelined=True)
         t = self.now()
         by_id = {a.booking_id: a for a in affected}
         for bid in done:
