@@ -3,7 +3,7 @@
 Pure functions (no SimPy, no I/O, no clock reads). The driving rules are the ones the
 charge-on-arrival vehicle follows (:mod:`evsim.model.vehicle` calls the same helpers), so a
 plan predicts exactly what the vehicle will do on a deterministic road: it walks the shortest
-route, decides to charge where :func:`needs_charge` says so, asks the configured policy for a
+route, decides to charge where :func:`walk_rules` says so, asks the configured policy for a
 station (a :class:`~evsim.snapshot.ChargeRequest` at the planned node, SoC and time), drives
 there, charges to :func:`charge_target` and carries on from the station.
 
@@ -49,14 +49,12 @@ __all__ = [
     "connector_class",
     "connector_pools",
     "dry_on_the_way",
-    "needs_charge",
     "plan_stop",
     "plan_trip",
     "route_legs",
     "route_of",
     "stop_at",
     "to_station",
-    "walk_route",
     "walk_rules",
 ]
 
@@ -261,29 +259,6 @@ def _toward(
     return hit
 
 
-def needs_charge(
-    roads: RoadNetwork,
-    ch: ChargingBehaviour,
-    per_km: float,
-    dest: int,
-    skip_at: set[int],
-    node: int,
-    s: float,
-    nxt: int | None,
-) -> bool:
-    """Charge here? Only if the rest of the trip is out of reach, and either SoC is at or
-    below the threshold or the next leg would end below reserve + safety margin."""
-    dist = roads.dist_km
-    if s - dist.item(node, dest) * per_km >= ch.reserve_soc:
-        return False
-    if node in skip_at:
-        return False
-    if s <= ch.threshold_soc:
-        return True
-    margin = ch.reserve_soc + ch.safety_margin_soc
-    return nxt is not None and s - dist.item(node, nxt) * per_km < margin
-
-
 class Walk(NamedTuple):  # (a tuple: made for every stretch driven, at a third of the cost)
     j: int  # index in the route where the walk stopped
     soc: float
@@ -293,43 +268,16 @@ class Walk(NamedTuple):  # (a tuple: made for every stretch driven, at a third o
     stranded_km: float | None  # ran dry after this many km of the last leg's start
 
 
-def walk_route(
-    roads: RoadNetwork,
-    route: Sequence[int],
-    soc: float,
-    per_km: float,
-    decide: Callable[[int, float, int | None], bool],
-) -> Walk:
-    """Walk the route until a decision is due, the battery runs out, or the trip ends."""
-    j, s, t, km = 0, soc, 0.0, 0.0
-    stop_here = False
-    stranded_km = None
-    dist, time_min = roads.dist_km, roads.time_min
-    while j < len(route) - 1:
-        node, nxt = route[j], route[j + 1]
-        if decide(node, s, nxt):
-            stop_here = True
-            break
-        leg = dist.item(node, nxt)
-        if s - leg * per_km < 0:
-            stranded_km = s / per_km
-            t += time_min.item(node, nxt) * stranded_km / leg
-            km += stranded_km
-            s = 0.0
-            break
-        s -= leg * per_km
-        t += time_min.item(node, nxt)
-        km += leg
-        j += 1
-    return Walk(j, s, t, km, stop_here, stranded_km)
-
-
 def walk_rules(
     ch: ChargingBehaviour, legs: RouteLegs, soc: float, per_km: float, skip_at: Collection[int]
 ) -> Walk:
-    """``walk_route(roads, legs.nodes, soc, per_km, decide)`` with the driving rules as
-    ``decide`` (:func:`needs_charge` towards the route's end, ``skip_at`` as given): the same
-    walk, the same arithmetic in the same order, without a call per node."""
+    """Walk the route ``legs`` from ``soc`` until a charging decision is due, the battery
+    runs out, or the trip ends. The driving rules: charge at a node only if the rest of the
+    route is out of reach with ``ch.reserve_soc`` left, the node is not in ``skip_at``
+    (where the vehicle charged, or asked, on this trip), and either SoC is at or below
+    ``ch.threshold_soc`` or the next leg would end below reserve + safety margin. The
+    simulation, the trip planner and the live vehicle agent all walk with this function
+    (the readable reference, one call per node, is in ``tests/test_sim_fast_paths.py``)."""
     nodes, km_of, to_dest = legs.nodes, legs.km, legs.to_dest_km
     reserve, threshold = ch.reserve_soc, ch.threshold_soc
     margin = ch.reserve_soc + ch.safety_margin_soc
@@ -606,14 +554,11 @@ def plan_trip(
     skip = set(skip_at)
     stops: list[PlannedStop] = []
 
-    def decide(node: int, s: float, nxt: int | None) -> bool:
-        return needs_charge(roads, ch, per_km, dest, skip, node, s, nxt)
-
     for _ in range(4 * max_stops):
-        route = route_of(roads, pos, dest)
-        w = walk_route(roads, route, soc, per_km, decide)
+        legs = route_legs(roads, pos, dest)  # walked as the vehicle will (walk_rules)
+        w = walk_rules(ch, legs, soc, per_km, skip)
         t += w.minutes
-        soc, pos = w.soc, route[w.j]
+        soc, pos = w.soc, legs.nodes[w.j]
         if w.stranded_km is not None:
             return TripPlan(tuple(stops), False, t, 0.0)
         if not w.stop_here:

@@ -58,10 +58,10 @@ from evsim.planning import (
     class_connectors,
     dry_on_the_way,
     fallback_requests,
-    needs_charge,
+    route_legs,
     stop_at,
     to_station,
-    walk_route,
+    walk_rules,
 )
 from evsim.protocol import START_LATER_REASONS
 from evsim.scenario import Scenario
@@ -279,7 +279,7 @@ class Fleet:
 
     async def trip(self, k: int) -> VehicleRun:
         """Drive trip ``k`` with the simulation's rules (:mod:`evsim.planning`: the same
-        :func:`~evsim.planning.walk_route`, :func:`~evsim.planning.needs_charge`,
+        :func:`~evsim.planning.route_legs` and :func:`~evsim.planning.walk_rules`,
         :func:`~evsim.planning.charge_request`, :func:`~evsim.planning.charge_target`; the
         station is the home server's recommendation, with :func:`~evsim.planning.
         choose_station`'s reserve fallback). ``t`` is the trip's own scenario-time cursor:
@@ -304,9 +304,6 @@ class Fleet:
         tr.emit(t, Kind.TRIP_START, vehicle_id=vid, booking_id=vid, soc=soc,
                 detail=f"{roads.node_ids[pos]}->{roads.node_ids[dest]}")
 
-        def decide(node: int, s: float, nxt: int | None) -> bool:
-            return needs_charge(roads, ch, per_km, dest, skip_at, node, s, nxt)
-
         app: TripApp | None = None
         if self.booking == "trip":
             from live.trip_app import TripApp  # imports this module: not at the top
@@ -316,11 +313,11 @@ class Fleet:
                 app = None  # no stop planned: charge on arrival, as the simulation does
 
         while True:
-            route = roads.route(pos, dest)
-            w = walk_route(roads, route, soc, per_km, decide)
+            legs = route_legs(roads, pos, dest)  # the route on from here, as the sim's
+            w = walk_rules(ch, legs, soc, per_km, skip_at)
             t += w.minutes
             await self.sleep_until(t)
-            soc, driven_km, pos = w.soc, driven_km + w.km, route[w.j]
+            soc, driven_km, pos = w.soc, driven_km + w.km, legs.nodes[w.j]
             if w.stranded_km is not None or not w.stop_here:
                 stranded = w.stranded_km is not None
                 kind = Kind.STRANDED if stranded else Kind.TRIP_END

@@ -2,7 +2,8 @@
 
 * whole ``on_arrival`` traces are pinned (digests taken from the code before the fast paths);
 * the trace writer's row appenders and rows written ahead give the rows ``emit`` gives;
-* :func:`evsim.planning.walk_rules` is :func:`walk_route` with the driving rules;
+* :func:`evsim.planning.walk_rules` (what the simulation, the planner and the live agent walk
+  with) is the reference walk below, one node at a time, with the driving rules;
 * parsed tariffs price exactly as the original per-call parsing did;
 * the plain FIFO station hands out connectors and gives up waiting as the store did;
 * trips with no charging decision on the way get no SimPy process.
@@ -11,7 +12,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
 
@@ -22,10 +23,11 @@ import simpy
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from evsim.geo import RoadNetwork
 from evsim.model import Simulation
 from evsim.model.station import SessionPlan, SimStation
 from evsim.model.world import ConnectorSpec, World
-from evsim.planning import needs_charge, route_legs, route_of, walk_route, walk_rules
+from evsim.planning import Walk, route_legs, route_of, walk_rules
 from evsim.scenario import ChargingBehaviour, TariffConfig, TariffElement, load_scenario
 from evsim.tariff import DAY_MIN, PriceBreakdown, price_session
 from evsim.trace import Kind, TraceWriter
@@ -223,6 +225,62 @@ def test_rows_ahead_not_due_are_not_written(tmp_path: Path) -> None:
 _WORLD = World.build(load_scenario(DATA / "bahia.toml"))
 _ROADS = _WORLD.roads
 _N = len(_ROADS.node_ids)
+
+
+def needs_charge(
+    roads: RoadNetwork,
+    ch: ChargingBehaviour,
+    per_km: float,
+    dest: int,
+    skip_at: set[int],
+    node: int,
+    s: float,
+    nxt: int | None,
+) -> bool:
+    """The driving rules, one node at a time (the reference :func:`walk_rules` must
+    match): charge here? Only if the rest of the trip is out of reach, and either SoC is
+    at or below the threshold or the next leg would end below reserve + safety margin."""
+    dist = roads.dist_km
+    if s - dist.item(node, dest) * per_km >= ch.reserve_soc:
+        return False
+    if node in skip_at:
+        return False
+    if s <= ch.threshold_soc:
+        return True
+    margin = ch.reserve_soc + ch.safety_margin_soc
+    return nxt is not None and s - dist.item(node, nxt) * per_km < margin
+
+
+def walk_route(
+    roads: RoadNetwork,
+    route: Sequence[int],
+    soc: float,
+    per_km: float,
+    decide: Callable[[int, float, int | None], bool],
+) -> Walk:
+    """The reference walk: along ``route`` node by node, looking every leg up in the road
+    tables, until ``decide`` says charge, the battery runs out, or the trip ends."""
+    j, s, t, km = 0, soc, 0.0, 0.0
+    stop_here = False
+    stranded_km = None
+    dist, time_min = roads.dist_km, roads.time_min
+    while j < len(route) - 1:
+        node, nxt = route[j], route[j + 1]
+        if decide(node, s, nxt):
+            stop_here = True
+            break
+        leg = dist.item(node, nxt)
+        if s - leg * per_km < 0:
+            stranded_km = s / per_km
+            t += time_min.item(node, nxt) * stranded_km / leg
+            km += stranded_km
+            s = 0.0
+            break
+        s -= leg * per_km
+        t += time_min.item(node, nxt)
+        km += leg
+        j += 1
+    return Walk(j, s, t, km, stop_here, stranded_km)
 
 
 @settings(max_examples=300, deadline=None)
