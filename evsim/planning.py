@@ -475,8 +475,8 @@ def plan_stop(
     if choice is None:
         return None, True
     stop = stop_at(
-        roads, snapshot.stations, connectors, ch, vehicle, pos, dest, soc, t,
-        choice.station_index, choice.detour_km,
+        roads, snapshot.stations, connectors, ch, vehicle, choice.station_index,
+        choice.detour_km, pos, dest, soc, t,
     )
     return stop, stop is not None
 
@@ -487,16 +487,17 @@ def stop_at(
     connectors: Sequence[Sequence[ConnectorLike]],
     ch: ChargingBehaviour,
     vehicle: VehicleParams,
+    station_index: int,
+    detour_km: float,
     pos: int,
     dest: int,
     soc: float,
     t: float,
-    station_index: int,
-    detour_km: float,
 ) -> PlannedStop | None:
-    """The stop a vehicle at decision node ``pos`` (time ``t``, SoC ``soc``) makes at the
-    station it chose: arrival, SoC in and out, and the charge on the connector class it
-    books there (:func:`booking_class`); None if it would run dry on the way."""
+    """The stop at the station a vehicle chose (``station_index``, ``detour_km`` off its
+    route) at decision node ``pos`` (on its way to ``dest``, at time ``t`` with SoC ``soc``):
+    arrival, SoC in and out, and the charge on the connector class it books there
+    (:func:`booking_class`); None if it would run dry on the way."""
     i = station_index
     per_km = vehicle.per_km
     st_node = stations.node_list[i]

@@ -358,8 +358,8 @@ class Fleet:
             target = charge_target(roads, ch, per_km, st_node, dest, access)
             booking_id = held.booking["booking_id"] if held is not None else None
             if booking_id is None and self.booking == "stop":
-                planned = stop_at(roads, world.stations, world.connectors, ch, params, pos,
-                                  dest, soc, t, i, detour)
+                planned = stop_at(roads, world.stations, world.connectors, ch, params, i,
+                                  detour, pos, dest, soc, t)
                 if planned is not None:  # (it is: dry_on_the_way said so above)
                     booking_id = await self._book_stop(run, planned)
             t += go_min

@@ -166,8 +166,8 @@ def test_the_window_is_the_live_agents(tiny: Scenario) -> None:
         i = world.stations.ids.index(row["station_id"])
         node = _decision_node(sim, df, v, t)
         stop = stop_at(world.roads, world.stations, world.connectors, tiny.charging, params,
-                       node, int(trips.destination[k]), float(row["soc"]), t, i,
-                       float(row["distance_km"]))
+                       i, float(row["distance_km"]), node, int(trips.destination[k]),
+                       float(row["soc"]), t)
         assert stop is not None
         start, end = booking_window(stop, tiny.booking.slot_min)
         got = b[b.index.str.rsplit("/", n=1).str[0] == tid].iloc[0]

@@ -75,9 +75,8 @@ from evsim.booking_app import (
     stops_to_book,
 )
 from evsim.model.protocol_bus import coordinator_id, vehicle_node
-from evsim.model.station import SessionPlan, SessionResult, SimStation
-from evsim.model.vehicle import Drive, drive, start_trip
-from evsim.model.world import ConnectorSpec
+from evsim.model.station import SessionResult, SimStation
+from evsim.model.vehicle import Drive, SessionPlanner, TakenStop, drive, start_trip
 from evsim.planning import (
     PlannedStop,
     avoid_after,
@@ -114,14 +113,28 @@ class VehicleLink:
         self.env = sim.env
         self.bus = sim.bus
         self.cfg = sim.scenario.booking
+        self.vehicle_id, self.home = vehicle_id, home
         self.vnode = vehicle_node(vehicle_id)
         self.coordinator = coordinator_id(home)
+        self._trace = sim.trace
         self._answers: dict[str, simpy.Event] = {}
         self._abandoned: set[str] = set()
         self._cancels: dict[str, simpy.Event] = {}
         self.on_canceled: Callable[[str, str], None] | None = None
         # the bus delivers every message for this vehicle node here
         self.bus.attach_vehicle(self.vnode, self._deliver)
+
+    def trace(self, trip_id: str, status: str, detail: str | None) -> None:
+        """A ``trip_booking`` row for request ``trip_id`` (PENDING, its answer, CANCELED)."""
+        self._trace.emit(
+            self.env.now,
+            Kind.TRIP_BOOKING,
+            vehicle_id=self.vehicle_id,
+            booking_id=trip_id,
+            company_id=self.home,
+            status=status,
+            detail=detail,
+        )
 
     def _deliver(self, msg: Message) -> None:
         if not isinstance(msg, TripResult):
@@ -364,7 +377,7 @@ class BookedTrip:
                     reply = self._choose_again(effect.index, effect.stop, effect.excluded)
                 else:
                     tid = effect.answer.trip_id
-                    self._emit(tid, "CANCELED", effect.reason)
+                    self.link.trace(tid, "CANCELED", effect.reason)
                     self.link.cancel(tid)
                     reply = None
         finally:
@@ -380,11 +393,11 @@ class BookedTrip:
         detail = f"{len(e.stops)} stop(s)"
         if e.attempt > 1:
             detail += f", attempt {e.attempt}: {e.how}"
-        self._emit(tid, "PENDING", detail)
+        self.link.trace(tid, "PENDING", detail)
         result = yield from self.link.request(req)
         status = "FAILED" if result is None else result.outcome
         reason = "no_answer" if result is None else result.reason
-        self._emit(tid, status, reason or None)
+        self.link.trace(tid, status, reason or None)
         if result is None:
             return None
         return Answer(result.outcome, tid, result.failed_stop, result.alternatives,
@@ -461,12 +474,12 @@ class BookedTrip:
         for k in [k for k, h in self.held.items() if h.trip_id == tid]:
             del self.held[k]
         if notify:
-            self._emit(tid, "CANCELED", reason)
+            self.link.trace(tid, "CANCELED", reason)
             self.link.cancel(tid)
 
     def _owner_canceled(self, tid: str, reason: str) -> None:
         if any(h.trip_id == tid for h in self.held.values()):
-            self._emit(tid, "CANCELED", reason or "owner_canceled")
+            self.link.trace(tid, "CANCELED", reason or "owner_canceled")
             self._drop_trip(tid, reason, notify=False)
             self._kick()  # book those stops again
 
@@ -478,20 +491,9 @@ class BookedTrip:
         for tid in dict.fromkeys(h.trip_id for h in self.held.values()):
             self._drop_trip(tid, reason)
 
-    def _emit(self, tid: str, status: str, detail: str | None) -> None:
-        self.sim.trace.emit(
-            self.env.now,
-            Kind.TRIP_BOOKING,
-            vehicle_id=self.d.vid,
-            booking_id=tid,
-            company_id=self.home,
-            status=status,
-            detail=detail,
-        )
-
     # ------------------------------------------------------------------ drive() hooks
 
-    def take(self, pos: int) -> tuple[PlannedStop, BookedStop | None] | None:
+    def take(self, pos: int) -> TakenStop | None:
         """Where to charge at decision node ``pos``: the booked stop if there is one, else
         the policy's choice now (a walk-in); None if the policy has none."""
         i = self.next
@@ -526,13 +528,8 @@ class BookedTrip:
         return stop, None
 
     def visit(
-        self,
-        station: SimStation,
-        stop: tuple[PlannedStop, BookedStop | None],
-        session_id: str,
-        soc: float,
-        plan: Callable[[ConnectorSpec, float], SessionPlan],
-        patience_min: float,
+        self, station: SimStation, stop: TakenStop, session_id: str, soc: float,
+        plan: SessionPlanner, patience_min: float,
     ) -> Generator[simpy.Event, Any, SessionResult]:
         _, b = stop
         if b is None:

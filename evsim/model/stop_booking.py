@@ -23,7 +23,7 @@ id>.<n>``), PENDING then BOOKED / REJECTED / FAILED.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import simpy
@@ -31,13 +31,11 @@ import simpy
 from evsim.booking_app import booking_window
 from evsim.model.booking import VehicleLink
 from evsim.model.protocol_bus import vehicle_node
-from evsim.model.station import SessionPlan, SessionResult, SimStation
-from evsim.model.vehicle import Drive
-from evsim.model.world import ConnectorSpec
+from evsim.model.station import SessionResult, SimStation
+from evsim.model.vehicle import Drive, SessionPlanner, TakenStop
 from evsim.planning import PlannedStop, charge_request, choose_station, class_connectors, stop_at
 from evsim.protocol import BookedStop, StopRequest, TripRequest
 from evsim.protocol.messages import msg_id
-from evsim.trace import Kind
 
 if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
@@ -50,16 +48,12 @@ class StopBooking:
     vehicle.drive` calls: :meth:`take`, :meth:`visit`, :meth:`finish`)."""
 
     def __init__(self, sim: Simulation, d: Drive, home: str) -> None:
-        self.sim = sim
-        self.env = sim.env
-        self.cfg = sim.scenario.booking
-        self.d = d
-        self.home = home
-        self.link = VehicleLink(sim, d.vid, home)
+        self.sim, self.d, self.env, self.cfg = sim, d, sim.env, sim.scenario.booking
+        self.link = VehicleLink(sim, d.vid, home)  # to the home company's coordinator
         self._requests = 0
         self._answer: simpy.Process | None = None  # the booking of the stop under way
 
-    def take(self, pos: int) -> tuple[PlannedStop, BookedStop | None] | None:
+    def take(self, pos: int) -> TakenStop | None:
         """At decision node ``pos``: the policy's station, its booking requested (answered
         at the station, :meth:`visit`); None if the policy has none."""
         sim, d, env = self.sim, self.d, self.env
@@ -75,12 +69,12 @@ class StopBooking:
             world.connectors,
             ch,
             d.params,
+            choice.station_index,
+            choice.detour_km,
             pos,
             d.dest,
             d.soc,
             env.now,
-            choice.station_index,
-            choice.detour_km,
         )
         if stop is None:  # it runs dry on the way (drive() strands it): nothing to book
             nan = math.nan
@@ -119,22 +113,17 @@ class StopBooking:
                 ),
             ),
         )
-        self._emit(tid, "PENDING", "1 stop(s)")
+        self.link.trace(tid, "PENDING", "1 stop(s)")
         result = yield from self.link.request(req)
         if result is None:
-            self._emit(tid, "FAILED", "no_answer")
+            self.link.trace(tid, "FAILED", "no_answer")
             return None
-        self._emit(tid, result.outcome, result.reason or None)
+        self.link.trace(tid, result.outcome, result.reason or None)
         return result.bookings[0] if result.outcome == "BOOKED" and result.bookings else None
 
     def visit(
-        self,
-        station: SimStation,
-        stop: tuple[PlannedStop, BookedStop | None],
-        session_id: str,
-        soc: float,
-        plan: Callable[[ConnectorSpec, float], SessionPlan],
-        patience_min: float,
+        self, station: SimStation, stop: TakenStop, session_id: str, soc: float,
+        plan: SessionPlanner, patience_min: float,
     ) -> Generator[simpy.Event, Any, SessionResult]:
         """Charge at ``station``: against the booking if it came, else as a walk-in."""
         answer, self._answer = self._answer, None
@@ -159,14 +148,3 @@ class StopBooking:
     def finish(self, reason: str) -> None:
         """The trip is over. A booking it did not reach is left to expire (NO_SHOW), as the
         live vehicle agent leaves it in this mode."""
-
-    def _emit(self, tid: str, status: str, detail: str | None) -> None:
-        self.sim.trace.emit(
-            self.env.now,
-            Kind.TRIP_BOOKING,
-            vehicle_id=self.d.vid,
-            booking_id=tid,
-            company_id=self.home,
-            status=status,
-            detail=detail,
-        )

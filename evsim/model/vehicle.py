@@ -36,6 +36,7 @@ from evsim.model.station import SessionPlan, new_plan
 from evsim.model.world import ConnectorSpec
 from evsim.planning import (
     TOPUP_SLACK_SOC,
+    PlannedStop,
     RouteLegs,
     VehicleParams,
     Walk,
@@ -50,6 +51,7 @@ from evsim.planning import (
     to_station,
     walk_rules,
 )
+from evsim.protocol import BookedStop
 from evsim.scenario import VehicleModelConfig
 from evsim.slots import slot_constructor
 from evsim.tariff import CompiledTariff, compiled
@@ -58,14 +60,14 @@ from evsim.trace import Kind
 if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
     from evsim.model.station import SessionResult, SimStation
-    from evsim.planning import PlannedStop
-    from evsim.protocol import BookedStop
 
 __all__ = [
     "TOPUP_SLACK_SOC",
     "Drive",
     "DriveKit",
     "DriverApp",
+    "SessionPlanner",
+    "TakenStop",
     "depart",
     "drive",
     "prepare",
@@ -76,23 +78,22 @@ __all__ = [
 _NOWHERE: frozenset[int] = frozenset()  # a trip's skip_at when it leaves
 
 
+# a stop a driver app takes (and the booking it holds there, if any); what sizes a session
+TakenStop = tuple[PlannedStop, BookedStop | None]
+SessionPlanner = Callable[[ConnectorSpec, float], SessionPlan]
+
+
 class DriverApp(Protocol):
     """What :func:`drive` asks of a booking mode's driver app (:class:`~evsim.model.booking.
     BookedTrip` for ``trip``, :class:`~evsim.model.stop_booking.StopBooking` for ``stop``)."""
 
-    def take(self, pos: int) -> tuple[PlannedStop, BookedStop | None] | None:
-        """Where to charge at decision node ``pos`` (and the booking held there, if any);
-        None: the policy has no station."""
+    def take(self, pos: int) -> TakenStop | None:
+        """Where to charge at decision node ``pos``; None: the policy has no station."""
         ...
 
     def visit(
-        self,
-        station: SimStation,
-        stop: tuple[PlannedStop, BookedStop | None],
-        session_id: str,
-        soc: float,
-        plan: Callable[[ConnectorSpec, float], SessionPlan],
-        patience_min: float,
+        self, station: SimStation, stop: TakenStop, session_id: str, soc: float,
+        plan: SessionPlanner, patience_min: float,
     ) -> Generator[simpy.Event, Any, SessionResult]:
         """Charge at ``station`` (the stop :meth:`take` gave)."""
         ...
