@@ -98,7 +98,7 @@ def test_choose_station_goes_back_only_with_nowhere_else() -> None:
     assert choose_station(fn, request, alone, 0.0, [first.station_index]) == first
 
 
-@pytest.mark.parametrize("booking", ["on_arrival", "trip"])
+@pytest.mark.parametrize("booking", ["on_arrival", "trip", "stop"])
 def test_simulated_vehicles_avoid_stations_they_gave_up_on(
     booking: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,8 +114,9 @@ def test_simulated_vehicles_avoid_stations_they_gave_up_on(
                       None if bare is None else bare.station_index))
         return got
 
+    # every decision on the way asks through vehicle.ask_policy (drive, and the trip and
+    # stop modes' driver apps)
     monkeypatch.setattr(evsim.model.vehicle, "choose_station", spy)
-    monkeypatch.setattr(evsim.model.booking, "choose_station", spy)
     sim = Simulation(impatient(booking))
     df = sim.run().trace
     ids = sim.world.stations.ids

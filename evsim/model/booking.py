@@ -76,14 +76,20 @@ from evsim.booking_app import (
 )
 from evsim.model.protocol_bus import coordinator_id, vehicle_node
 from evsim.model.station import SessionResult, SimStation
-from evsim.model.vehicle import Drive, SessionPlanner, TakenStop, drive, start_trip
+from evsim.model.vehicle import (
+    Drive,
+    SessionPlanner,
+    TakenStop,
+    ask_policy,
+    drive,
+    start_trip,
+    unplanned_stop,
+)
 from evsim.planning import (
     PlannedStop,
     avoid_after,
     back_to_city,
-    charge_request,
     choose_again,
-    choose_station,
     class_connectors,
     plan_trip,
 )
@@ -101,7 +107,7 @@ from evsim.trace import Kind
 if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
 
-__all__ = ["BookedTrip", "VehicleLink", "booked_trip_process"]
+__all__ = ["BookedTrip", "VehicleLink", "booked_trip_process", "trip_request"]
 
 
 class VehicleLink:
@@ -419,22 +425,7 @@ class BookedTrip:
     def _request(
         self, tid: str, stops: Sequence[PlannedStop], windows: Sequence[Window]
     ) -> TripRequest:
-        out = []
-        for s, (start, end, connector, _) in zip(stops, windows, strict=True):
-            station = self.sim.stations[s.station_index]
-            out.append(
-                StopRequest(
-                    station.company_id,
-                    station.station_id,
-                    start,
-                    end,
-                    self.cfg.grace_min,
-                    connector,  # (one connector of the class, when an offer named one)
-                    class_connectors(station.connectors, s.connector_power_kw, s.connector_type),
-                )
-            )
-        vnode = vehicle_node(self.d.vid)
-        return TripRequest(msg_id(vnode, "TRIP_REQUEST", tid), vnode, tid, self.d.vid, tuple(out))
+        return trip_request(self.sim, self.d.vid, tid, stops, windows)
 
     def _choose_again(
         self, i: int, s: PlannedStop, excluded: frozenset[int]
@@ -505,27 +496,10 @@ class BookedTrip:
                 self._using = h
                 return self.plan[i], h.stop
         # not booked (or not planned): ask the policy, exactly as on arrival
-        sim, d, env = self.sim, self.d, self.env
-        world = sim.world
-        request = charge_request(world.roads, world.scenario.charging, d.params, pos, d.dest, d.soc)
-        choice = choose_station(sim.policy, request, sim.snapshot, env.now, d.gave_up)
+        choice = ask_policy(self.sim, self.d, pos)
         if choice is None:
             return None
-        nan = math.nan
-        stop = PlannedStop(
-            pos,
-            choice.station_index,
-            choice.station_id,
-            env.now,
-            d.soc,
-            nan,
-            nan,
-            nan,
-            nan,
-            "",
-            choice.detour_km,
-        )
-        return stop, None
+        return unplanned_stop(pos, choice, self.d.soc, self.env.now), None
 
     def visit(
         self, station: SimStation, stop: TakenStop, session_id: str, soc: float,
@@ -557,6 +531,35 @@ class BookedTrip:
             soc_after = p.soc_after if p is not None and p.soc_after is not None else soc
             self._replan_from(station.index, soc_after)
         return result
+
+
+def trip_request(
+    sim: Simulation,
+    vehicle_id: str,
+    trip_id: str,
+    stops: Sequence[PlannedStop],
+    windows: Sequence[Window],
+) -> TripRequest:
+    """The protocol's request for ``stops`` in ``windows``, each on the connector class its
+    charge was sized for (or on the one connector an offer named)."""
+    grace = sim.scenario.booking.grace_min
+    out = []
+    for s, (start, end, connector, _) in zip(stops, windows, strict=True):
+        station = sim.stations[s.station_index]
+        out.append(
+            StopRequest(
+                station.company_id,
+                station.station_id,
+                start,
+                end,
+                grace,
+                connector,  # (one connector of the class, when an offer named one)
+                class_connectors(station.connectors, s.connector_power_kw, s.connector_type),
+            )
+        )
+    vnode = vehicle_node(vehicle_id)
+    return TripRequest(msg_id(vnode, "TRIP_REQUEST", trip_id), vnode, trip_id, vehicle_id,
+                       tuple(out))
 
 
 def booked_trip_process(sim: Simulation, k: int) -> Generator[simpy.Event, Any, None]:

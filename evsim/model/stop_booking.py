@@ -22,20 +22,17 @@ id>.<n>``), PENDING then BOOKED / REJECTED / FAILED.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import simpy
 
-from evsim.booking_app import booking_window
-from evsim.model.booking import VehicleLink
-from evsim.model.protocol_bus import vehicle_node
+from evsim.booking_app import Window, booking_window
+from evsim.model.booking import VehicleLink, trip_request
 from evsim.model.station import SessionResult, SimStation
-from evsim.model.vehicle import Drive, SessionPlanner, TakenStop
-from evsim.planning import PlannedStop, charge_request, choose_station, class_connectors, stop_at
-from evsim.protocol import BookedStop, StopRequest, TripRequest
-from evsim.protocol.messages import msg_id
+from evsim.model.vehicle import Drive, SessionPlanner, TakenStop, ask_policy, unplanned_stop
+from evsim.planning import PlannedStop, stop_at
+from evsim.protocol import BookedStop
 
 if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
@@ -57,17 +54,15 @@ class StopBooking:
         """At decision node ``pos``: the policy's station, its booking requested (answered
         at the station, :meth:`visit`); None if the policy has none."""
         sim, d, env = self.sim, self.d, self.env
-        world = sim.world
-        ch = world.scenario.charging
-        request = charge_request(world.roads, ch, d.params, pos, d.dest, d.soc)
-        choice = choose_station(sim.policy, request, sim.snapshot, env.now, d.gave_up)
+        choice = ask_policy(sim, d, pos)
         if choice is None:
             return None
+        world = sim.world
         stop = stop_at(
             world.roads,
             world.stations,
             world.connectors,
-            ch,
+            world.scenario.charging,
             d.params,
             choice.station_index,
             choice.detour_km,
@@ -77,42 +72,17 @@ class StopBooking:
             env.now,
         )
         if stop is None:  # it runs dry on the way (drive() strands it): nothing to book
-            nan = math.nan
-            stop = PlannedStop(
-                pos, choice.station_index, choice.station_id, nan, d.soc, nan, nan, nan, nan,
-                "", choice.detour_km,
-            )
-            return stop, None
+            return unplanned_stop(pos, choice, d.soc, env.now), None
         self._answer = env.process(self._book(stop))
         return stop, None
 
     def _book(self, stop: PlannedStop) -> Generator[simpy.Event, Any, BookedStop | None]:
         """Request ``stop``'s window (traced); the booked stop, or None."""
-        d, cfg = self.d, self.cfg
+        vid = self.d.vid
         self._requests += 1
-        tid = d.vid if self._requests == 1 else f"{d.vid}.{self._requests}"
-        station = self.sim.stations[stop.station_index]
-        start, end = booking_window(stop, cfg.slot_min)
-        vnode = vehicle_node(d.vid)
-        req = TripRequest(
-            msg_id(vnode, "TRIP_REQUEST", tid),
-            vnode,
-            tid,
-            d.vid,
-            (
-                StopRequest(
-                    station.company_id,
-                    station.station_id,
-                    start,
-                    end,
-                    cfg.grace_min,
-                    None,
-                    class_connectors(
-                        station.connectors, stop.connector_power_kw, stop.connector_type
-                    ),
-                ),
-            ),
-        )
+        tid = vid if self._requests == 1 else f"{vid}.{self._requests}"
+        start, end = booking_window(stop, self.cfg.slot_min)
+        req = trip_request(self.sim, vid, tid, [stop], [Window(start, end, None, start)])
         self.link.trace(tid, "PENDING", "1 stop(s)")
         result = yield from self.link.request(req)
         if result is None:

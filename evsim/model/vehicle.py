@@ -24,6 +24,7 @@ vehicle goes to the booked station instead of asking the policy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -60,6 +61,7 @@ from evsim.trace import Kind
 if TYPE_CHECKING:
     from evsim.model.simulation import Simulation
     from evsim.model.station import SessionResult, SimStation
+    from evsim.snapshot import Choice
 
 __all__ = [
     "TOPUP_SLACK_SOC",
@@ -68,11 +70,13 @@ __all__ = [
     "DriverApp",
     "SessionPlanner",
     "TakenStop",
+    "ask_policy",
     "depart",
     "drive",
     "prepare",
     "start_trip",
     "trip_process",
+    "unplanned_stop",
 ]
 
 _NOWHERE: frozenset[int] = frozenset()  # a trip's skip_at when it leaves
@@ -81,6 +85,24 @@ _NOWHERE: frozenset[int] = frozenset()  # a trip's skip_at when it leaves
 # a stop a driver app takes (and the booking it holds there, if any); what sizes a session
 TakenStop = tuple[PlannedStop, BookedStop | None]
 SessionPlanner = Callable[[ConnectorSpec, float], SessionPlan]
+
+
+def ask_policy(sim: Simulation, d: Drive, pos: int) -> Choice | None:
+    """The policy's station for ``d`` deciding to charge at node ``pos`` now, as on arrival
+    (:func:`~evsim.planning.choose_station`: the reserve fallback, ``d.gave_up`` avoided)."""
+    world = sim.world
+    request = charge_request(world.roads, world.scenario.charging, d.params, pos, d.dest, d.soc)
+    return choose_station(sim.policy, request, sim.snapshot, sim.env.now, d.gave_up)
+
+
+def unplanned_stop(pos: int, choice: Choice, soc: float, t: float) -> PlannedStop:
+    """A stop the policy picked at ``pos`` just now, not planned ahead: its station and
+    detour are known, its arrival and charge are not (NaN)."""
+    nan = math.nan
+    return PlannedStop(
+        pos, choice.station_index, choice.station_id, t, soc, nan, nan, nan, nan, "",
+        choice.detour_km,
+    )
 
 
 class DriverApp(Protocol):
@@ -370,15 +392,14 @@ def drive(
         if stop is not None:
             index, detour_km = stop[0].station_index, stop[0].detour_km
         else:
-            request = charge_request(roads, ch, d.params, pos, dest, d.soc)
-            choice = choose_station(sim.policy, request, sim.snapshot, env.now, d.gave_up)
+            choice = ask_policy(sim, d, pos)
             d.skip_at.add(pos)
             if choice is None:
                 kit.no_station(env.now, vid, d.soc, kit.node_ids[pos])
                 legs = kit.legs(pos, dest)  # on from here
                 continue
             index, detour_km = choice.station_index, choice.detour_km
-            del request, choice  # freed now, not kept alive (and promoted by the GC) for hours
+            del choice  # freed now, not kept alive (and promoted by the GC) for hours
         d.skip_at.add(pos)
         station = sim.stations[index]
         kit.chosen(
