@@ -112,7 +112,7 @@ def test_station_owner_cancel_cancels_the_trip_at_its_coordinator(net: Net) -> N
     zap, acme = net.svc("zap"), net.svc("acme")
     net.bus.publish(topics.status_topic("zap", "zap_bravo"), encode_json(
         {"station_id": "zap_bravo", "company_id": "zap", "online": False}), retain=True)
-    zap.handle_offline("zap_bravo")  # (or the outage loop, whichever comes first)
+    zap.outages.handle_offline("zap_bravo")  # (or the outage loop, whichever comes first)
 
     def settled() -> bool:
         with acme.host.lock:

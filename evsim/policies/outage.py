@@ -15,7 +15,7 @@ When the station's agent returns, :func:`stale_sessions` names the sessions the 
 thinks are running there but the returning agent does not report (it restarted and lost
 them), so the server can close them instead of leaving the connector busy forever.
 
-No I/O, no clock: the live company servers call these (``live.server.service``).
+No I/O, no clock: the live company servers call these (``live.server.outages``).
 """
 
 from __future__ import annotations

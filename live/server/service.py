@@ -24,8 +24,7 @@ import hashlib
 import json
 import logging
 import secrets
-import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +32,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from evsim.policies import resolve
 from evsim.policies.outage import (
-    AffectedBooking,
     alternatives_for,
-    offline_decisions,
-    request_at_station,
-    stale_sessions,
 )
 from evsim.protocol import (
     BookingEvent,
-    BookingState,
     BookingView,
     StopRequest,
     TripRequest,
@@ -140,16 +134,10 @@ class CompanyService:
         from live.server.reconcile import Reconciler
 
         self.reconciler = Reconciler(self, settings.reconcile_s)
-        # own stations that went offline (station_id -> t_min), handled by _outage_loop
-        self.offline_since: dict[str, float] = {}
-        # own station -> the session ids its last status named before it went away
-        self._known_before: dict[str, set[str] | None] = {}
-        self.outage_min = settings.outage_min
-        self._outage_lock = threading.Lock()
-        self._outage_wake = threading.Event()
-        self._outage_stop = threading.Event()
-        self._outage_thread: threading.Thread | None = None
-        self.status.listeners.append(self._on_station_status)
+        from live.server.outages import StationOutages
+
+        self.outages = StationOutages(self)  # own stations going offline and coming back
+        self.status.listeners.append(self.outages.on_station_status)
 
     # ------------------------------------------------------------------ wiring
 
@@ -162,18 +150,12 @@ class CompanyService:
             (lambda: bool(bus.connected)) if hasattr(bus, "connected") else None)
         bus.subscribe(topics.company_filter(self.company, "events"), self.sessions.on_event)
         bus.subscribe(topics.company_filter(self.company, "meter"), self.sessions.on_meter)
-        if self._outage_thread is None:
-            self._outage_thread = threading.Thread(
-                target=self._outage_loop, name=f"outages-{self.company}", daemon=True)
-            self._outage_thread.start()
+        self.outages.start()
         self.sessions.resume()  # walk-ins queued before a restart: expire / serve them
 
     def close(self) -> None:
         self.sessions.close()  # its queue thread runs steps on the host: stop it first
-        self._outage_stop.set()
-        self._outage_wake.set()
-        if self._outage_thread is not None:
-            self._outage_thread.join(timeout=5)
+        self.outages.close()
         self.host.stop_ticker()
         self.status.close()
         self.host.close()
@@ -631,127 +613,3 @@ class CompanyService:
             "t_min": now, "kind": "trip_booking", "vehicle_id": vid, "booking_id": res.trip_id,
             "company_id": self.company, "status": res.outcome, "detail": res.reason or None,
         })
-
-    # ------------------------------------------------------------------ station outages
-
-    def _on_station_status(self, station_id: str, was_online: bool, online: bool,
-                           t_min: float) -> None:
-        """StatusReplica listener (bus worker): track own stations going offline / back."""
-        if self.world.company_of(station_id) != self.company or was_online == online:
-            return
-        if not online:
-            # the sessions its last status named (None: its agent names none)
-            conns = self.status.status(station_id).connectors
-            named = {str(c["session_id"]) for c in conns if c.get("session_id")}
-            known = named if any("session_id" in c for c in conns) else None
-            with self._outage_lock:
-                self.offline_since.setdefault(station_id, self.now())
-                self._known_before[station_id] = known
-            self._outage_wake.set()  # handle its bookings now, not at the next period
-        else:
-            with self._outage_lock:
-                self.offline_since.pop(station_id, None)
-                known = self._known_before.pop(station_id, None)
-            self.station_returned(station_id, known)
-
-    def _outage_loop(self) -> None:
-        period = max(self.settings.tick_s, 0.05)
-        while not self._outage_stop.is_set():
-            self._outage_wake.wait(period)
-            self._outage_wake.clear()
-            if self._outage_stop.is_set():
-                return
-            with self._outage_lock:
-                offline = list(self.offline_since)
-            for sid in offline:
-                try:
-                    self.handle_offline(sid)
-                except Exception:
-                    log.exception("handling the outage of %s failed", sid)
-
-    def _request_for(self, snap: Any, booking: AffectedBooking) -> Any:
-        """Alternatives are ranked for the fleet's most common vehicle model, standing at the
-        offline station with the SoC at which drivers look for a charger (or
-        ``EVSIM_OUTAGE_SOC``): the server does not know the vehicle's real state."""
-        vm = max(self.world.scenario.vehicle_models, key=lambda v: v.share)
-        soc = self.settings.outage_soc
-        if soc is None:
-            soc = self.world.scenario.charging.threshold_soc
-        return request_at_station(
-            snap, self.world.table.index[booking.station_id], booking.vehicle_id, soc=soc,
-            battery_kwh=vm.battery_kwh, consumption_kwh_per_km=vm.consumption_kwh_per_km,
-            max_dc_kw=vm.max_charge_kw, max_ac_kw=vm.max_ac_kw,
-        )
-
-    def handle_offline(self, station_id: str) -> list[str]:
-        """Apply :func:`evsim.policies.outage.offline_decisions` to the reservations at an
-        offline own station: cancel (participant) and notify the vehicle with alternatives.
-        Returns the booking ids cancelled now (idempotent: cancelled ones are not redone)."""
-        if self.status.is_online(station_id):
-            return []
-        with self.host.lock:
-            views = [v for v in self.host.participant.bookings()
-                     if v.station_id == station_id and v.state is BookingState.RESERVED
-                     and not v.charging]
-        if not views:
-            return []
-        affected = [AffectedBooking(v.booking_id, owner_of(v.booking_id), v.station_id,
-                                    v.connector_id, v.start_min, v.end_min, v.grace_min)
-                    for v in views]
-        snap = self.status.snapshot()
-        decisions = offline_decisions(
-            affected, snap, self.now(), self.policy, lambda b: self._request_for(snap, b),
-            outage_min=self.outage_min,
-        )
-        cancel = {d.booking_id: d for d in decisions if d.action == "cancel"}
-        if not cancel:
-            return []
-        done: list[str] = []
-
-        def op(now: float) -> tuple[None, list]:
-            p = self.host.participant
-            for bid in cancel:
-                v = p.booking(bid)
-                if v is not None and v.state is BookingState.RESERVED and not v.charging:
-                    p.cancel(bid, now, "station_offline")
-                    done.append(bid)
-            # a cancelled trip stop tells its coordinator (StopCanceled, due at once)
-            return None, p.tick(now) if done else []
-
-        # (the CANCELED rows are the participant's changes: _trace_rows)
-        self.host.execute(op, pipelined=True)
-        t = self.now()
-        by_id = {a.booking_id: a for a in affected}
-        for bid in done:
-            b, d = by_id[bid], cancel[bid]
-            self.notify(
-                b.vehicle_id, "booking_cancelled", booking_id=bid, trip_id=bid.split("/", 1)[0],
-                station_id=station_id, connector_id=b.connector_id, reason="station_offline",
-                t_min=t, alternatives=[{
-                    "rank": k + 1, "station_id": c.station_id,
-                    "company_id": self.world.table.company_ids[c.station_index],
-                    "score": c.score, "distance_km": c.distance_km, "eta_min": c.eta_min,
-                    "expected_wait_min": c.expected_wait_min,
-                } for k, c in enumerate(d.alternatives)],
-            )
-        if done:
-            log.info("station %s offline: cancelled %d booking(s)", station_id, len(done))
-        return done
-
-    def station_returned(self, station_id: str,
-                         known_before: Collection[str] | None = None) -> list[str]:
-        """The station's agent is back: close the sessions it reported before it went away
-        (``known_before``; None: all) and no longer reports
-        (:func:`evsim.policies.outage.stale_sessions`), so no connector stays busy."""
-        active = self.storage.sessions_where(station_id=station_id, status="ACTIVE")
-        if not active:
-            return []
-        reported = {str(c.get("connector_id")): str(c.get("status"))
-                    for c in self.status.status(station_id).connectors}
-        stale = stale_sessions([(r["session_id"], r["connector_id"]) for r in active], reported,
-                               known_before)
-        for sid in stale:
-            log.warning("station %s came back without session %s: closing it", station_id, sid)
-            self.sessions.stop(sid)
-        return stale
-
