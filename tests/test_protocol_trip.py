@@ -661,3 +661,10 @@ def test_booking_rows_trace_each_change_at_the_participant() -> None:
     link.deliver(7.0)  # COMMIT
     trace()
     assert [(r["booking_id"], r["status"]) for r in traced] == [("t3/0", "RESERVED")]
+    # out of step (a live server's nodes rebuilt from the log after a failed commit): the
+    # participant's state, never an error
+    fresh._state["t3/0"] = BookingState.REJECTED
+    p1.start_charging("t3/0", 200.0)
+    traced = []
+    trace()
+    assert [(r["booking_id"], r["status"]) for r in traced] == [("t3/0", "FULFILLED")]

@@ -20,7 +20,13 @@ from typing import Any
 
 from evsim.protocol.log import BookingChanged, BookingCreated, Record
 from evsim.protocol.participant import Participant
-from evsim.protocol.states import BOOKING_RELEASED, BookingEvent, BookingState, booking_next
+from evsim.protocol.states import (
+    BOOKING_RELEASED,
+    BookingEvent,
+    BookingState,
+    ProtocolError,
+    booking_next,
+)
 
 __all__ = ["BookingRows"]
 
@@ -31,8 +37,10 @@ class BookingRows:
     """The ``booking`` rows of one company's participant, record by record.
 
     ``vehicle_of(trip_id)``: the vehicle a trip id belongs to (each run names its trips its
-    own way). The state of each booking still in play is kept between records; after a
-    restart (a booking first seen changing) the participant's own state is taken."""
+    own way). The state of each booking still in play is kept between records; where it is
+    unknown or out of step (a restarted server's booking first seen changing, or a live
+    server's nodes rebuilt from its log after a failed commit, whose records this tracer
+    had already seen) the participant's own state is taken."""
 
     def __init__(self, company: str, vehicle_of: Callable[[str], str | None]) -> None:
         self.company = company
@@ -48,13 +56,15 @@ class BookingRows:
             state, reason = BookingState.PENDING, ""
         elif isinstance(rec, BookingChanged):
             prev = self._state.get(rec.booking_id)
-            if prev is None:
+            try:
+                state = booking_next(prev, BookingEvent(rec.event)) if prev is not None else None
+            except ProtocolError:
+                state = None  # out of step with the participant
+            if state is None:
                 b = participant.booking(rec.booking_id)
                 if b is None or not b.trip_id:
                     return None
                 state = b.state
-            else:
-                state = booking_next(prev, BookingEvent(rec.event))
             if rec.event == _STOP:
                 self._state.pop(rec.booking_id, None)  # the last change a booking sees
                 return None

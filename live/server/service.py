@@ -31,9 +31,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from evsim.policies import resolve
-from evsim.policies.outage import (
-    alternatives_for,
-)
+from evsim.policies.outage import alternatives_for
 from evsim.protocol import (
     BookingEvent,
     BookingView,
