@@ -263,10 +263,6 @@ class DriveKit:
             )
         return hit
 
-    def walk(self, d: Drive) -> Walk:
-        """Walk ``d`` from where it is by the driving rules (no clock involved)."""
-        return walk_rules(self.ch, self.legs(d.pos, d.dest), d.soc, d.per_km, d.skip_at)
-
     def legs(self, src: int, dst: int) -> RouteLegs:
         """:func:`~evsim.planning.route_legs`, with this run's own dictionary in front."""
         legs = self._legs.get((src, dst))
@@ -372,7 +368,7 @@ def drive(
     legs = kit.legs(d.pos, dest)  # the route on from where the vehicle is
     while True:
         if w is None:
-            w = walk_rules(ch, legs, d.soc, per_km, d.skip_at)  # kit.walk(d)
+            w = walk_rules(ch, legs, d.soc, per_km, d.skip_at)
         if booked is None and not w.stop_here and w.minutes > 0:
             # the last stretch: its row is written ahead, with no event (one that takes no
             # time ends the trip now, below, between the rows of this instant as before)
@@ -431,7 +427,6 @@ def drive(
             target = charge_target_on(ch, legs, per_km, access)
         else:  # no road on to the destination
             target = charge_target(roads, ch, per_km, pos, dest, access)
-        # (_planner, inline)
         plan = _Planner(kit, vm, kit.tariffs[index], soc, session_soc_out(soc, target))
         d.n_sessions += 1
         session_id = f"{vid}-{d.n_sessions}"
@@ -463,22 +458,11 @@ def drive(
             yield simpy.Timeout(env, back_min)
 
 
-def _planner(
-    kit: DriveKit,
-    vm: VehicleModelConfig,
-    tariff: CompiledTariff | None,
-    soc_in: float,
-    target: float,
-) -> Callable[[ConnectorSpec, float], SessionPlan]:
-    """The session a vehicle arriving with ``soc_in`` will charge on a given connector,
-    starting at a given time: to ``target`` (:func:`~evsim.battery.session_soc_out`),
-    priced by the tariff."""
-    return _Planner(kit, vm, tariff, soc_in, session_soc_out(soc_in, target))
-
-
 class _Planner:
-    """:func:`_planner`'s function: a closure over these values, as one object (a closure
-    is a function and a cell per value, all of them for the cyclic GC to look at)."""
+    """The session a vehicle arriving with ``soc_in`` charges on a given connector, starting
+    at a given time: to ``soc_out``, priced by the tariff (:data:`SessionPlanner`). One
+    object rather than a closure (a function and a cell per value, all of them for the
+    cyclic GC to look at)."""
 
     __slots__ = ("kit", "soc_in", "soc_out", "tariff", "vm")
 
