@@ -230,7 +230,10 @@ class Client:
 
     def __init__(self, connections: int, timeout_s: float = 60.0) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
+            # idle connections closed after 4 s, before uvicorn closes them (its keep-alive
+            # timeout is 5 s): a connection reused just as the server closes it fails
+            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections,
+                                           keepalive_timeout=4.0),
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         )
 
@@ -328,6 +331,17 @@ def process_cpu_s(pid: int) -> float:
 
 
 CpuProbe = Callable[[], dict[str, float]]
+
+
+def rss_kib(pid: int) -> float:
+    """Resident memory of process ``pid`` in KiB (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return math.nan
 
 
 def cpu_probe(net: LoadNetwork) -> CpuProbe:
@@ -657,7 +671,9 @@ async def paired_rounds(net: LoadNetwork, client: Client, vehicle: Vehicle, base
 
 async def throughput(net: LoadNetwork, vehicle_counts: list[int], n_requests: int,
                      trivial_url: str, rounds: int = 0
-                     ) -> tuple[list[Cell], Cell, Cell, list[Round]]:
+                     ) -> tuple[list[Cell], Cell, Cell, list[Round], dict[str, float]]:
+    """The cells, the two trivial-endpoint floors, the paired rounds, and each server's
+    resident-memory growth over the cells (KiB)."""
     nmax = max(vehicle_counts)
     cells: list[Cell] = []
     async with Client(nmax + 10) as client:
@@ -666,17 +682,19 @@ async def throughput(net: LoadNetwork, vehicle_counts: list[int], n_requests: in
         # warm-up: a few bookings of every size
         await run_cell(client, vehicles[:3], 3, 30, base)
         base += 100.0
+        rss0 = {c: rss_kib(p.pid) for c, p in net.procs.items()}
         for size in (1, 2, 3):
             for n in vehicle_counts:
                 # vehicles spread over the three home servers (round robin)
                 cells.append(await run_cell(client, vehicles[:n], size, n_requests, base,
                                             cpu_probe(net)))
                 base += n_requests + 10.0
+        grew = {c: rss_kib(p.pid) - rss0[c] for c, p in net.procs.items()}
         await trivial_rate(client, trivial_url, nmax, 200)  # warm-up
         floor = await trivial_rate(client, trivial_url, nmax, max(n_requests, 1000))
         floor1 = await trivial_rate(client, trivial_url, 1, 300)
         paired = await paired_rounds(net, client, vehicles[0], base, rounds)
-    return cells, floor, floor1, paired
+    return cells, floor, floor1, paired, grew
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         serve_trivial(args.serve_trivial)
         return 0
     counts = [int(x) for x in args.vehicles.split(",") if x]
+    # a SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: the servers run in their own
+    # process groups, so only this process's clean-up stops them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="evsim-load-")))
@@ -708,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         assert net.broker is not None
         rtt = mqtt_rtt(net.broker.url)
         fsync = commit_times(workdir)
-        cells, floor, floor1, paired = asyncio.run(
+        cells, floor, floor1, paired, grew = asyncio.run(
             throughput(net, counts, args.requests, trivial_url, args.rounds))
         rtt_after = mqtt_rtt(net.broker.url)  # the round trip moves with the machine's state:
         rtt_before, rtt = rtt, rtt + rtt_after  # sample it before and after the cells
@@ -775,6 +796,11 @@ def main(argv: list[str] | None = None) -> int:
               f"busiest server's core full; best cell of any size: "
               f"{max(c.one_core_each for c in cells):.0f}/s); measured above on "
               f"{servers:.2f} cores shared by three servers: {per_server:.1f}/s")
+    booked = sum(c.ok for c in cells)
+    print(f"memory: resident growth per booking over the cells' {booked:,} bookings "
+          "(each server holds the state of every booking it coordinated or holds a stop "
+          "of, in memory as in its database): "
+          + ", ".join(f"{c} {grew[c] * 1024 / booked:,.0f} B" for c in COMPANIES))
     return 0
 
 

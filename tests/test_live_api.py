@@ -383,6 +383,36 @@ def test_servers_keep_no_copy_of_their_log_in_memory(net: Net) -> None:
             assert not node.keep_log and node.log == []
 
 
+def test_a_server_keeps_nothing_per_request_beyond_the_protocol_state(net: Net) -> None:
+    """What grew with every booking and nothing read again: the answers of started trips
+    (the coordinator has them), a decided trip's votes, and one lock per Idempotency-Key
+    (the vehicle agent sends a fresh key with every request)."""
+    from live.server import deps
+    from live.server.node import MAX_UNSTARTED
+
+    _, h = net.register()
+    for k in range(3):
+        start = 300 + 40 * k
+        body = {"stops": [{"station_id": "acme_alpha", "start_min": start, "end_min": start + 30},
+                          {"station_id": "zap_bravo", "start_min": start, "end_min": start + 30}]}
+        r = net.c["acme"].post("/bookings", json=body, headers=h | {"Idempotency-Key": f"m{k}"})
+        assert r.status_code == 201, r.text
+    host = net.svc("acme").host
+    coord = host.coordinator
+    assert len(coord.trip_ids()) == 3
+    assert host._results == {}
+    assert all(host.result(t).outcome == "BOOKED" for t in coord.trip_ids())
+    assert all(coord._trips[t].votes == {} for t in coord.trip_ids())
+    assert not [k for k in deps._locks if k[0] == id(net.svc("acme"))]
+    # an answer for a trip the coordinator never started is kept, the last MAX_UNSTARTED
+    from evsim.protocol import TripResult
+
+    for k in range(MAX_UNSTARTED + 5):
+        host._keep_unstarted(TripResult(f"r{k}", "acme.coord", f"bad{k}", "REJECTED", "x"))
+    assert len(host._results) == MAX_UNSTARTED
+    assert host.result(f"bad{MAX_UNSTARTED + 4}") is not None and host.result("bad0") is None
+
+
 def test_cancel_trip_releases_both_stops(net: Net) -> None:
     _, h = net.register()
     trip = book_trip(net, h)

@@ -225,6 +225,8 @@ class Coordinator(EventSourced):
             if rec.connectors:
                 t.connectors = rec.connectors
             t.acked = {}
+            if t.state is not _S.PREPARING:
+                t.votes = {}  # only PREPARING reads them; a closed trip keeps no messages
             t.next_retry_min = _NEG_INF
             if t.state in TRIP_CLOSED:
                 self._open.pop(t.trip_id, None)

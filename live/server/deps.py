@@ -8,10 +8,11 @@ method, path and the validated body; the same key with the same request replays 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
@@ -57,8 +58,25 @@ IdempotencyKey = Annotated[
            description="replay-safe retries: same key + same body = same response"),
 ]
 
-_locks: dict[tuple[int, str, str], threading.Lock] = {}
+# one lock per (service, caller, key) while a request with that key runs or waits; the
+# last one out removes it (every request of the vehicle agent carries a fresh key)
+_locks: dict[tuple[int, str, str], list[Any]] = {}  # -> [lock, requests holding it]
 _locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _key_lock(lock_id: tuple[int, str, str]) -> Iterator[None]:
+    with _locks_guard:
+        entry = _locks.setdefault(lock_id, [threading.Lock(), 0])
+        entry[1] += 1
+    try:
+        with entry[0]:
+            yield
+    finally:
+        with _locks_guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _locks[lock_id]
 
 
 def error_body(err: ApiError) -> dict[str, Any]:
@@ -92,10 +110,7 @@ def idempotent(
     canon = json.dumps(body.model_dump(mode="json") if body else None, sort_keys=True)
     where = f"{request.method} {request.url.path}"
     digest = hashlib.sha256(f"{where}\n{canon}".encode()).hexdigest()
-    lock_id = (id(svc), owner, key)
-    with _locks_guard:
-        lock = _locks.setdefault(lock_id, threading.Lock())
-    with lock:
+    with _key_lock((id(svc), owner, key)):
         stored = svc.storage.idempotent(owner, key)
         if stored is None:
             code, content = run()

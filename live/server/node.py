@@ -100,6 +100,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 256  # protocol messages handled in one step at most (bus batching)
+MAX_UNSTARTED = 1024  # answers kept for trips never started (see ProtocolHost._results)
 _ALL_YES = TripEvent.ALL_YES.value
 
 
@@ -205,7 +206,9 @@ class ProtocolHost:
         self.epoch = 0
         self._failure: tuple[int, int] | None = None
         self.commits = 0  # transactions written (for benchmarks)
-        self._results: dict[str, TripResult] = {}  # also answers for never-started trips
+        # answers for trips the coordinator never started (an invalid request): a started
+        # trip's answer is read from the coordinator; the last MAX_UNSTARTED are kept
+        self._results: dict[str, TripResult] = {}
         # trip id -> seq of the step that logged its ALL_YES decision, while that step may
         # not be durable yet: a BOOKED answer waits for that step (and no other)
         self._decided: dict[str, int] = {}
@@ -343,7 +346,8 @@ class ProtocolHost:
                 elif o.dst == self.api:
                     if isinstance(o.msg, TripResult):
                         fx.results.append(o.msg)
-                        self._results[o.msg.trip_id] = o.msg
+                        if self.coordinator.trip_state(o.msg.trip_id) is None:
+                            self._keep_unstarted(o.msg)
                 else:
                     remote.append(o)
             fx.participant_records = self.participant.new_records()
@@ -620,6 +624,13 @@ class ProtocolHost:
             self._ticker = None
 
     # ------------------------------------------------------------------ trip results
+
+    def _keep_unstarted(self, res: TripResult) -> None:
+        results = self._results
+        results.pop(res.trip_id, None)
+        results[res.trip_id] = res
+        if len(results) > MAX_UNSTARTED:  # the oldest: long answered
+            del results[next(iter(results))]
 
     def result(self, trip_id: str) -> TripResult | None:
         """The trip's definitive result (current coordinator state first), or None."""
