@@ -58,10 +58,13 @@ def test_encode_batch_bounds() -> None:
 
 
 def test_pack_splits_by_count_and_size_and_keeps_order() -> None:
-    from live.server.node import _pack
+    from evsim.protocol.messages import pack_batches
+
+    def _pack(texts: list[str], limit: int = 32_000, most: int = MAX_BATCH) -> list[str]:
+        return pack_batches(texts, limit, most)
 
     texts = [encode(v) for v in VOTES]
-    assert _pack(texts[:1]) == [texts[0].encode()]  # alone: the plain message
+    assert _pack(texts[:1]) == [texts[0]]  # alone: the plain message
     out = _pack(texts, most=2)
     assert [len(decode_batch(p)) for p in out] == [2, 2, 1]
     assert [m for p in out for m in decode_batch(p)] == VOTES
@@ -69,7 +72,7 @@ def test_pack_splits_by_count_and_size_and_keeps_order() -> None:
     assert all(len(p) <= len(texts[0]) * 2 + 4 for p in small)
     assert [m for p in small for m in decode_batch(p)] == VOTES
     huge = "x" * 100
-    assert _pack([huge, huge], limit=50) == [huge.encode(), huge.encode()]  # each alone
+    assert _pack([huge, huge], limit=50) == [huge, huge]  # each alone
 
 
 def test_server_takes_a_batch_whole_or_drops_it_whole(tmp_path: Path) -> None:

@@ -512,6 +512,30 @@ def encode_batch(msgs: Sequence[Message]) -> str:
     return "[" + ",".join(encode(m) for m in msgs) + "]"
 
 
+def pack_batches(texts: Sequence[str], limit: int, most: int = MAX_BATCH) -> list[str]:
+    """:func:`encode` outputs (one sender to one node, in order) as payloads for a
+    transport: one alone as itself, several as JSON arrays of at most ``most`` messages and
+    about ``limit`` characters (a single larger message goes alone).  Each payload decodes
+    with :func:`decode_batch`; taken in order, they give the messages in order."""
+    if len(texts) == 1:
+        return [texts[0]]
+    out: list[str] = []
+    chunk: list[str] = []
+    size = 2
+    for t in texts:
+        if chunk and (size + len(t) + 1 > limit or len(chunk) >= most):
+            out.append(_joined(chunk))
+            chunk, size = [], 2
+        chunk.append(t)
+        size += len(t) + 1
+    out.append(_joined(chunk))
+    return out
+
+
+def _joined(chunk: list[str]) -> str:
+    return chunk[0] if len(chunk) == 1 else "[" + ",".join(chunk) + "]"
+
+
 def decode_batch(text: str | bytes) -> list[Message]:
     """Decode :func:`encode` or :func:`encode_batch` output: the messages in order. Raise
     ProtocolError naming the first bad element; a batch is taken whole or not at all."""

@@ -89,7 +89,7 @@ from evsim.protocol import (
     encode,
     split_before_log,
 )
-from evsim.protocol.messages import MAX_BATCH as PROTOCOL_MAX_BATCH
+from evsim.protocol.messages import pack_batches
 from live import topics
 from live.bus import MAX_PAYLOAD_BYTES, Bus
 from live.faults import FaultInjector
@@ -586,12 +586,12 @@ class ProtocolHost:
             by_dst.setdefault(o.dst, []).append(encode(o.msg))
         for dst, texts in by_dst.items():
             topic = topics.protocol_topic(dst, self.company)  # [access]
-            for payload in _pack(texts):
+            for payload in pack_batches(texts, MAX_PAYLOAD_BYTES // 2):
                 try:
-                    bus.publish(topic, payload, qos=1)
+                    bus.publish(topic, payload.encode(), qos=1)
                 except Exception:  # retries are the protocol's business (tick re-sends)
                     log.exception("publishing %d message(s) to %s failed",
-                                  payload.count(b'"msg_id"'), dst)
+                                  payload.count('"msg_id"'), dst)
 
     # ------------------------------------------------------------------ timers
 
@@ -717,26 +717,3 @@ def _wake_on(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _pack(texts: list[str], limit: int = MAX_PAYLOAD_BYTES // 2,
-          most: int = PROTOCOL_MAX_BATCH) -> list[bytes]:
-    """Encoded messages as payloads: one alone as itself, several as JSON arrays of at most
-    ``most`` messages and about ``limit`` bytes (a single larger message goes alone)."""
-    if len(texts) == 1:
-        return [texts[0].encode()]
-    out: list[bytes] = []
-    chunk: list[str] = []
-    size = 2
-    for t in texts:
-        if chunk and (size + len(t) + 1 > limit or len(chunk) >= most):
-            out.append(_joined(chunk))
-            chunk, size = [], 2
-        chunk.append(t)
-        size += len(t) + 1
-    out.append(_joined(chunk))
-    return out
-
-
-def _joined(chunk: list[str]) -> bytes:
-    return (chunk[0] if len(chunk) == 1 else "[" + ",".join(chunk) + "]").encode()
