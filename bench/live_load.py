@@ -67,6 +67,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from live.broker import MosquittoBroker, free_port  # noqa: E402
+from live.launcher import listening_socket  # noqa: E402
 
 COMPANIES = ("acme", "zap", "volt")
 # station -> (company, city, [(power_kw, type, count)]); 20 connectors in all
@@ -140,18 +141,18 @@ class LoadNetwork:
             "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]),
         })
         for c in COMPANIES:
-            port = free_port()
-            self.servers[c] = f"http://127.0.0.1:{port}"
             self.dbs[c] = self.workdir / f"{c}.db"
             log = (self.workdir / f"server-{c}.log").open("ab")
-            self.procs[c] = subprocess.Popen(
-                [sys.executable, "-m", "live", "server", "--host", "127.0.0.1",
-                 "--port", str(port)],
-                env={**env, "EVSIM_COMPANY": c, "EVSIM_DB_URL": f"sqlite:///{self.dbs[c]}"},
-                cwd=str(self.workdir), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-            log.close()
+            with log, listening_socket() as sock:  # bound here: no race for the port
+                self.servers[c] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+                self.procs[c] = subprocess.Popen(
+                    [sys.executable, "-m", "live", "server", "--fd", str(sock.fileno())],
+                    env={**env, "EVSIM_COMPANY": c,
+                         "EVSIM_DB_URL": f"sqlite:///{self.dbs[c]}"},
+                    cwd=str(self.workdir), stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                    pass_fds=(sock.fileno(),),
+                )
         wait_healthy(self.servers, timeout, self.procs)
         return self
 

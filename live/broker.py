@@ -20,6 +20,7 @@ reconnect tests use.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pwd
 import shutil
@@ -33,11 +34,17 @@ from pathlib import Path
 
 __all__ = ["BrokerError", "MosquittoBroker", "find_mosquitto", "free_port", "wait_port"]
 
+log = logging.getLogger(__name__)
+
 _CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
 
 class BrokerError(RuntimeError):
     """The broker binary is missing, or the broker did not start or stop."""
+
+    def __init__(self, message: str, *, port_taken: bool = False) -> None:
+        super().__init__(message)
+        self.port_taken = port_taken  # it could not bind its port: another process has it
 
 
 def find_mosquitto() -> str | None:
@@ -56,6 +63,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+# MQTT 3.1.1 CONNECT: clean session, keep-alive 60 s, empty client id (the broker names it)
+_CONNECT = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 60, 0, 0])
+
+
+def speaks_mqtt(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Does ``host:port`` answer an MQTT CONNECT with a CONNACK (whatever its return code:
+    a broker that wants credentials refuses, but in MQTT)?"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(_CONNECT)
+            return s.recv(1)[:1] == b"\x20"
+    except OSError:
+        return False
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> bool:
@@ -97,6 +119,7 @@ class MosquittoBroker:
                 "mosquitto binary not found (install mosquitto or set EVSIM_MOSQUITTO)"
             )
         self.host = host
+        self._pick_port = not port  # ours to pick again if another process takes it first
         self.port = port or free_port(host)
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="evsim-mosquitto-"))
@@ -148,29 +171,49 @@ class MosquittoBroker:
         if self.acl:
             (self.workdir / "acl").write_text("\n".join(self.acl) + "\n")
 
-    def start(self, timeout: float = 10.0) -> MosquittoBroker:
-        """Start the broker and wait until it accepts connections."""
+    def start(self, timeout: float = 10.0, attempts: int = 3) -> MosquittoBroker:
+        """Start the broker and wait until it accepts connections.  A port this object
+        picked (none given) that another process takes between the pick and Mosquitto's
+        bind is picked again, up to ``attempts`` times."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except BrokerError as err:
+                if not (self._pick_port and err.port_taken) or attempt == attempts - 1:
+                    raise
+                log.warning("port %d was taken before mosquitto could bind it; another",
+                            self.port)
+                self.port = free_port(self.host)
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> MosquittoBroker:
         if self.running:
             return self
         self._write_files()
-        log = self.log_path.open("ab")
+        out = self.log_path.open("ab")
+        logged = out.tell()  # what this start writes begins here
         try:
             self.proc = subprocess.Popen(
                 [str(self.binary), "-c", str(self.config_path)],
-                stdout=log,
+                stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         finally:
-            log.close()
+            out.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BrokerError(
-                    f"mosquitto exited with {self.proc.returncode}: {self.log_tail()}"
-                )
-            if wait_port(self.host, self.port, timeout=0.2):
+            code = self.proc.poll()
+            if code is not None:
+                self.proc = None
+                said = self.log_tail(since=logged)
+                raise BrokerError(f"mosquitto exited with {code}: {said}",
+                                  port_taken="Address already in use" in said)
+            # the port answering is not enough: another process's listener on a port
+            # taken before mosquitto could bind it answers too (and mosquitto then exits)
+            if wait_port(self.host, self.port, timeout=0.2) and speaks_mqtt(self.host,
+                                                                           self.port):
                 return self
         self.stop()
         raise BrokerError(f"mosquitto did not listen on {self.url} within {timeout}s")
@@ -206,9 +249,11 @@ class MosquittoBroker:
             time.sleep(down_s)
         self.start()
 
-    def log_tail(self, n: int = 2000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-n:]
+    def log_tail(self, n: int = 2000, since: int = 0) -> str:
+        """The last ``n`` characters of the broker's log (from byte ``since`` on)."""
+        with contextlib.suppress(OSError), self.log_path.open("rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")[-n:]
         return ""
 
     def close(self) -> None:

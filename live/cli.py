@@ -16,6 +16,7 @@ point group (``live = "live.cli:app"``); ``python -m live ...`` runs it directly
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -140,17 +141,30 @@ def server(
     host: Annotated[str, typer.Option()] = "0.0.0.0",
     port: Annotated[int, typer.Option()] = 8000,
     log_level: Annotated[str, typer.Option()] = "warning",
+    fd: Annotated[int | None, typer.Option(
+        help="serve on this inherited, already listening TCP socket instead of binding "
+             "--host/--port (the launcher binds it: no other process can take the port "
+             "between its choice and the bind)")] = None,
 ) -> None:
     """One company server (uvicorn), configured by EVSIM_* variables (EVSIM_COMPANY...)."""
     import logging
     import os
+    import socket
 
     import uvicorn
 
     logging.basicConfig(level=os.environ.get("EVSIM_LOG", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run("live.server.app:app_from_env", factory=True, host=host, port=port,
-                log_level=log_level, timeout_graceful_shutdown=3)
+    config = uvicorn.Config("live.server.app:app_from_env", factory=True, host=host,
+                            port=port, log_level=log_level, timeout_graceful_shutdown=3)
+    # socket(fileno=...) reads the family off the socket (uvicorn's own --fd assumes a Unix
+    # socket, and asyncio then leaves TCP_NODELAY off every connection)
+    sockets = None if fd is None else [socket.socket(fileno=fd)]
+    srv = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        srv.run(sockets=sockets)
+    if not srv.started:
+        raise SystemExit(3)  # as uvicorn.run: the app or the socket failed at start-up
 
 
 @app.command("station-agent", context_settings=_PASS, add_help_option=False)

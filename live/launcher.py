@@ -4,7 +4,9 @@ Topology (the same as ``docker-compose.yml``, one OS process per container):
 
 * a Mosquitto broker (:class:`live.broker.MosquittoBroker`), unless ``broker_url`` is given;
 * per company: a server (``python -m live server``: uvicorn + :func:`live.server.create_app`)
-  on a free loopback port with its own SQLite database ``db/{company}.db`` in the run dir,
+  on a free loopback port, bound by the launcher and handed over as a listening socket
+  (``--fd``: no other process can take the port in between), with its own SQLite database
+  ``db/{company}.db`` in the run dir,
   and a station agent (``python -m live station-agent``) for its stations;
 * one vehicle agent (``python -m live vehicle-agent``) driving the scenario's trips.
 
@@ -34,6 +36,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,7 +49,7 @@ import httpx
 
 from evsim.scenario import Scenario, load_scenario
 from live.acl import Credentials, acl_lines, write_secrets
-from live.broker import MosquittoBroker, free_port
+from live.broker import MosquittoBroker
 
 __all__ = ["LiveNetwork", "Proc", "collect_trace", "run_scenario"]
 
@@ -136,7 +139,8 @@ class LiveNetwork:
             return self.creds.station_agent_env(company)
         return self.creds.vehicles_env() if name == "vehicles" else {}
 
-    def spawn(self, name: str, args: list[str], **env: str) -> Proc:
+    def spawn(self, name: str, args: list[str], *, pass_fds: tuple[int, ...] = (),
+              **env: str) -> Proc:
         env = {**self.auth_env(name), **env}  # [access]
         log_path = self.out / "logs" / f"{name}.log"
         fh = log_path.open("ab")
@@ -145,6 +149,7 @@ class LiveNetwork:
                 [self.python, "-m", "live", *args], env=self.env(**env), cwd=str(self.out),
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # own process group: stop() signals the whole group
+                pass_fds=pass_fds,
             )
         finally:
             fh.close()
@@ -168,10 +173,7 @@ class LiveNetwork:
         if not self.epoch:
             self.epoch = time.time()
         for c in self.scenario.companies:
-            port = free_port()
-            self.servers[c.id] = f"http://127.0.0.1:{port}"
-            self.spawn(f"server-{c.id}", ["server", "--host", "127.0.0.1", "--port", str(port)],
-                       **self._server_env(c.id))
+            self.spawn_server(c.id)
         for c in self.scenario.companies:
             if any(s.company == c.id for s in self.scenario.stations):
                 self.spawn(f"stations-{c.id}", ["station-agent"], EVSIM_COMPANY=c.id)
@@ -209,18 +211,31 @@ class LiveNetwork:
     def now(self) -> float:
         return self.start_min + (time.time() - self.epoch) * self.time_scale / 60.0
 
+    def spawn_server(self, company: str) -> Proc:
+        """Start ``company``'s server on a listening socket bound here and handed over
+        (``server --fd``), on its port so far or else a free one: a port picked free and
+        bound later by the child could be taken in between by any other process."""
+        url = self.servers.get(company)
+        port = int(url.rsplit(":", 1)[1]) if url else 0
+        with listening_socket(port) as sock:
+            port = sock.getsockname()[1]
+            self.servers[company] = f"http://127.0.0.1:{port}"
+            return self.spawn(f"server-{company}",
+                              ["server", "--fd", str(sock.fileno()), "--port", str(port)],
+                              pass_fds=(sock.fileno(),), **self._server_env(company))
+
     def restart(self, name: str) -> Proc:
-        """Kill one process (SIGKILL, a crash) and start it again with the same arguments."""
+        """Kill one process (SIGKILL, a crash) and start it again with the same arguments
+        (a server on the same port)."""
         old = next(p for p in self.procs if p.name == name)
         _signal_group(old.popen, signal.SIGKILL)
         old.popen.wait(10)
         self.procs.remove(old)
-        args = list(old.popen.args)[3:]  # type: ignore[arg-type]  # after "python -m live"
         company = name.split("-", 1)[1]
-        extra = {"EVSIM_COMPANY": company}
         if name.startswith("server-"):
-            extra = self._server_env(company)
-        return self.spawn(name, args, **extra)
+            return self.spawn_server(company)
+        args = list(old.popen.args)[3:]  # type: ignore[arg-type]  # after "python -m live"
+        return self.spawn(name, args, EVSIM_COMPANY=company)
 
     def _server_env(self, company: str) -> dict[str, str]:
         env = {"EVSIM_COMPANY": company,
@@ -308,6 +323,20 @@ class LiveNetwork:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def listening_socket(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket listening on ``host:port`` (0: a free port) for a child process to
+    serve on (``python -m live server --fd``); the caller closes its own copy."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart, same port
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:

@@ -192,6 +192,38 @@ def test_constructor_fails_without_broker() -> None:
         MqttBus(f"mqtt://127.0.0.1:{free_port()}", connect_timeout=0.5)
 
 
+def test_a_broker_port_taken_before_mosquitto_binds_it(tmp_path: Path) -> None:
+    """Another process can take the port a broker picked before mosquitto binds it: that
+    listener answers connections too, so "the port answers" proved nothing and start()
+    returned a broker that had already exited.  Now start() waits for an MQTT CONNACK; a
+    port it picked itself is picked again, a port it was given is an error saying so."""
+    import socket
+
+    from live.broker import BrokerError, MosquittoBroker, find_mosquitto, speaks_mqtt
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found (apt-get install mosquitto)")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        assert not speaks_mqtt("127.0.0.1", taken, timeout=0.2)
+        given = MosquittoBroker(port=taken, workdir=tmp_path / "given")
+        with pytest.raises(BrokerError, match="Address already in use") as err:
+            given.start()
+        assert err.value.port_taken and not given.running
+        picked = MosquittoBroker(workdir=tmp_path / "picked")
+        picked.port = taken  # as if the squatter took the port it picked
+        try:
+            picked.start()
+            assert picked.port != taken and picked.running
+            assert speaks_mqtt("127.0.0.1", picked.port)
+            bus = MqttBus(picked.url)
+            bus.close()
+        finally:
+            picked.close()
+
+
 def test_garbage_payload_logged_and_ignored(mosquitto, caplog) -> None:
     good: list[dict] = []
 
