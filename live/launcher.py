@@ -159,8 +159,9 @@ class LiveNetwork:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self, ready_timeout: float = 60.0) -> LiveNetwork:
-        """Broker, then servers and station agents; returns once every server is healthy."""
+    def start(self, ready_timeout: float = 60.0, *, wait: bool = True) -> LiveNetwork:
+        """Broker, then servers and station agents; returns once every server is healthy
+        (``wait=False``: at once; :meth:`wait_healthy` then waits)."""
         if self.broker_url is None:
             users, acl = None, None
             if self.auth:  # [access] random per run; secrets.env is 0600 in the run dir
@@ -177,7 +178,8 @@ class LiveNetwork:
         for c in self.scenario.companies:
             if any(s.company == c.id for s in self.scenario.stations):
                 self.spawn(f"stations-{c.id}", ["station-agent"], EVSIM_COMPANY=c.id)
-        self.wait_healthy(ready_timeout)
+        if wait:
+            self.wait_healthy(ready_timeout)
         return self
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
@@ -471,11 +473,15 @@ def run_scenario(
         # the shared clock starts at start_min once the processes are (very likely) up; a
         # slow start only eats into the first minutes before the first departure
         net.epoch = time.time() + warmup_s
-        net.start()
+        # every process starts at once: the vehicle agent's start-up (imports, the fleet's
+        # plans: seconds on a loaded machine) overlaps the servers' instead of following it
+        # and running its first trips late (it waits for the servers' /health itself)
+        net.start(wait=False)
+        veh = net.start_vehicles(booking, until_min=sc.duration_min, max_trips=max_trips)
+        net.wait_healthy()
         if time.time() > net.epoch:
             log.warning("live network took %.1f s to start (warmup_s=%.1f): the clock was "
                         "already running", time.time() - net.epoch + warmup_s, warmup_s)
-        veh = net.start_vehicles(booking, until_min=sc.duration_min, max_trips=max_trips)
         end_wall = net.epoch + (sc.duration_min - start) * 60.0 / time_scale
         while veh.alive and time.time() < end_wall + 30.0:
             time.sleep(0.2)

@@ -589,6 +589,28 @@ class Fleet:
             log.exception("trip v%d failed", k)
             self.errors.append(f"v{k}: {exc}")
 
+    async def _servers_up(self, timeout_s: float = 60.0) -> None:
+        """Wait until every server answers ``/health`` (the agent may start with them: a
+        launcher, or compose, which starts a service without waiting for the ones it needs
+        to be healthy); say so if the clock has run since the run began by then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for s in self.servers.values():
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await s.client.get("/health", timeout=2.0)).status_code == 200:
+                        break
+                if loop.time() > deadline:
+                    raise RuntimeError(f"server {s.company} ({s.base_url}) not healthy after "
+                                       f"{timeout_s:g} s")
+                await asyncio.sleep(0.05)
+        now = self.clock.now()
+        first = min((float(self.trips.depart_t_min[k]) for k in self.trip_ids), default=now)
+        if first < now:
+            log.warning("vehicle agent ready at t=%.2f min, after the first departure "
+                        "(t=%.2f): its first trips run up to %.2f s late", now, first,
+                        (now - first) * 60.0 / self.clock.time_scale)
+
     async def run(self, until_min: float | None = None) -> dict[str, VehicleRun]:
         """Drive every trip (stops at ``until_min`` scenario minutes if given)."""
         self._loop = asyncio.get_running_loop()
@@ -600,6 +622,7 @@ class Fleet:
             bus = MqttBus(self.mqtt_url, username=self._mqtt_auth[0],
                           password=self._mqtt_auth[1], connect_timeout=10.0)
             bus.subscribe("evsim/vehicles/+/notify", self._on_notify)
+        await self._servers_up()
         tasks = [asyncio.create_task(self._guarded(k)) for k in self.trip_ids]
         try:
             if until_min is None:
