@@ -262,13 +262,16 @@ class MqttBus:
             log.warning("mqtt %s: connection refused: %s", self.client_id, reason)
             return
         self.connects += 1
-        with self._subs_lock:
-            filters = [(f, q) for f, _, q in self._subs]
         with self._sub_cond:
             self._sub_acked.clear()
+        with self._subs_lock:
+            # one step with subscribe()'s: a filter added from here on sees the connection
+            # and subscribes itself; one added before is in this list (apart, a filter
+            # added between the two found neither, and was never subscribed)
+            filters = [(f, q) for f, _, q in self._subs]
+            self._connected.set()
         for f, q in dict(filters).items():  # renew subscriptions (non-blocking: queues packets)
             client.subscribe(f, q)
-        self._connected.set()
         if self.connects > 1:
             log.info("mqtt %s: reconnected", self.client_id)
         for hook in list(self._connect_hooks):
@@ -326,10 +329,11 @@ class MqttBus:
             validate_filter(topic_filter)
         except ValueError as exc:
             raise BusError(str(exc)) from exc
-        with self._subs_lock:
+        with self._subs_lock:  # (see _on_connect)
             known = any(f == topic_filter for f, _, _ in self._subs)
             self._subs.append((topic_filter, handler, qos))
-        if known or not self._connected.is_set():
+            connected = self._connected.is_set()
+        if known or not connected:
             return  # the broker already has it, or on_connect will subscribe
         rc, mid = self._client.subscribe(topic_filter, qos)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:

@@ -224,6 +224,48 @@ def test_a_broker_port_taken_before_mosquitto_binds_it(tmp_path: Path) -> None:
             picked.close()
 
 
+def test_a_subscription_made_while_the_first_connect_completes_is_not_lost(mosquitto) -> None:
+    """A station agent's bus subscribes to its commands right after it is made, while
+    paho's thread may be completing the connection.  on_connect took its list of filters
+    to renew, then set "connected"; a subscribe() between the two found itself in neither
+    and was never sent: that station ignored every command (a full test run saw a session
+    whose start command was re-sent for three minutes).  This pins on_connect between the
+    two and subscribes from another thread then."""
+    entered, proceed = threading.Event(), threading.Event()
+
+    class Gated(threading.Event):
+        def set(self) -> None:  # on_connect, once it has its list of filters
+            entered.set()
+            proceed.wait(5.0)
+            super().set()
+
+    got: list[bytes] = []
+    bus = MqttBus(mosquitto.url, connect_timeout=None)
+    bus._connected = Gated()  # (before the CONNACK: connect_async has just started)
+    try:
+        assert entered.wait(10.0), "no CONNACK"
+        t = threading.Thread(target=bus.subscribe,
+                             args=("evsim/test/gated", lambda _t, p: got.append(p)))
+        t.start()
+        t.join(0.3)  # the old code returned at once, subscribed nowhere
+        proceed.set()
+        t.join(5.0)
+        assert bus.wait_connected(5.0)
+        pub = MqttBus(mosquitto.url)
+        try:
+            for _ in range(40):
+                pub.publish("evsim/test/gated", b"x")
+                if got:
+                    break
+                time.sleep(0.05)
+        finally:
+            pub.close()
+        assert got, "the subscription was lost"
+    finally:
+        proceed.set()
+        bus.close()
+
+
 def test_garbage_payload_logged_and_ignored(mosquitto, caplog) -> None:
     good: list[dict] = []
 
