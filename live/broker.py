@@ -181,7 +181,7 @@ class MosquittoBroker:
             except BrokerError as err:
                 if not (self._pick_port and err.port_taken) or attempt == attempts - 1:
                     raise
-                log.warning("port %d was taken before mosquitto could bind it; another",
+                log.warning("port %d was taken before mosquitto could bind it; picking another",
                             self.port)
                 self.port = free_port(self.host)
         raise AssertionError("unreachable")
