@@ -615,6 +615,7 @@ class Fleet:
         """Drive every trip (stops at ``until_min`` scenario minutes if given)."""
         self._loop = asyncio.get_running_loop()
         self.servers = {c: Server(c, self.server_urls[c]) for c in self.companies}
+        await self._servers_up()
         bus = None
         if self.mqtt_url:
             from live.mqtt import MqttBus
@@ -622,7 +623,6 @@ class Fleet:
             bus = MqttBus(self.mqtt_url, username=self._mqtt_auth[0],
                           password=self._mqtt_auth[1], connect_timeout=10.0)
             bus.subscribe("evsim/vehicles/+/notify", self._on_notify)
-        await self._servers_up()
         tasks = [asyncio.create_task(self._guarded(k)) for k in self.trip_ids]
         try:
             if until_min is None:
