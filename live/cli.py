@@ -88,11 +88,19 @@ def run(
     res = run_scenario(path, out, time_scale=time_scale, broker_url=broker, booking=booking,
                        policy=policy, skip_idle=skip_idle, max_trips=max_trips, plots=plots,
                        progress=progress, warmup_s=warmup)
-    m = res["metrics"]
-    typer.echo(f"\nlive run done in {res['info']['wall_s']:.1f} s -> {out}")
+    m, info = res["metrics"], res["info"]
+    mean = m["wait_min"]["mean"]
+    typer.echo(f"\nlive run done in {info['wall_s']:.1f} s -> {out}")
     typer.echo(f"  trips {m['trips']['started']} started / {m['trips']['completed']} completed,"
-               f" sessions {m['sessions']}, wait mean {m['wait_min']['mean']}, "
-               f"stranded {m['stranded']}")
+               f" sessions {m['sessions']}, wait mean "
+               f"{'-' if mean is None else f'{mean:.2f}'} min, stranded {m['stranded']}")
+    lag = info["vehicle_lag"]
+    if lag:
+        typer.echo(f"  vehicle agent behind the scaled clock: mean {lag['mean_s'] * 1000:.0f} ms "
+                   f"({lag['mean_min']:.2f} scenario min), p99 {lag['p99_s'] * 1000:.0f} ms "
+                   f"({lag['p99_min']:.2f} min), max {lag['max_s'] * 1000:.0f} ms")
+    for w in info["warnings"]:
+        typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()

@@ -443,6 +443,38 @@ def first_departure(scenario: Scenario, seed: int) -> float:
     return float(t[0]) if len(t) else 0.0
 
 
+def lag_warnings(
+    lag: dict[str, float], time_scale: float, *, booking: str, grace_min: float,
+    mean_wait_min: float | None = None, wait_rel: float = 0.10, wait_of: str = "the reference",
+) -> list[str]:
+    """Why a live run's clock lag may spoil its results, or a comparison with the
+    simulation (empty: it kept up).
+
+    ``lag``: the vehicle agent's lateness behind the scaled clock (``mean_s``, ``p99_s``,
+    ``max_s``, in wall seconds); a vehicle that acts late arrives late. In the booked modes,
+    one later than ``grace_min`` after its window opened finds its reservation gone
+    (NO_SHOW), which the simulation never sees; and a mean lateness above the tolerance on
+    the mean wait (``wait_rel`` x ``mean_wait_min``: the simulation's for a twin, the run's
+    own for a live run alone, ``wait_of`` names which) moves arrivals, on average, by more
+    than the difference a comparison looks for."""
+    if not lag:
+        return []
+    out: list[str] = []
+    scale = time_scale / 60.0  # scenario minutes per wall second
+    max_min, mean_min = lag.get("max_s", 0.0) * scale, lag.get("mean_s", 0.0) * scale
+    advice = "; run it again on a quieter machine or at a lower --time-scale"
+    if booking in ("trip", "stop") and max_min > grace_min:
+        out.append(f"the vehicle agent fell up to {max_min:.1f} scenario min behind the clock, "
+                   f"more than booking.grace_min ({grace_min:g}): late vehicles lost their "
+                   f"reservations (NO_SHOW), which the simulation never does{advice}")
+    if mean_wait_min is not None and mean_min > wait_rel * mean_wait_min:
+        out.append(f"the vehicle agent's actions were {mean_min:.2f} scenario min late on "
+                   f"average, over {wait_rel:.0%} of {wait_of} mean wait "
+                   f"({mean_wait_min:.2f} min): timing noise of the size of the tolerance"
+                   f"{advice}")
+    return out
+
+
 def run_scenario(
     scenario_path: str | Path,
     out: str | Path,
@@ -461,6 +493,10 @@ def run_scenario(
 
     The scenario clock starts ``warmup_s`` wall seconds after launch (processes import numpy,
     scipy, FastAPI... first); with ``skip_idle`` it starts 5 minutes before the first trip.
+    The run info (also ``run.json``) has the vehicle agent's lag behind the scaled clock
+    (``vehicle_lag``: wall seconds and scenario minutes) and ``warnings``, from
+    :func:`lag_warnings`, where that lag spoiled the run (a machine too slow or too busy
+    for the time scale).
     """
     t0 = time.time()
     out = Path(out)
@@ -501,6 +537,15 @@ def run_scenario(
     }
     collect_trace(sc, out, info)
     metrics = write_report(out, sc.duration_min, f"live {info['policy']}", plots=plots)
-    info.update({"wall_s": time.time() - t0, "exit_codes": codes})
+    lag_file = out / "parts" / "vehicle_lag.json"
+    lag: dict[str, float] = json.loads(lag_file.read_text()) if lag_file.exists() else {}
+    mean_wait = metrics.get("wait_min", {}).get("mean")
+    warnings = lag_warnings(lag, time_scale, booking=booking, grace_min=sc.booking.grace_min,
+                            mean_wait_min=mean_wait if mean_wait == mean_wait else None,
+                            wait_of="this run's")
+    for w in warnings:
+        log.warning("%s", w)
+    info.update({"wall_s": time.time() - t0, "exit_codes": codes, "vehicle_lag": lag,
+                 "warnings": warnings})
     (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
     return {"info": info, "metrics": metrics}

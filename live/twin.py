@@ -21,12 +21,13 @@ Python: :func:`run_twin` (the CLI is :func:`twin`).
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from live.launcher import lag_warnings
 
 __all__ = ["LIVE_BOOKING", "TwinResult", "lag_warnings", "run_twin", "twin"]
 
@@ -55,36 +56,6 @@ class TwinResult:
     @property
     def report_dir(self) -> Path:
         return self.out / "report"
-
-
-def lag_warnings(
-    lag: dict[str, float], time_scale: float, *, booking: str, grace_min: float,
-    mean_wait_min: float | None = None, wait_rel: float = 0.10,
-) -> list[str]:
-    """Why a live run's clock lag may spoil the comparison (empty: it kept up).
-
-    ``lag``: the vehicle agent's lateness behind the scaled clock (``mean_s``, ``p99_s``,
-    ``max_s``, in wall seconds); a vehicle that acts late arrives late. In the booked modes,
-    one later than ``grace_min`` after its window opened finds its reservation gone
-    (NO_SHOW), which the simulation never sees; and a mean lateness above the tolerance on
-    the mean wait (``wait_rel`` x the reference's ``mean_wait_min``) moves arrivals, on
-    average, by more than the difference the comparison looks for."""
-    if not lag:
-        return []
-    out: list[str] = []
-    scale = time_scale / 60.0  # scenario minutes per wall second
-    max_min, mean_min = lag.get("max_s", 0.0) * scale, lag.get("mean_s", 0.0) * scale
-    advice = "; run it again on a quieter machine or at a lower --time-scale"
-    if booking in ("trip", "stop") and max_min > grace_min:
-        out.append(f"the vehicle agent fell up to {max_min:.1f} scenario min behind the clock, "
-                   f"more than booking.grace_min ({grace_min:g}): late vehicles lost their "
-                   f"reservations (NO_SHOW), which the simulation never does{advice}")
-    if mean_wait_min is not None and mean_min > wait_rel * mean_wait_min:
-        out.append(f"the vehicle agent's actions were {mean_min:.2f} scenario min late on "
-                   f"average, over {wait_rel:.0%} of the reference mean wait "
-                   f"({mean_wait_min:.2f} min): timing noise of the size of the tolerance"
-                   f"{advice}")
-    return out
 
 
 def run_twin(
@@ -119,10 +90,8 @@ def run_twin(
     say(f"[2/3] live run at x{time_scale:g} (about {wall_min:.1f} wall minutes + start)")
     live = run_scenario(path, out / "live", time_scale=time_scale,
                         booking=LIVE_BOOKING[booking], policy=pol, warmup_s=warmup_s)
-    lag: dict[str, float] = {}
-    lag_file = out / "live" / "parts" / "vehicle_lag.json"
-    if lag_file.exists():
-        lag = json.loads(lag_file.read_text())
+    lag: dict[str, float] = live["info"]["vehicle_lag"]
+    if lag:
         say(f"  vehicle agent behind the scaled clock: mean {lag['mean_s'] * 1000:.0f} ms "
             f"({lag['mean_min']:.2f} scenario min), p99 {lag['p99_s'] * 1000:.0f} ms "
             f"({lag['p99_min']:.2f} min), max {lag['max_s'] * 1000:.0f} ms")

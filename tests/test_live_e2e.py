@@ -12,6 +12,7 @@ subprocesses (:class:`live.launcher.LiveNetwork`), the tiny scenario, a scaled c
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -271,6 +272,12 @@ def test_live_run_tiny_smoke(tmp_path: Path) -> None:
         "RESERVED", 0) >= m["bookings"]["trips_booked"]
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "run.json").exists()
     assert all(code is not None for code in res["info"]["exit_codes"].values())
+    # the vehicle agent's lag behind the scaled clock is in the run info, with the warnings
+    # it calls for (whether this run kept up depends on the machine: both are lists here)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    lag = saved["vehicle_lag"]
+    assert lag["n"] > 50 and 0.0 <= lag["mean_s"] <= lag["p99_s"] <= lag["max_s"]
+    assert saved["warnings"] == res["info"]["warnings"] and isinstance(saved["warnings"], list)
 
 
 def _descendants(pid: int) -> set[int]:

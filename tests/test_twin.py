@@ -205,3 +205,24 @@ def test_lag_warnings_say_when_the_live_run_fell_behind() -> None:
     assert lag_warnings(stalled, 600.0, **{**kw, "booking": "on_arrival"}) == []
     assert lag_warnings(stalled, 60.0, **kw) == []
     assert lag_warnings({}, 600.0, **kw) == []
+
+
+def test_a_live_run_that_fell_behind_warns_against_its_own_waits() -> None:
+    """``evsim live run`` alone has no simulation to compare with: it holds the lag against
+    its own mean wait. Bahia at x600 in trip mode (2026-11-25), once with a test run hogging
+    one of the two cores (1,017 sessions became 514, the mean wait 2.9 min became 42), once
+    on the quiet machine."""
+    from live.launcher import lag_warnings
+
+    hogged = {"mean_s": 1.694, "p99_s": 29.455, "max_s": 53.221}
+    ws = lag_warnings(hogged, 600.0, booking="trip", grace_min=15.0, mean_wait_min=42.2,
+                      wait_of="this run's")
+    assert len(ws) == 2 and "532.2 scenario min behind" in ws[0]
+    assert "16.94 scenario min late on average" in ws[1] and "this run's mean wait" in ws[1]
+    quiet = {"mean_s": 0.003, "p99_s": 0.042, "max_s": 0.248}
+    assert lag_warnings(quiet, 600.0, booking="trip", grace_min=15.0, mean_wait_min=2.92) == []
+    # walk-ins lose no reservation, but a mean lag of 10% of the waits still spoils them
+    (w,) = lag_warnings(hogged, 600.0, booking="none", grace_min=15.0, mean_wait_min=42.2)
+    assert "late on average" in w
+    # a run with no session has no mean wait to hold the lag against
+    assert lag_warnings(hogged, 600.0, booking="none", grace_min=15.0, mean_wait_min=None) == []
