@@ -138,7 +138,8 @@ def compare(
         labels = [f"{split_label(p)[0]}+{m}" for p in policies for m in booking_modes]
     for label in labels:
         split_label(label)  # fail before running anything
-    rows, traces = [], {}
+    rows: list[pd.DataFrame] = []
+    traces: dict[str, pd.DataFrame] = {}
     for pol in labels:
         for s in seed_list:
             res = simulate(sc, policy=pol, seed=s)

@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -178,7 +179,7 @@ def plot_utilisation(
         ax.bar(x, pct.to_numpy(), color=bar_colours, edgecolor="black", lw=0.3)
         mean = 100.0 * util["occupied_min"].sum() / (horizon * len(util))
         ax.axhline(mean, color="black", ls="--", lw=1.2)
-        handles = [Patch(color=cmap[c], label=str(c)) for c in companies]
+        handles: list[Artist] = [Patch(color=cmap[c], label=str(c)) for c in companies]
         handles.append(Line2D([], [], color="black", ls="--", label=f"mean {mean:.1f}%"))
         ax.legend(handles=handles, title="company", fontsize=9, loc="upper right")
         stations = [str(s) for s in g.index.get_level_values("station_id")]

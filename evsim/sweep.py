@@ -32,7 +32,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,7 +232,7 @@ def expand_grid(
         pol_combos = itertools.product(*(params[k] for k in applies))
         for pc, sc_vals in itertools.product(list(pol_combos), scen_combos):
             pvals = tuple((k, float(v)) for k, v in zip(applies, pc, strict=True))
-            cols = {k: None for k in params}
+            cols: dict[str, Any] = {k: None for k in params}
             cols.update(dict(pvals))
             cols.update(dict(sc_vals))
             for s in seed_list:
@@ -297,7 +297,10 @@ def _mp_context() -> Any:
     return mp.get_context("spawn")
 
 
-def _local(base: dict[str, Any], specs: list[RunSpec], workers: int) -> Iterator[dict[str, Any]]:
+Rows = Generator[dict[str, Any], None, None]  # closing one shuts its runs down
+
+
+def _local(base: dict[str, Any], specs: list[RunSpec], workers: int) -> Rows:
     """Rows as runs complete. The pool (if any) is started here, before the caller starts
     its progress-bar thread; closing the iterator shuts it down."""
     if workers <= 1 or len(specs) <= 1:
@@ -305,7 +308,7 @@ def _local(base: dict[str, Any], specs: list[RunSpec], workers: int) -> Iterator
     pool = ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=_mp_context())
     futures: list[Future[dict[str, Any]]] = [pool.submit(run_one, base, s) for s in specs]
 
-    def results() -> Iterator[dict[str, Any]]:
+    def results() -> Rows:
         try:
             for fut in as_completed(futures):
                 yield fut.result()
@@ -315,7 +318,7 @@ def _local(base: dict[str, Any], specs: list[RunSpec], workers: int) -> Iterator
     return results()
 
 
-def _dask(base: dict[str, Any], specs: list[RunSpec], dask: Any) -> Iterator[dict[str, Any]]:
+def _dask(base: dict[str, Any], specs: list[RunSpec], dask: Any) -> Rows:
     from distributed import Client, as_completed
 
     own = not isinstance(dask, Client)

@@ -162,7 +162,7 @@ class TraceWriter:
         clock is one once the run has started; an int is stored as the same float). With
         ``ahead`` the row is written ahead of time (see the class). One function per distinct
         ``(kind, *columns, ahead)``, made once."""
-        key = (str(kind), *columns, ahead)
+        key: tuple[str | bool, ...] = (str(kind), *columns, ahead)
         fn = self._writers.get(key)
         if fn is None:
             fn = self._writers[key] = self._appender(str(kind), columns, ahead)
@@ -204,7 +204,7 @@ class TraceWriter:
             "kind": kind,
         }
         exec(src, scope)  # the source above is built from known column names only
-        return scope["append_row"]  # type: ignore[no-any-return]
+        return scope["append_row"]
 
     def extend(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append already-formed rows (for example events gathered by the live network)."""

@@ -444,9 +444,12 @@ class Harness:
                 return resp if resp.status_code == 201 else None
 
             sid = self._wait(start, 30, f"a session at {company}").json()["session_id"]
-            self._wait(lambda s=sid, c=company, t=token: self._call(
-                c, "GET", f"/sessions/{s}", t).json()["status"] == "COMPLETED",
-                60, f"session {sid} completed")
+
+            def completed(s: str = sid, c: str = company, t: str = token) -> bool:
+                return bool(self._call(c, "GET", f"/sessions/{s}", t).json()["status"]
+                            == "COMPLETED")
+
+            self._wait(completed, 60, f"session {sid} completed")
 
     def tickets(self, n: int) -> list[Ticket]:
         out = []
@@ -599,10 +602,10 @@ class Harness:
                 self.acked[tid] = "BOOKED"
         cr.lost = lost(before, snaps)
         for tid in self.acked:
-            tc = chk.trips.get(tid)
-            if tc is None or tc.state != "BOOKED":
+            found = chk.trips.get(tid)
+            if found is None or found.state != "BOOKED":
                 cr.lost.append(f"trip {tid} was BOOKED for its vehicle, now "
-                               f"{tc.state if tc else 'unknown'}")
+                               f"{found.state if found else 'unknown'}")
         return cr
 
     def _retry(self, t: Ticket, attempts: int = 20) -> None:

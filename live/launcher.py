@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -236,7 +236,7 @@ class LiveNetwork:
         company = name.split("-", 1)[1]
         if name.startswith("server-"):
             return self.spawn_server(company)
-        args = list(old.popen.args)[3:]  # type: ignore[arg-type]  # after "python -m live"
+        args = cast("list[str]", old.popen.args)[3:]  # after "python -m live"
         return self.spawn(name, args, EVSIM_COMPANY=company)
 
     def _server_env(self, company: str) -> dict[str, str]:
@@ -360,7 +360,8 @@ def _db_rows(db: Path) -> list[dict[str, Any]]:
 
     st = Storage(f"sqlite:///{db}")
     try:
-        out, seq = [], 0
+        out: list[dict[str, Any]] = []
+        seq = 0
         while True:
             page = st.trace_rows(after_seq=seq, limit=10_000)
             if not page:

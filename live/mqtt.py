@@ -408,9 +408,10 @@ class MqttBus:
         sock = self._client.socket()
         with contextlib.suppress(Exception):
             self._client.loop_stop()
-        if sock is not None:
+        if isinstance(sock, socket.socket):  # (TLS sockets are socket.socket too)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
         self._connected.clear()

@@ -315,7 +315,11 @@ class StationAgent:
                 )
             st.bus.subscribe(cmd_topic(company, st.station_id), self._cmd_handler(st))
             if isinstance(st.bus, MqttBus):
-                st.bus.on_connected(lambda st=st: self._publish_status(st))
+
+                def publish(st: StationState = st) -> None:
+                    self._publish_status(st)
+
+                st.bus.on_connected(publish)
             else:
                 self.dispatcher.submit(self._publish_status, st)
         self.scheduler.call_later(self.meter_period_s, self._meter_tick)
@@ -342,7 +346,8 @@ class StationAgent:
         self.scheduler.call_later(self.heartbeat_s, self._heartbeat)
 
     def _event(self, st: StationState, event: str, **fields: Any) -> None:
-        body = {"event": event, "station_id": st.station_id, "company_id": self.company}
+        body: dict[str, Any] = {"event": event, "station_id": st.station_id,
+                                "company_id": self.company}
         body.update(fields)
         body.setdefault("t_min", self.clock())
         self._pub(st, events_topic(self.company, st.station_id), body)

@@ -337,16 +337,21 @@ class Fleet:
                             detail=roads.node_ids[pos])
                     continue
             skip_at.add(pos)
-            station_id = stop.station_id if stop else choice["station_id"]
-            i = self._station[station_id]
-            company = world.stations.company_ids[i] if stop else choice["company_id"]
+            if stop is not None:  # the plan's stop
+                station_id, detour, why = stop.station_id, stop.detour_km, "trip"
+                i = self._station[station_id]
+                company = world.stations.company_ids[i]
+            else:  # the recommendation
+                assert choice is not None
+                station_id, detour = choice["station_id"], float(choice["detour_km"])
+                why = str(choice.get("policy", ""))
+                i = self._station[station_id]
+                company = choice["company_id"]
             st_node = int(world.stations.node[i])
             access = float(world.stations.access_km[i])
             go_km, go_min = to_station(roads, pos, st_node, access)
-            detour = float(choice["detour_km"]) if choice else stop.detour_km
             tr.emit(t, Kind.STATION_CHOSEN, vehicle_id=vid, station_id=station_id,
-                    company_id=company, soc=soc, distance_km=detour,
-                    detail="trip" if stop else str(choice.get("policy", "")))
+                    company_id=company, soc=soc, distance_km=detour, detail=why)
             dry = dry_on_the_way(soc, per_km, go_km, go_min)
             if dry is not None:  # a stale or optimistic choice: run dry on the way
                 t += dry[0]

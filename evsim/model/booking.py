@@ -359,7 +359,11 @@ class BookedTrip:
         if t is not None and t < self._wake_at:
             self._wake_at = t
             ev = self.env.timeout(max(t - self.env.now, 0.0))
-            ev.callbacks.append(lambda _ev, t=t: self._wake(t))
+
+            def wake(_ev: object, at: float = t) -> None:
+                self._wake(at)
+
+            ev.callbacks.append(wake)
 
     def _wake(self, t: float) -> None:
         if self._wake_at == t:

@@ -122,7 +122,7 @@ class ProtocolBus:
     def _start_nodes(self, company: str, fresh: bool) -> None:
         cid, pid = coordinator_id(company), company
         smap = self.station_maps[company]
-        config = {**self.cfg.participant_config(), "pools": self.pools[company]}
+        config: dict[str, Any] = {**self.cfg.participant_config(), "pools": self.pools[company]}
         if fresh:
             coord = Coordinator(cid, **self._coord_config)
             part = Participant(pid, smap, **config)
@@ -167,7 +167,11 @@ class ProtocolBus:
             return
         self._wake_at[node_id] = t
         ev = self.env.timeout(max(t - self.env.now, 0.0))
-        ev.callbacks.append(lambda _ev, n=node_id, t=t: self._wake(n, t))
+
+        def wake(_ev: object, n: str = node_id, at: float = t) -> None:
+            self._wake(n, at)
+
+        ev.callbacks.append(wake)
 
     def _wake(self, node_id: str, t: float) -> None:
         if self._wake_at[node_id] != t:
@@ -194,7 +198,11 @@ class ProtocolBus:
                 if self.net.jitter_min:
                     delay += self.rng.random() * self.net.jitter_min
             ev = self.env.timeout(delay)
-            ev.callbacks.append(lambda _ev, d=dst, m=msg: self._deliver(d, m))
+
+            def deliver(_ev: object, d: str = dst, m: Message = msg) -> None:
+                self._deliver(d, m)
+
+            ev.callbacks.append(deliver)
 
     def _deliver(self, dst: str, msg: Message) -> None:
         handler = self._inbox.get(dst)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from functools import partial
 from heapq import heappop, heappush
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import simpy
 
@@ -302,7 +302,7 @@ class SimStation:
         if not w.event.triggered:
             self._walkins.remove(w)
             return self._abandon(vehicle_id, session_id, soc, t_arrive)
-        spec, p = w.event.value
+        spec, p = cast("tuple[ConnectorSpec, SessionPlan]", w.event.value)
         assert self._desk is not None
         self._desk.walkin_started(session_id, spec.connector_id, env.now, env.now + p.charge_min)
         result = yield from self._session(vehicle_id, session_id, soc, spec, p, t_arrive)
@@ -470,7 +470,11 @@ class SimStation:
             # nothing else may announce that a reservation stopped blocking: look again then
             self._retry_at = retry
             ev = self.env.timeout(retry - now)
-            ev.callbacks.append(lambda _ev, t=retry: self._retry(t))
+
+            def retry_then(_ev: object, t: float = retry) -> None:
+                self._retry(t)
+
+            ev.callbacks.append(retry_then)
 
     def _retry(self, t: float) -> None:
         if self._retry_at == t:

@@ -39,7 +39,7 @@ class World:
         stations = StationTable.from_scenario(scenario, roads)
         conns: list[tuple[ConnectorSpec, ...]] = []
         for i, s in enumerate(scenario.stations):
-            specs = []
+            specs: list[ConnectorSpec] = []
             for c in s.connectors:
                 for _ in range(c.count):
                     specs.append(ConnectorSpec(f"{s.id}/{len(specs) + 1}", i, c.power_kw, c.type))

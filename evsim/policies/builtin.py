@@ -58,7 +58,8 @@ def balanced(
     #   mean_load = sum(busy + queued) / max(sum(n), 1)
     load = snapshot.busy + snapshot.queued
     occ = load[c.index] / st.n_connectors_div[c.index]
-    load_comp = np.bincount(st.company_index, weights=load, minlength=len(st.companies))
+    load_comp: np.ndarray = np.bincount(st.company_index, weights=load,
+                                        minlength=len(st.companies))
     load_comp /= np.maximum(st.company_connectors, 1.0)
     mean_load = float(load.sum() / max(st.total_connectors, 1.0))
     detour_min = c.eta_min + c.onward_min - snapshot.time_min[request.node, request.dest_node]

@@ -391,8 +391,8 @@ def _decoder_for(tp: Any) -> _Decoder:
             return tuple(item_dec(x, f"{where}[{i}]") for i, x in enumerate(v))
 
         return dec_tuple
-    if dataclasses.is_dataclass(tp):
-        cls = tp
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        cls: type = tp
 
         def dec_obj(v: Any, where: str) -> Any:
             if not isinstance(v, dict):

@@ -256,8 +256,8 @@ class Participant(BookingCalendar, EventSourced):
         elif isinstance(rec, Tombstone):
             self._tombstones.add(rec.booking_id)
         elif isinstance(rec, OwnerCanceled):
-            b = self._bookings.get(rec.booking_id)
-            if b is not None and b.coordinator:
+            owned = self._bookings.get(rec.booking_id)
+            if owned is not None and owned.coordinator:
                 self._notice_at[rec.booking_id] = rec.t_min
         else:
             raise ProtocolError(f"record: participant cannot apply {type(rec).__name__}")
@@ -309,7 +309,7 @@ class Participant(BookingCalendar, EventSourced):
                 b.connector_id,
                 b.lease_until_min,
             )
-        alts = ()
+        alts: tuple[Alternative, ...] = ()
         if m is not None and b.state is BookingState.REJECTED:
             alts = self._alternatives(
                 m.station_id, m.connector_id, m.start_min, m.end_min, m.connector_ids

@@ -56,15 +56,17 @@ class BookingRows:
             state, reason = BookingState.PENDING, ""
         elif isinstance(rec, BookingChanged):
             prev = self._state.get(rec.booking_id)
+            known: BookingState | None
             try:
-                state = booking_next(prev, BookingEvent(rec.event)) if prev is not None else None
+                known = booking_next(prev, BookingEvent(rec.event)) if prev is not None else None
             except ProtocolError:
-                state = None  # out of step with the participant
-            if state is None:
+                known = None  # out of step with the participant
+            if known is None:
                 b = participant.booking(rec.booking_id)
                 if b is None or not b.trip_id:
                     return None
-                state = b.state
+                known = b.state
+            state = known
             if rec.event == _STOP:
                 self._state.pop(rec.booking_id, None)  # the last change a booking sees
                 return None

@@ -114,11 +114,11 @@ class Reconciler:
         for cid, sid in reported.items():
             if not isinstance(sid, str) or not isinstance(cid, str) or sid in ids:
                 continue
-            row = svc.storage.session(sid)
-            if row is None:
+            known = svc.storage.session(sid)
+            if known is None:
                 log.warning("station %s runs session %s that %s does not know: stopping it",
                             station_id, sid, svc.company)
-            end = row["end_t_min"] if row is not None and row["end_t_min"] is not None \
+            end = known["end_t_min"] if known is not None and known["end_t_min"] is not None \
                 else svc.now()
             svc.publish(topic, {"cmd": topics.CMD_STOP, "session_id": sid,
                                 "connector_id": cid, "t_min": end})

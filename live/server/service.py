@@ -380,11 +380,12 @@ class CompanyService:
         res = await self.host.wait_result_async(started.trip_id, self._booking_wait_s())
         # the answer reads the host's state under its lock: held (the lock is reentrant)
         # for all of it, and only if it comes within LOOP_LOCK_WAIT_S
-        if res is not None and before_log(res) \
+        epoch = started.epoch  # set by the trip's first step (_begin_trip)
+        if res is not None and epoch is not None and before_log(res) \
                 and self.host.lock.acquire(timeout=LOOP_LOCK_WAIT_S):
             try:
-                if self.host.booked_durable(started.trip_id, started.epoch):
-                    self.host.wait_decided(started.trip_id, started.epoch)  # (at once)
+                if self.host.booked_durable(started.trip_id, epoch):
+                    self.host.wait_decided(started.trip_id, epoch)  # (at once)
                     return self._trip_answer(started, res)
             finally:
                 self.host.lock.release()

@@ -29,7 +29,7 @@ import math
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from evsim.battery import ChargeCurve, session_power_kw, session_soc_out
 from evsim.cdr import session_cdr
@@ -84,7 +84,7 @@ class _Waiter:
     queue: bool  # False: start now or 409, never wait
     arrive_t_min: float = 0.0
     deadline_min: float = math.inf  # arrive + patience: leaves the queue then (abandon)
-    status: str = "QUEUED"  # QUEUED -> ACTIVE | ABANDONED
+    status: Literal["QUEUED", "ACTIVE", "ABANDONED"] = "QUEUED"  # -> ACTIVE | ABANDONED
     wait_min: float | None = None
     connector_id: str | None = None
     booking_id: str | None = None
@@ -304,6 +304,7 @@ class SessionManager:
         """(session power, minutes to the target) of ``body`` on connector ``spec``."""
         ch = self.svc.world.scenario.charging
         power = session_power_kw(spec.power_kw, spec.type, body.max_dc_kw, body.max_ac_kw)
+        assert body.target_soc is not None  # (start_or_queue filled in the default)
         minutes = ChargeCurve(body.battery_kwh, power, ch.taper_soc, ch.efficiency).minutes_to(
             body.soc, session_soc_out(body.soc, body.target_soc))
         return power, minutes
@@ -443,6 +444,7 @@ class SessionManager:
 
     def _queued_public(self, w: _Waiter) -> m.SessionPublic:
         pos = None
+        assert w.body.target_soc is not None  # (start_or_queue filled in the default)
         if w.status == "QUEUED":
             with self.svc.host.lock:
                 q = self._queues.get(w.body.station_id, [])
