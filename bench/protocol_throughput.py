@@ -17,9 +17,11 @@ the ratios.  Usage: ``python bench/protocol_throughput.py [--trips N] [--repeats
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections import deque
+from typing import Any
 
 from evsim.protocol import (
     Coordinator,
@@ -86,14 +88,18 @@ def run_lossy(reqs: list[TripRequest], drop_p: float, seed: int) -> tuple[float,
     cl.add(coord, lambda r: Coordinator.from_log("C", r))
     for pid in PIDS:
         st = stations(pid)
-        cl.add(Participant(pid, st), lambda r, p=pid, s=st: Participant.from_log(p, s, r))
+        cl.add(Participant(pid, st), functools.partial(Participant.from_log, pid, st))
     per_round = 200
     pending = deque(reqs)
     t0 = time.perf_counter()
     while pending or coord.open_trip_ids():
         for _ in range(min(per_round, len(pending))):
             req = pending.popleft()
-            cl.call("C", lambda n, now, req=req: n.request_trip(req, now))
+
+            def request(n: Any, now: float, req: TripRequest = req) -> list[Any]:
+                return n.request_trip(req, now)
+
+            cl.call("C", request)
         cl.deliver_due()
         cl.tick_all()
         cl.deliver_due()

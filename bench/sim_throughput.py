@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow.compute as pc
@@ -328,7 +328,9 @@ def bench_policy(n_stations: int, n_nodes: int, n_requests: int, seed: int = 1) 
     ]
 
     def on(table: type[_TreeTable]) -> Callable[[ChargeRequest, float], Choice | None]:
-        return _least_wait_on(dataclasses.replace(snap, stations=table(snap.stations)))
+        # (a duck-typed StationTable: every attribute but the range query is the table's)
+        tables = cast(StationTable, table(snap.stations))
+        return _least_wait_on(dataclasses.replace(snap, stations=tables))
 
     variants: dict[str, Callable[[ChargeRequest, float], Choice | None]] = {
         "node-index pre-filter (least_wait)": _least_wait_on(snap),
