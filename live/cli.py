@@ -137,10 +137,17 @@ def up(
     finally:
         codes = net.stop()
     sc = net.scenario
-    collect_trace(sc, net.out, {"source": "live", "scenario": sc.name,
-                                "policy": sc.policy.name, "seed": sc.seed,
-                                "horizon_min": max(net.now(), 0.0)})
-    (net.out / "run.json").write_text(json.dumps({"exit_codes": codes}, indent=2))
+    info: dict[str, object] = {
+        "source": "live", "scenario": sc.name, "policy": sc.policy.name, "seed": sc.seed,
+        "horizon_min": max(net.now(), 0.0), "time_scale": time_scale,
+        "booking": booking if vehicles else None, "servers": net.servers,
+        "broker": net.broker_url,
+    }
+    collect_trace(sc, net.out, info)
+    lag_file = net.out / "parts" / "vehicle_lag.json"
+    info.update({"exit_codes": codes,
+                 "vehicle_lag": json.loads(lag_file.read_text()) if lag_file.exists() else {}})
+    (net.out / "run.json").write_text(json.dumps(info, indent=2, default=str))
     typer.echo(f"stopped; trace in {net.out / 'trace.parquet'}")
 
 

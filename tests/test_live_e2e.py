@@ -348,3 +348,10 @@ def test_live_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     wait_for(lambda: not [k for k in kids if _alive(k)], timeout=10,
              what="every process live up started to exit")
     assert (out / "trace.parquet").exists()
+    # run.json says what ran: the servers it printed, the time scale, how each process ended
+    info = json.loads((out / "run.json").read_text())
+    printed = {x.split()[1]: x.split()[2] for x in seen if x.startswith("server ")}
+    assert info["servers"] == printed and set(printed) == {"acme", "zap"}
+    assert info["time_scale"] == 600.0 and info["booking"] == "stop"
+    assert info["broker"].startswith("mqtt://127.0.0.1:")
+    assert set(info["exit_codes"]) >= {"server-acme", "server-zap", "vehicles"}
