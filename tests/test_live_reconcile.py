@@ -119,21 +119,21 @@ def test_lost_session_finished_is_asked_for_again(net: ReconcileNet, agent_of: A
     agent = agent_of()
     svc = net.svc("acme")
     # the server misses every station event for a while (as if it were down)
-    real = svc.sessions._event_session
+    real = svc.station_feed._event_session
     missed: list[bytes] = []
 
     def deaf(topic: str, payload: bytes) -> Any:
         missed.append(payload)
         raise BadPayload("server away")
 
-    monkeypatch.setattr(svc.sessions, "_event_session", deaf)
+    monkeypatch.setattr(svc.station_feed, "_event_session", deaf)
     s = _walk_in(net, h, target=0.52)  # a short top-up: charging ends within a second
     st = agent.stations["acme_charlie"]
     wait_for(lambda: st.connector_status(s["connector_id"]) == "Finishing", 10.0,
              "charging did not end")
     assert any(b'"session_finished"' in p for p in missed)
     assert svc.storage.session(s["session_id"])["status"] == "ACTIVE"
-    monkeypatch.setattr(svc.sessions, "_event_session", real)
+    monkeypatch.setattr(svc.station_feed, "_event_session", real)
     wait_for(lambda: svc.storage.session(s["session_id"])["status"] == "COMPLETED", 5.0,
              "the finished session was never completed")
     row = svc.storage.session(s["session_id"])

@@ -129,6 +129,9 @@ class CompanyService:
         from live.server.sessions import SessionManager
 
         self.sessions = SessionManager(self)
+        from live.server.station_feed import StationFeed
+
+        self.station_feed = StationFeed(self)
         from live.server.reconcile import Reconciler
 
         self.reconciler = Reconciler(self, settings.reconcile_s)
@@ -146,8 +149,8 @@ class CompanyService:
         bus.subscribe(topics.ALL_STATUS, self.status.on_status)
         self.status.start_watchdog(  # heartbeats: offline after 1.5 silent periods
             (lambda: bool(bus.connected)) if hasattr(bus, "connected") else None)
-        bus.subscribe(topics.company_filter(self.company, "events"), self.sessions.on_event)
-        bus.subscribe(topics.company_filter(self.company, "meter"), self.sessions.on_meter)
+        bus.subscribe(topics.company_filter(self.company, "events"), self.station_feed.on_event)
+        bus.subscribe(topics.company_filter(self.company, "meter"), self.station_feed.on_meter)
         self.outages.start()
         self.sessions.resume()  # walk-ins queued before a restart: expire / serve them
 

@@ -9,8 +9,8 @@ protocol's; this module stores the session, commands the station over the bus
 
 Pricing: a stopped session's record is :func:`evsim.cdr.session_cdr`'s (energy, SoC,
 charging and parking minutes, the tariff's price breakdown), with the station's metered
-energy when it reported one (``meter`` / ``session_finished`` events, or the caller's
-``energy_kwh``), else the charging curve's.
+energy when it reported one (``meter`` / ``session_finished`` events, applied by
+:mod:`live.server.station_feed`, or the caller's ``energy_kwh``), else the charging curve's.
 
 Walk-in queue: a walk-in with ``queue`` set that gets no connector joins the station's FIFO
 queue (202 QUEUED).  The entry (vehicle, station, the request with its plan inputs, arrival
@@ -36,7 +36,6 @@ from evsim.cdr import session_cdr
 from evsim.protocol import BookingChanged, BookingState, ProtocolError
 from evsim.queueing import WALKIN_GRACE_MIN, assign_walkins, expired
 from live import topics
-from live.bus import BadPayload, decode_json
 from live.server import models as m
 from live.server.reconcile import start_command
 from live.server.service import ApiError, owner_of
@@ -67,11 +66,8 @@ def session_public(row: dict[str, Any], waiter: Any = None) -> m.SessionPublic:
     )
 
 
-_EVENT_NUMBERS = (("energy_kwh", 0.0, 1000.0), ("soc", 0.0, 1.0), ("t_min", 0.0, 1e7),
-                  ("power_kw", 0.0, 2000.0))
 SWEEP_MIN = 5.0  # scenario minutes between re-dispatches of every non-empty queue (a backstop)
 _MIN_WALKIN_MIN = 1e-3  # a walk-in's booking spans at least this (a session at its target)
-_EVENTS = (topics.EV_SESSION_STARTED, topics.EV_SESSION_FINISHED, topics.EV_FAULT)
 
 
 @dataclass(eq=False)
@@ -645,71 +641,6 @@ class SessionManager:
 
     def history(self, vehicle_id: str) -> list[m.SessionPublic]:
         return [session_public(r) for r in self.svc.storage.sessions_where(vehicle_id=vehicle_id)]
-
-    # ------------------------------------------------------------------ station events
-
-    def _event_session(self, topic: str, payload: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-        info = topics.parse(topic)
-        if info is None or info.company != self.svc.company:
-            raise BadPayload("not one of this company's station topics")
-        d = decode_json(payload)
-        sid = d.get("session_id")
-        row = self.svc.storage.session(sid) if isinstance(sid, str) else None
-        if row is None or row["station_id"] != info.station_id:
-            raise BadPayload(f"unknown session {sid!r} at {info.station_id!r}")
-        # every field present must have the documented type and range: a payload with one
-        # bad field is dropped whole (it never half-applies)
-        for key, lo, hi in _EVENT_NUMBERS:
-            v = d.get(key)
-            if v is None:
-                if key in d and key != "energy_kwh":
-                    raise BadPayload(f"{key} must be a number, got null")
-                continue
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
-                    or not lo <= v <= hi:
-                raise BadPayload(f"bad {key} {v!r} (a number in [{lo}, {hi}])")
-        if "connector_id" in d and d["connector_id"] != row["connector_id"]:
-            raise BadPayload(f"connector_id {d['connector_id']!r} is not the session's")
-        if "station_id" in d and d["station_id"] != row["station_id"]:
-            raise BadPayload(f"station_id {d['station_id']!r} is not the session's")
-        if info.kind == "events" and d.get("event") not in _EVENTS:
-            raise BadPayload(f"unknown station event {d.get('event')!r}")
-        return d, row
-
-    def on_meter(self, topic: str, payload: bytes) -> None:
-        """``.../meter``: remember the session's metered energy; never raises."""
-        try:
-            d, row = self._event_session(topic, payload)
-            if d.get("energy_kwh") is not None:
-                self.svc.storage.set_metered(row["session_id"], float(d["energy_kwh"]))
-        except BadPayload as exc:
-            log.warning("meter on %s ignored: %s", topic, exc)
-
-    def on_event(self, topic: str, payload: bytes) -> None:
-        """``.../events``: ``session_finished`` ends the session with the metered energy."""
-        try:
-            d, row = self._event_session(topic, payload)
-        except BadPayload as exc:
-            log.warning("station event on %s ignored: %s", topic, exc)
-            return
-        ev = d.get("event")
-        t = d.get("t_min")
-        t = float(t) if isinstance(t, int | float) and math.isfinite(t) else None
-        e = d.get("energy_kwh")
-        if ev == topics.EV_SESSION_FINISHED:
-            self.stop(row["session_id"], None if e is None else float(e), t)
-        elif ev == topics.EV_FAULT:
-            self.svc.trace([{
-                "t_min": t if t is not None else self.svc.now(), "kind": "connector_status",
-                "station_id": row["station_id"], "company_id": self.svc.company,
-                "connector_id": row["connector_id"], "session_id": row["session_id"],
-                "status": "FAULTED", "detail": str(d.get("reason", ""))[:200] or None,
-            }])
-        elif ev == topics.EV_SESSION_STARTED:
-            if e is not None:
-                self.svc.storage.set_metered(row["session_id"], float(e))
-        else:
-            log.warning("unknown station event %r on %s ignored", ev, topic)
 
 
 __all__ = ["SessionManager", "owner_of", "session_public"]
