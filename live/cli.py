@@ -113,7 +113,7 @@ def up(
     booking: Annotated[str, typer.Option()] = "stop",
 ) -> None:
     """Start the network and keep it running until Ctrl-C (prints the server URLs)."""
-    from live.launcher import LiveNetwork, collect_trace
+    from live.launcher import LiveNetwork, collect_trace, vehicle_lag
 
     path = _scenario_path(scenario)
     net = LiveNetwork(path, out, time_scale=time_scale, broker_url=broker)
@@ -144,9 +144,7 @@ def up(
         "broker": net.broker_url,
     }
     collect_trace(sc, net.out, info)
-    lag_file = net.out / "parts" / "vehicle_lag.json"
-    info.update({"exit_codes": codes,
-                 "vehicle_lag": json.loads(lag_file.read_text()) if lag_file.exists() else {}})
+    info.update({"exit_codes": codes, "vehicle_lag": vehicle_lag(net.out)})
     (net.out / "run.json").write_text(json.dumps(info, indent=2, default=str))
     typer.echo(f"stopped; trace in {net.out / 'trace.parquet'}")
 

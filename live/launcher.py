@@ -444,6 +444,13 @@ def first_departure(scenario: Scenario, seed: int) -> float:
     return float(t[0]) if len(t) else 0.0
 
 
+def vehicle_lag(out: Path) -> dict[str, float]:
+    """The vehicle agent's lag behind the scaled clock in run dir ``out`` (what it wrote on
+    exit, :meth:`live.vehicle_agent.Fleet.lag_summary`), or {} if it wrote none."""
+    path = out / "parts" / "vehicle_lag.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def lag_warnings(
     lag: dict[str, float], time_scale: float, *, booking: str, grace_min: float,
     mean_wait_min: float | None = None, wait_rel: float = 0.10, wait_of: str = "the reference",
@@ -538,8 +545,7 @@ def run_scenario(
     }
     collect_trace(sc, out, info)
     metrics = write_report(out, sc.duration_min, f"live {info['policy']}", plots=plots)
-    lag_file = out / "parts" / "vehicle_lag.json"
-    lag: dict[str, float] = json.loads(lag_file.read_text()) if lag_file.exists() else {}
+    lag = vehicle_lag(out)
     mean_wait = metrics.get("wait_min", {}).get("mean")
     warnings = lag_warnings(lag, time_scale, booking=booking, grace_min=sc.booking.grace_min,
                             mean_wait_min=mean_wait if mean_wait == mean_wait else None,
