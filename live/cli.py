@@ -67,7 +67,7 @@ def run(
     warmup: Annotated[float, typer.Option(help="Wall seconds before the clock starts.")] = 10.0,
 ) -> None:
     """Run SCENARIO on a live network to its end and write the run directory."""
-    from live.launcher import run_scenario
+    from live.launcher import lag_line, run_scenario
 
     if booking not in ("stop", "trip", "none"):
         typer.echo("error: --booking must be stop, trip or none", err=True)
@@ -96,9 +96,7 @@ def run(
                f"{'-' if mean is None else f'{mean:.2f}'} min, stranded {m['stranded']}")
     lag = info["vehicle_lag"]
     if lag:
-        typer.echo(f"  vehicle agent behind the scaled clock: mean {lag['mean_s'] * 1000:.0f} ms "
-                   f"({lag['mean_min']:.2f} scenario min), p99 {lag['p99_s'] * 1000:.0f} ms "
-                   f"({lag['p99_min']:.2f} min), max {lag['max_s'] * 1000:.0f} ms")
+        typer.echo(f"  {lag_line(lag)}")
     for w in info["warnings"]:
         typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW, err=True)
 

@@ -451,6 +451,13 @@ def vehicle_lag(out: Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def lag_line(lag: dict[str, float]) -> str:
+    """``lag`` (:func:`vehicle_lag`) in one line, for a run's summary."""
+    return (f"vehicle agent behind the scaled clock: mean {lag['mean_s'] * 1000:.0f} ms "
+            f"({lag['mean_min']:.2f} scenario min), p99 {lag['p99_s'] * 1000:.0f} ms "
+            f"({lag['p99_min']:.2f} min), max {lag['max_s'] * 1000:.0f} ms")
+
+
 def lag_warnings(
     lag: dict[str, float], time_scale: float, *, booking: str, grace_min: float,
     mean_wait_min: float | None = None, wait_rel: float = 0.10, wait_of: str = "the reference",

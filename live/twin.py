@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 import typer
 
-from live.launcher import lag_warnings
+from live.launcher import lag_line, lag_warnings
 
 __all__ = ["LIVE_BOOKING", "TwinResult", "lag_warnings", "run_twin", "twin"]
 
@@ -92,9 +92,7 @@ def run_twin(
                         booking=LIVE_BOOKING[booking], policy=pol, warmup_s=warmup_s)
     lag: dict[str, float] = live["info"]["vehicle_lag"]
     if lag:
-        say(f"  vehicle agent behind the scaled clock: mean {lag['mean_s'] * 1000:.0f} ms "
-            f"({lag['mean_min']:.2f} scenario min), p99 {lag['p99_s'] * 1000:.0f} ms "
-            f"({lag['p99_min']:.2f} min), max {lag['max_s'] * 1000:.0f} ms")
+        say(f"  {lag_line(lag)}")
     say("[3/3] report")
     html = write_report([out / "sim", out / "live"], out / "report", labels=["sim", "live"])
     rows: list[dict[str, str]] = []
