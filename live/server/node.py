@@ -93,6 +93,7 @@ from evsim.protocol.messages import pack_batches
 from live import topics
 from live.bus import MAX_PAYLOAD_BYTES, Bus
 from live.faults import FaultInjector
+from live.server.periodic import Periodic
 from live.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,7 @@ class ProtocolHost:
         self._inbox: list[tuple[str, Message]] = []
         self._batching = False
         self.batches = 0  # steps that handled buffered bus messages (for benchmarks)
-        self._ticker: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._ticker: Periodic | None = None
         # fault injection (live.faults): None unless EVSIM_FAULT / EVSIM_FAULT_FILE is set
         self.faults = faults if faults is not None else FaultInjector.from_env()
 
@@ -603,24 +603,13 @@ class ProtocolHost:
         )
 
     def start_ticker(self, interval_s: float) -> None:
-        if self._ticker is not None:
-            return
-        self._stop.clear()
-
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.tick()
-                except Exception:
-                    log.exception("protocol tick failed")
-
-        self._ticker = threading.Thread(target=loop, name=f"ticker-{self.company}", daemon=True)
-        self._ticker.start()
+        if self._ticker is None:
+            self._ticker = Periodic(f"ticker-{self.company}", interval_s, self.tick)
+            self._ticker.start()
 
     def stop_ticker(self) -> None:
-        self._stop.set()
         if self._ticker is not None:
-            self._ticker.join(timeout=5)
+            self._ticker.stop(5.0)
             self._ticker = None
 
     # ------------------------------------------------------------------ trip results

@@ -25,6 +25,7 @@ from evsim.policies.outage import (
     stale_sessions,
 )
 from evsim.protocol import BookingState
+from live.server.periodic import Periodic
 from live.server.service import owner_of
 
 if TYPE_CHECKING:
@@ -47,21 +48,14 @@ class StationOutages:
         # own station -> the session ids its last status named before it went away
         self._known_before: dict[str, set[str] | None] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = Periodic(f"outages-{svc.company}", max(svc.settings.tick_s, 0.05),
+                                self._handle_all)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._loop, name=f"outages-{self.svc.company}", daemon=True)
-            self._thread.start()
+        self._thread.start()
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._thread.stop(5.0)
 
     def on_station_status(self, station_id: str, was_online: bool, online: bool,
                           t_min: float) -> None:
@@ -76,27 +70,21 @@ class StationOutages:
             with self._lock:
                 self.offline_since.setdefault(station_id, self.svc.now())
                 self._known_before[station_id] = known
-            self._wake.set()  # handle its bookings now, not at the next period
+            self._thread.wake()  # handle its bookings now, not at the next period
         else:
             with self._lock:
                 self.offline_since.pop(station_id, None)
                 known = self._known_before.pop(station_id, None)
             self.station_returned(station_id, known)
 
-    def _loop(self) -> None:
-        period = max(self.svc.settings.tick_s, 0.05)
-        while not self._stop.is_set():
-            self._wake.wait(period)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            with self._lock:
-                offline = list(self.offline_since)
-            for sid in offline:
-                try:
-                    self.handle_offline(sid)
-                except Exception:
-                    log.exception("handling the outage of %s failed", sid)
+    def _handle_all(self) -> None:
+        with self._lock:
+            offline = list(self.offline_since)
+        for sid in offline:
+            try:
+                self.handle_offline(sid)
+            except Exception:
+                log.exception("handling the outage of %s failed", sid)
 
     def request_for(self, snap: Any, booking: AffectedBooking) -> Any:
         """Alternatives are ranked for the fleet's most common vehicle model, standing at the

@@ -37,6 +37,7 @@ from typing import Any
 from evsim.snapshot import NetworkSnapshot, StatusBoard
 from live import topics
 from live.bus import BadPayload, decode_json
+from live.server.periodic import Periodic
 from live.server.world import LiveWorld
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ class StatusReplica:
         self.heartbeat_s: dict[str, float] = {}
         self.last_seen: dict[str, float] = {}
         self.expired = 0  # stations marked offline by the watchdog
-        self._watchdog: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._watchdog: Periodic | None = None
 
     def on_status(self, topic: str, payload: bytes) -> None:
         """Bus handler for ``evsim/+/stations/+/status``; never raises."""
@@ -190,29 +190,25 @@ class StatusReplica:
         this server's own bus is up (no expiry while it is not, nor just after)."""
         if self._watchdog is not None:
             return
-        self._stop.clear()
+        last = [time.monotonic()]
 
-        def loop() -> None:
-            last = time.monotonic()
-            while not self._stop.wait(period_s):
-                now = time.monotonic()
-                up = connected() if connected is not None else True
-                if not up or now - last > max(1.0, 10 * period_s):  # bus down / we froze
+        def check() -> None:
+            now = time.monotonic()
+            up = connected() if connected is not None else True
+            try:
+                if not up or now - last[0] > max(1.0, 10 * period_s):  # bus down / we froze
                     self._hold_off(now)
                 else:
-                    try:
-                        self.expire(now)
-                    except Exception:
-                        log.exception("heartbeat watchdog failed")
-                last = now
+                    self.expire(now)
+            finally:
+                last[0] = now
 
-        self._watchdog = threading.Thread(target=loop, name="status-watchdog", daemon=True)
+        self._watchdog = Periodic("status-watchdog", period_s, check)
         self._watchdog.start()
 
     def close(self) -> None:
-        self._stop.set()
         if self._watchdog is not None:
-            self._watchdog.join(timeout=2)
+            self._watchdog.stop(2.0)
             self._watchdog = None
 
     def set_online(self, station_id: str, online: bool) -> None:
