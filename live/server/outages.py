@@ -48,14 +48,14 @@ class StationOutages:
         # own station -> the session ids its last status named before it went away
         self._known_before: dict[str, set[str] | None] = {}
         self._lock = threading.Lock()
-        self._thread = Periodic(f"outages-{svc.company}", max(svc.settings.tick_s, 0.05),
+        self._rounds = Periodic(f"outages-{svc.company}", max(svc.settings.tick_s, 0.05),
                                 self._handle_all)
 
     def start(self) -> None:
-        self._thread.start()
+        self._rounds.start()
 
     def close(self) -> None:
-        self._thread.stop(5.0)
+        self._rounds.stop(5.0)
 
     def on_station_status(self, station_id: str, was_online: bool, online: bool,
                           t_min: float) -> None:
@@ -70,7 +70,7 @@ class StationOutages:
             with self._lock:
                 self.offline_since.setdefault(station_id, self.svc.now())
                 self._known_before[station_id] = known
-            self._thread.wake()  # handle its bookings now, not at the next period
+            self._rounds.wake()  # handle its bookings now, not at the next period
         else:
             with self._lock:
                 self.offline_since.pop(station_id, None)

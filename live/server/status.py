@@ -190,18 +190,19 @@ class StatusReplica:
         this server's own bus is up (no expiry while it is not, nor just after)."""
         if self._watchdog is not None:
             return
-        last = [time.monotonic()]
+        last = time.monotonic()
 
         def check() -> None:
+            nonlocal last
             now = time.monotonic()
             up = connected() if connected is not None else True
             try:
-                if not up or now - last[0] > max(1.0, 10 * period_s):  # bus down / we froze
+                if not up or now - last > max(1.0, 10 * period_s):  # bus down / we froze
                     self._hold_off(now)
                 else:
                     self.expire(now)
             finally:
-                last[0] = now
+                last = now
 
         self._watchdog = Periodic("status-watchdog", period_s, check)
         self._watchdog.start()
