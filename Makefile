@@ -10,7 +10,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 BASE   := $(VENV)/.installed-base
 
-.PHONY: run test test-slow lint bench bench-protocol bench-live lab diagrams test-protocol-long clean venv
+.PHONY: run test test-slow lint bench bench-protocol bench-live bench-hops lab diagrams test-protocol-long clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-protocol: $(STAMP)
 
 bench-live: $(STAMP)
 	$(BIN)/python bench/live_load.py
+
+bench-hops: $(STAMP)
+	$(BIN)/python bench/live_hops.py
 
 diagrams: $(STAMP)
 	$(BIN)/python docs/make_diagrams.py
