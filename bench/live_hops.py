@@ -148,9 +148,10 @@ def segments(t0: int, t1: int, notes: Sequence[Note], participants: Sequence[str
     return [(b - a) / 1e3 for a, b in itertools.pairwise(marks)]
 
 
-async def book_lone(net: L.LoadNetwork, n: int, warmup: int = 50) -> list[tuple[int, int]]:
-    """``n`` lone three-company bookings by a vehicle of :data:`HOME`: (sent, answered) in
-    ``CLOCK_MONOTONIC`` ns."""
+async def book_lone(net: L.LoadNetwork, n: int, gap_s: float = 0.0,
+                    warmup: int = 50) -> list[tuple[int, int]]:
+    """``n`` lone three-company bookings by a vehicle of :data:`HOME`, ``gap_s`` apart:
+    (sent, answered) in ``CLOCK_MONOTONIC`` ns."""
     out = []
     async with L.Client(4) as client:
         vehicles = await L.register_many(client, net.servers, 3)
@@ -168,13 +169,17 @@ async def book_lone(net: L.LoadNetwork, n: int, warmup: int = 50) -> list[tuple[
                 raise RuntimeError(f"booking {k} answered {code}")
             if k >= warmup:
                 out.append((t0, t1))
-            await asyncio.sleep(0.005)  # lone: the servers are idle when a booking starts
+            if gap_s > 0:
+                await asyncio.sleep(gap_s)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bookings", type=int, default=300)
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="idle time between two bookings (default 0: one after the other, as "
+                    "the paired rounds of bench/live_load.py)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep the databases, logs and notes here (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert net.broker is not None
                 rtt = statistics.median(L.mqtt_rtt(net.broker.url, 200)) * 1e6
                 fsync = statistics.median(L.commit_times(workdir, 200)) * 1e6
-                windows = asyncio.run(book_lone(net, args.bookings))
+                windows = asyncio.run(book_lone(net, args.bookings, args.gap_ms / 1e3))
             # (the servers write their notes as they exit)
         finally:
             os.environ.pop("EVSIM_HOPTRACE", None)
@@ -216,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     totals = [sum(r) for r in rows]
     p50 = statistics.median(totals)
     print(f"lone three-company trip bookings (coordinator {HOME}, participants "
-          f"{', '.join(participants)}): {len(rows)} of {len(windows)} split into segments; "
-          f"{os.cpu_count()} CPUs")
+          f"{', '.join(participants)}, {args.gap_ms:g} ms apart): {len(rows)} of "
+          f"{len(windows)} split into segments; {os.cpu_count()} CPUs")
     print(f"floors in the same run: QoS 1 round trip p50 {rtt:.0f} us, one forced write "
           f"(SQLite WAL, synchronous=FULL) p50 {fsync:.0f} us")
     print(f"{'segment':<40} {'p50 us':>8} {'p90 us':>8} {'share':>7}")
