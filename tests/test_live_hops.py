@@ -33,8 +33,9 @@ def test_the_notes_load_in_a_server_process_and_are_written_at_exit(tmp_path: Pa
     env = {**os.environ, "EVSIM_HOPTRACE": str(tmp_path), "EVSIM_COMPANY": "acme",
            "PYTHONPATH": os.pathsep.join([str(BENCH / "hoptrace"), str(ROOT)])}
     code = (
-        "import live.mqtt, live.server.node as n, live.server.service as s, fastapi.routing\n"
-        "for f in (n.ProtocolHost.execute, n.ProtocolHost._commit, n._Step.write,\n"
+        "import fastapi.routing, live.mqtt, live.server.node as n, live.server.service as s\n"
+        "import live.server.steps as st\n"
+        "for f in (n.ProtocolHost.execute, n.ProtocolHost._commit, st.QueuedStep.write,\n"
         "          s.CompanyService.book_async, live.mqtt.MqttBus._dispatch,\n"
         "          fastapi.routing.solve_dependencies):\n"
         "    assert hasattr(f, '__wrapped__'), f\n"

@@ -28,6 +28,7 @@ from evsim.protocol import (
     Vote,
     dump_log,
     load_log,
+    may_defer,
     split_before_log,
 )
 
@@ -96,6 +97,31 @@ def test_happy_path_exact_messages() -> None:
     # a booked trip is still subject to no-show expiry like any booking
     ps["P1"].tick(111.0)
     assert state(ps, "t1/0") is BookingState.NO_SHOW
+
+
+def test_only_all_acked_may_be_deferred_and_a_coordinator_without_it_asks_again() -> None:
+    """``may_defer``: of every record a booked trip writes, only the coordinator's
+    ALL_ACKED may miss its step's commit. A coordinator rebuilt from a log that lost it
+    re-sends COMMIT, each stop acknowledges from its state, and the trip is BOOKED again
+    with the same stops (what a live server that deferred the record relies on)."""
+    link, c, ps = setup()
+    link.send(c.request_trip(trip("t1", LEGS), 0.0))
+    link.pump(1.0)
+    assert c.trip_state("t1") is TripState.BOOKED
+    records = [*c.log, *(r for p in ps.values() for r in p.log)]
+    assert [getattr(r, "event", "") for r in records if may_defer(r)] == ["ALL_ACKED"]
+    (booked,) = results(link)
+    lost = [r for r in c.log if not may_defer(r)]
+    c2 = Coordinator.from_log("C", lost)
+    assert c2.trip_state("t1") is TripState.COMMITTING
+    link2 = Link(c2, *ps.values())
+    resent = link2.tick(1.0 + c2.retry_min)
+    assert [type(o.msg).__name__ for o in resent] == ["Commit"] * 3
+    link2.pump(2.0)
+    assert c2.trip_state("t1") is TripState.BOOKED
+    (again,) = results(link2)
+    assert again == booked
+    assert [state(ps, f"t1/{i}") for i in range(3)] == [BookingState.RESERVED] * 3
 
 
 def test_no_vote_aborts_everything_with_reason_and_alternatives() -> None:

@@ -113,6 +113,8 @@ def test_checker_on_real_databases_and_tampered_copies(tmp_path: Path) -> None:
     net = Net(tmp_path)
     _, h = net.register()
     trip = book_trip(net, h)
+    for c in ("acme", "zap"):  # quiescent servers: the deferred ALL_ACKED is written too
+        net.svc(c).host.barrier()
     snaps = {c: read_db(tmp_path / f"{c}.db", c) for c in ("acme", "zap")}
     stations = _stations()
     ok = check(snaps, stations, net.clock.t)

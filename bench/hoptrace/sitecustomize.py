@@ -67,6 +67,7 @@ def install() -> None:
     import live.mqtt
     import live.server.node
     import live.server.service
+    import live.server.steps
 
     bus = live.mqtt.MqttBus
     on_message: Callable[..., None] = bus._on_message
@@ -87,7 +88,7 @@ def install() -> None:
     host = live.server.node.ProtocolHost
     for name in ("execute", "_commit", "wait_result_async"):
         _wrap(host, name)
-    _wrap(live.server.node._Step, "write", "_write")  # a step's statements in a commit
+    _wrap(live.server.steps.QueuedStep, "write", "_write")  # a step's statements in a commit
     service = live.server.service.CompanyService
     for name in ("book_async", "_trip_answer"):
         _wrap(service, name)

@@ -24,6 +24,7 @@ from evsim.protocol.log import (
     dump_log,
     encode_record,
     load_log,
+    may_defer,
 )
 from evsim.protocol.messages import (
     Abort,
@@ -115,5 +116,6 @@ __all__ = [
     "encode_batch",
     "encode_record",
     "load_log",
+    "may_defer",
     "split_before_log",
 ]

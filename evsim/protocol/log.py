@@ -12,7 +12,8 @@ coordinator has no record of, which is what makes presumed abort safe).
 
 Participant records: :class:`BookingCreated`, :class:`BookingChanged`,
 :class:`Tombstone`, :class:`OwnerCanceled`.  Coordinator records: :class:`TripStarted`,
-:class:`TripChanged`.
+:class:`TripChanged`.  :func:`may_defer` says which records need not be forced with
+their step at all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from evsim.protocol.messages import Alternative, StopRequest, decode_tagged, encode_tagged
+from evsim.protocol.states import TripEvent
 
 
 class EventSourced:
@@ -151,6 +153,21 @@ class TripChanged(Record):
     failed_stop: int | None = None
     alternatives: tuple[Alternative, ...] = ()
     connectors: tuple[str, ...] = ()
+
+
+_ALL_ACKED = TripEvent.ALL_ACKED.value
+
+
+def may_defer(rec: Record) -> bool:
+    """May ``rec`` be written after the step that made it, with whatever commit comes next
+    (and be lost if the node crashes before that)?  Only a coordinator's ALL_ACKED: nothing
+    sent or answered rests on it (a BOOKED answer rests on the decision and on the stops'
+    commits, durable before the last COMMIT_ACK came: :func:`~evsim.protocol.messages.
+    before_log`), and a coordinator restarted without it asks every stop again and gets the
+    same ACKs (:mod:`evsim.protocol.coordinator`, "ALL_ACKED is not forced either").  An
+    adapter may thus leave a step whose records are all of this kind queued for its next
+    commit, as long as it writes them within a bounded time."""
+    return isinstance(rec, TripChanged) and rec.event == _ALL_ACKED
 
 
 RECORD_TYPES: dict[str, type[Record]] = {

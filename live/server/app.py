@@ -26,7 +26,6 @@ from starlette.exceptions import HTTPException
 
 from live.bus import Bus
 from live.server.deps import error_body
-from live.server.node import CommitError
 from live.server.routers import (
     bookings,
     health,
@@ -37,6 +36,7 @@ from live.server.routers import (
     vehicles,
 )
 from live.server.service import ApiError, CompanyService
+from live.server.steps import CommitError
 from live.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,16 @@ and the ticker alike).  Every call follows the same steps (:meth:`ProtocolHost.e
 Write-ahead rule: nothing of a step is sent or answered before its records are committed,
 except what the protocol says may precede them (:func:`evsim.protocol.before_log`): PREPARE
 (presumed abort) leaves as soon as the step has run, so a trip's first hop overlaps the
-coordinator's first commit, and a BOOKED answer wakes its request while ALL_ACKED is still
-being written (see :mod:`evsim.protocol.coordinator` for why both are safe).  A trip's
-start goes further (``execute(..., lazy=True)``): its records (TripStarted, the holds at
-home) are not forced on their own but ride on the trip's decision, which is, so a trip
-costs the coordinator one fsync fewer, and its first hop no disk contention.
+coordinator's first commit, and a BOOKED answer wakes its request before ALL_ACKED is
+written (see :mod:`evsim.protocol.coordinator` for why both are safe).  A trip's start goes
+further (``execute(..., lazy=True)``): its records (TripStarted, the holds at home) are not
+forced on their own but ride on the trip's decision, which is.  So does a trip's end: a step
+whose records are all ALL_ACKED (:func:`evsim.protocol.may_defer`) and that answers only
+BOOKED is not forced at all; it rides on the next commit, and the ticker writes a step that
+stayed queued for a whole tick (:meth:`ProtocolHost.tick`).  A trip thus costs its
+coordinator one fsync (the decision) where it took three, and a crash loses at most the
+ALL_ACKED records of the last tick, which a restarted coordinator gets again by asking the
+stops.
 A step that wrote nothing but sends or answers something still waits until every step
 queued before it is durable (what it sends may depend on their effects), and readers that
 answer from in-memory state (:meth:`barrier`) do the same, so no reply shows a state that a
@@ -67,26 +72,23 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
 from evsim.protocol import (
-    BookingChanged,
-    BookingEvent,
     Coordinator,
     Message,
     Outgoing,
     Participant,
     ProtocolError,
-    Record,
     TripChanged,
     TripEvent,
     TripResult,
     before_log,
     decode_batch,
     encode,
+    may_defer,
     split_before_log,
 )
 from evsim.protocol.messages import pack_batches
@@ -94,6 +96,7 @@ from live import topics
 from live.bus import MAX_PAYLOAD_BYTES, Bus
 from live.faults import FaultInjector
 from live.server.periodic import Periodic
+from live.server.steps import CommitError, Effects, QueuedStep, node_ids
 from live.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -103,53 +106,6 @@ T = TypeVar("T")
 MAX_BATCH = 256  # protocol messages handled in one step at most (bus batching)
 MAX_UNSTARTED = 1024  # answers kept for trips never started (see ProtocolHost._results)
 _ALL_YES = TripEvent.ALL_YES.value
-
-
-class CommitError(RuntimeError):
-    """A step's records could not be committed (the database failed): nothing of the step
-    was sent, and the protocol nodes are rebuilt from the log before the next step."""
-
-
-def node_ids(company: str) -> tuple[str, str, str]:
-    """(participant, coordinator, api) node ids of a company."""
-    return company, f"{company}.coord", f"{company}.api"
-
-
-@dataclass(slots=True)
-class _Step:
-    """One step queued for the next group commit."""
-
-    seq: int
-    fx: Effects
-    value: Any
-    extra: Callable[[Connection, Any, Effects], None] | None
-    error: BaseException | None = None
-
-    def write(self, conn: Connection, pid: str, cid: str) -> None:
-        Storage.append_records(conn, pid, self.fx.participant_records)
-        Storage.append_records(conn, cid, self.fx.coordinator_records)
-        if self.fx.trace_rows:
-            Storage.add_trace(conn, self.fx.trace_rows)
-        if self.extra is not None:
-            self.extra(conn, self.value, self.fx)
-
-
-@dataclass(slots=True)
-class Effects:
-    """What one protocol step produced, handed to post-commit hooks."""
-
-    now: float
-    results: list[TripResult] = field(default_factory=list)
-    participant_records: list[Record] = field(default_factory=list)
-    coordinator_records: list[Record] = field(default_factory=list)
-    sent: list[Outgoing] = field(default_factory=list)
-    trace_rows: list[dict[str, Any]] = field(default_factory=list)
-
-    def booking_events(self, event: BookingEvent) -> list[BookingChanged]:
-        return [
-            r for r in self.participant_records
-            if isinstance(r, BookingChanged) and r.event == event.value
-        ]
 
 
 class ProtocolHost:
@@ -194,7 +150,7 @@ class ProtocolHost:
         # tracers(fx) -> trace rows, under the lock; written in the step's own transaction
         self.tracers: list[Callable[[Effects], list[dict[str, Any]]]] = []
         # group commit: steps queued in lock order, made durable by a leader (a waiter)
-        self._queue: list[_Step] = []
+        self._queue: list[QueuedStep] = []
         self._qcond = threading.Condition(threading.Lock())
         self._enqueued = 0  # seq of the last queued step
         self._durable = 0  # every step with seq <= this is committed
@@ -220,6 +176,7 @@ class ProtocolHost:
         self._batching = False
         self.batches = 0  # steps that handled buffered bus messages (for benchmarks)
         self._ticker: Periodic | None = None
+        self._queued_at_tick = 0  # the last step queued when the previous tick ran
         # fault injection (live.faults): None unless EVSIM_FAULT / EVSIM_FAULT_FILE is set
         self.faults = faults if faults is not None else FaultInjector.from_env()
 
@@ -360,7 +317,7 @@ class ProtocolHost:
                         fx.trace_rows.extend(tracer(fx))
                     except Exception:
                         log.exception("tracer %r failed", tracer)
-            step: _Step | None = None
+            step: QueuedStep | None = None
             if fx.participant_records or fx.coordinator_records or extra is not None \
                     or fx.trace_rows:
                 step = self._enqueue(fx, value, extra)
@@ -376,11 +333,19 @@ class ProtocolHost:
             # which still waits for the step that decided the trip (wait_result)
             with self.lock:
                 self._wake(booked)
-        if not remote and not fx.results and (step is None or lazy):
+        # a step that only records ALL_ACKED and only answers BOOKED rests on no commit
+        deferred = (step is not None and not remote and not fx.participant_records
+                    and extra is None and len(booked) == len(fx.results)
+                    and all(may_defer(r) for r in fx.coordinator_records))
+        if deferred or (not remote and not fx.results and (step is None or lazy)):
             # nothing left to send, nobody to answer: nothing here rests on a commit.  A
             # record-less step (a vote that decides nothing yet) need not wait for the steps
-            # before it; a lazy step's records ride on the next commit (a later step's, a
-            # barrier's or the ticker's), so a trip's start costs no fsync of its own
+            # before it; a lazy or deferred step's records ride on the next commit (a later
+            # step's, a barrier's or, within two ticks, the ticker's): a trip's start and
+            # its ALL_ACKED cost no fsync of their own
+            if deferred:
+                with self.lock:
+                    self.changed.notify_all()
             if step is not None:
                 self._run_hooks(fx)
             return value
@@ -416,11 +381,11 @@ class ProtocolHost:
 
     # ------------------------------------------------------------------ group commit
 
-    def _enqueue(self, fx: Effects, value: Any, extra: Any) -> _Step:
+    def _enqueue(self, fx: Effects, value: Any, extra: Any) -> QueuedStep:
         """Queue a step for the next commit (caller holds ``self.lock``: lock order = seq)."""
         with self._qcond:
             self._enqueued += 1
-            step = _Step(self._enqueued, fx, value, extra)
+            step = QueuedStep(self._enqueued, fx, value, extra)
             if self._broken:  # computed on nodes ahead of the log: never written
                 step.error = CommitError("an earlier write failed; nothing was stored")
             else:
@@ -517,7 +482,7 @@ class ProtocolHost:
         if failure is not None and failure[0] == epoch and upto >= failure[1]:
             raise CommitError("a write failed; the protocol state is being rebuilt")
 
-    def _commit(self, steps: list[_Step]) -> None:
+    def _commit(self, steps: list[QueuedStep]) -> None:
         """Write ``steps`` in one transaction.  If it fails, every step of the batch fails,
         and so does every step queued behind it: each was computed on the nodes' state
         after the failed ones (a decision on top of a trip the log never got), so writing
@@ -596,11 +561,18 @@ class ProtocolHost:
     # ------------------------------------------------------------------ timers
 
     def tick(self) -> None:
-        """Advance both nodes' timers to ``clock()`` and route what they emit."""
+        """Advance both nodes' timers to ``clock()`` and route what they emit; then commit
+        the steps left queued since the previous tick (lazy or deferred steps that no later
+        commit took along: a trip's last ALL_ACKED before the server went quiet)."""
         self.execute(
             lambda now: (None, self.participant.tick(now) + self.coordinator.tick(now)),
             pipelined=True,
         )
+        with self._qcond:
+            oldest = self._queue[0].seq if self._queue else 0
+        if oldest and oldest <= self._queued_at_tick:
+            self.barrier()
+        self._queued_at_tick = self._enqueued
 
     def start_ticker(self, interval_s: float) -> None:
         if self._ticker is None:

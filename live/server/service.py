@@ -46,8 +46,9 @@ from evsim.snapshot import ChargeRequest
 from live import topics
 from live.bus import Bus, encode_json
 from live.server import models as m
-from live.server.node import Effects, ProtocolHost
+from live.server.node import ProtocolHost
 from live.server.status import StatusReplica
+from live.server.steps import Effects
 from live.server.world import LiveWorld
 from live.settings import Settings
 from live.storage import Storage
