@@ -35,7 +35,7 @@ def test_the_notes_load_in_a_server_process_and_are_written_at_exit(tmp_path: Pa
     code = (
         "import fastapi.routing, live.mqtt, live.server.node as n, live.server.service as s\n"
         "import live.server.steps as st\n"
-        "for f in (n.ProtocolHost.execute, n.ProtocolHost._commit, st.QueuedStep.write,\n"
+        "for f in (n.ProtocolHost.execute, n.ProtocolHost._commit, st.QueuedStep.write_all,\n"
         "          s.CompanyService.book_async, live.mqtt.MqttBus._dispatch,\n"
         "          fastapi.routing.solve_dependencies):\n"
         "    assert hasattr(f, '__wrapped__'), f\n"

@@ -88,7 +88,7 @@ def install() -> None:
     host = live.server.node.ProtocolHost
     for name in ("execute", "_commit", "wait_result_async"):
         _wrap(host, name)
-    _wrap(live.server.steps.QueuedStep, "write", "_write")  # a step's statements in a commit
+    _wrap(live.server.steps.QueuedStep, "write_all", "_write")  # a commit's statements
     service = live.server.service.CompanyService
     for name in ("book_async", "_trip_answer"):
         _wrap(service, name)

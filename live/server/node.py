@@ -490,8 +490,7 @@ class ProtocolHost:
         the log; ``_broken`` makes the next :meth:`execute` rebuild them from it."""
         try:
             with self.storage.begin() as conn:
-                for st in steps:
-                    st.write(conn, self.pid, self.cid)
+                QueuedStep.write_all(conn, steps, self.pid, self.cid)
             self.commits += 1
         except Exception as exc:
             log.exception("commit of %d step(s) failed; the protocol nodes will be rebuilt "

@@ -2,14 +2,15 @@
 
 :class:`Effects` is what a step of :class:`live.server.node.ProtocolHost` produced (trip
 results, both nodes' new log records, the messages sent, trace rows), handed to the
-post-commit hooks; :class:`QueuedStep` is a step waiting for the next group commit, and
-writes its records, trace rows and the caller's own rows in that commit's transaction;
+post-commit hooks; :class:`QueuedStep` is a step waiting for the next group commit
+(:meth:`QueuedStep.write_all` writes a commit's steps: their records, trace rows and the
+callers' own rows, one statement per table);
 :class:`CommitError` is what every step of a failed commit raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +42,20 @@ class QueuedStep:
     extra: Callable[[Connection, Any, Effects], None] | None
     error: BaseException | None = None
 
-    def write(self, conn: Connection, pid: str, cid: str) -> None:
-        Storage.append_records(conn, pid, self.fx.participant_records)
-        Storage.append_records(conn, cid, self.fx.coordinator_records)
-        if self.fx.trace_rows:
-            Storage.add_trace(conn, self.fx.trace_rows)
-        if self.extra is not None:
-            self.extra(conn, self.value, self.fx)
+    @staticmethod
+    def write_all(conn: Connection, steps: Sequence[QueuedStep], pid: str, cid: str) -> None:
+        """Write ``steps`` (one group commit) in ``conn``'s transaction: one INSERT of many
+        rows per table (the participant's records, the coordinator's, the trace rows), each
+        in step order, then each step's ``extra`` writes in step order.  A batch of many
+        steps costs as many statements as one."""
+        Storage.append_records(conn, pid, [r for st in steps for r in st.fx.participant_records])
+        Storage.append_records(conn, cid, [r for st in steps for r in st.fx.coordinator_records])
+        rows = [row for st in steps for row in st.fx.trace_rows]
+        if rows:
+            Storage.add_trace(conn, rows)
+        for st in steps:
+            if st.extra is not None:
+                st.extra(conn, st.value, st.fx)
 
 
 @dataclass(slots=True)
