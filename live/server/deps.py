@@ -19,8 +19,9 @@ from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel
+from starlette.requests import HTTPConnection
 
 from live.server.service import ApiError, CompanyService
 
@@ -33,24 +34,28 @@ async def get_service(request: Request) -> CompanyService:
 
 ServiceDep = Annotated[CompanyService, Depends(get_service)]
 
-_bearer = HTTPBearer(auto_error=False, description="token from POST /vehicles")
+class VehicleBearer(HTTPBearer):
+    """The caller's vehicle id, from the bearer token ``POST /vehicles`` issued (401
+    otherwise).  An :class:`HTTPBearer`, so the docs show the security scheme, that also
+    looks the token up: one dependency per request where a token, a service and a lookup
+    dependency were three (FastAPI solves every dependency anew on every request)."""
+
+    async def __call__(self, request: HTTPConnection) -> str:  # type: ignore[override]
+        cred = await super().__call__(request)
+        if cred is None or not cred.credentials:
+            raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)",
+                           "unauthenticated")
+        svc: CompanyService = request.app.state.service
+        vid = svc.authenticate_cached(cred.credentials)  # in memory: no thread, no I/O
+        if vid is None:  # not seen yet (or unknown): ask the database off the event loop
+            vid = await run_in_threadpool(svc.authenticate, cred.credentials)
+        if vid is None:
+            raise ApiError(401, "invalid bearer token", "unauthenticated")
+        return vid
 
 
-async def current_vehicle(
-    svc: ServiceDep,
-    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
-    if cred is None or not cred.credentials:
-        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)",
-                       "unauthenticated")
-    vid = svc.authenticate_cached(cred.credentials)  # in memory: no thread, no I/O
-    if vid is None:  # not seen yet (or unknown): ask the database off the event loop
-        vid = await run_in_threadpool(svc.authenticate, cred.credentials)
-    if vid is None:
-        raise ApiError(401, "invalid bearer token", "unauthenticated")
-    return vid
-
-
+current_vehicle = VehicleBearer(auto_error=False, scheme_name="HTTPBearer",
+                                description="token from POST /vehicles")
 VehicleDep = Annotated[str, Depends(current_vehicle)]
 IdempotencyKey = Annotated[
     str | None,
