@@ -34,6 +34,7 @@ async def get_service(request: Request) -> CompanyService:
 
 ServiceDep = Annotated[CompanyService, Depends(get_service)]
 
+
 class VehicleBearer(HTTPBearer):
     """The caller's vehicle id, from the bearer token ``POST /vehicles`` issued (401
     otherwise).  An :class:`HTTPBearer`, so the docs show the security scheme, that also
