@@ -67,6 +67,14 @@ def _booking(hops, t0: int = 1000, step: int = 10) -> tuple[list, int]:
         t += step
         out.append(hops.Note(t, who, thread, what))
 
+    def commit(who: str) -> None:
+        for what in ("_commit", "_write-end", "_commit-end"):
+            at(who, what)
+
+    def to_coordinator(p: str) -> None:  # a participant's commit, then its answer
+        commit(p)
+        at(p, f"tx evsim/protocol/acme.coord/{p}")
+
     at("acme", "http in", "MainThread")
     at("acme", "book_async", "MainThread")
     for p in ("zap", "volt"):
@@ -74,23 +82,15 @@ def _booking(hops, t0: int = 1000, step: int = 10) -> tuple[list, int]:
     for p in ("zap", "volt"):
         at(p, f"rx evsim/protocol/{p}/acme", "paho")
     for p in ("zap", "volt"):
-        at(p, "_commit")
-        at(p, "_write-end")
-        at(p, "_commit-end")
-        at(p, f"tx evsim/protocol/acme.coord/{p}")
+        to_coordinator(p)  # the votes
     for p in ("zap", "volt"):
         at("acme", f"rx evsim/protocol/acme.coord/{p}", "paho")
-    at("acme", "_commit")
-    at("acme", "_write-end")
-    at("acme", "_commit-end")
+    commit("acme")  # the decision
     for p in ("zap", "volt"):
         at("acme", f"tx evsim/protocol/{p}/acme")
     for p in ("zap", "volt"):
         at(p, f"rx evsim/protocol/{p}/acme", "paho")
-        at(p, "_commit")
-        at(p, "_write-end")
-        at(p, "_commit-end")
-        at(p, f"tx evsim/protocol/acme.coord/{p}")
+        to_coordinator(p)  # the ACKs
     for p in ("zap", "volt"):
         at("acme", f"rx evsim/protocol/acme.coord/{p}", "paho")
     at("acme", "wait_result_async-end", "MainThread")
