@@ -17,8 +17,10 @@ and the ticker alike).  Every call follows the same steps (:meth:`ProtocolHost.e
    commits on its own thread, with no hand-over to another thread and back (each costs a
    wake-up on the critical path of every protocol hop);
 3. publish the messages for other companies on ``evsim/protocol/{dst}/{company}`` (QoS 1),
-   then run the post-commit hooks (vehicle notifications).  Publishing outside the lock
-   means a synchronous bus (tests) or a slow broker can never deadlock two servers.
+   then run the post-commit hooks (vehicle notifications; for a lazy or deferred step,
+   below, right after step 1, as nothing they tell rests on its records).  Publishing
+   outside the lock means a synchronous bus (tests) or a slow broker can never deadlock two
+   servers.
 
 Write-ahead rule: nothing of a step is sent or answered before its records are committed,
 except what the protocol says may precede them (:func:`evsim.protocol.before_log`): PREPARE

@@ -571,7 +571,10 @@ class CompanyService:
     # ------------------------------------------------------------------ protocol effects
 
     def _after_protocol(self, fx: Effects) -> None:
-        """Post-commit hook: tell the vehicles (their trace rows are already committed)."""
+        """Post-commit hook: tell the vehicles. Their trace rows are committed by then, but
+        for a BOOKED result's, which ride on the next commit with the trip's ALL_ACKED
+        (``evsim.protocol.may_defer``): like the HTTP answer, the notice rests on the
+        trip's decision, durable already."""
         for res in fx.results:
             self._on_result(res, fx.now, None)
         for rec in fx.booking_events(BookingEvent.NO_SHOW_EXPIRE):
