@@ -239,7 +239,7 @@ def test_a_trip_start_is_not_forced_on_its_own_but_rides_on_the_decision(net: Ne
     the trip's start (TripStarted, the hold at home) still unwritten; the decision's commit
     writes it.  And the ALL_ACKED (``evsim.protocol.may_defer``) waits for the next commit,
     here the ticker's, once it has stayed queued for a whole tick: a two-company trip costs
-    its coordinator one commit of its own (the decision) where it took three."""
+    its coordinator one commit of its own (the decision) where it took two."""
     vid, h = net.register()
     acme, zap = net.svc("acme"), net.svc("zap")
     held: list[tuple[str, Any]] = []

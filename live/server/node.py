@@ -32,9 +32,9 @@ forced on their own but ride on the trip's decision, which is.  So does a trip's
 whose records are all ALL_ACKED (:func:`evsim.protocol.may_defer`) and that answers only
 BOOKED is not forced at all; it rides on the next commit, and the ticker writes a step that
 stayed queued for a whole tick (:meth:`ProtocolHost.tick`).  A trip thus costs its
-coordinator one fsync (the decision) where it took three, and a crash loses at most the
-ALL_ACKED records of the last tick, which a restarted coordinator gets again by asking the
-stops.
+coordinator one fsync, the decision's (forcing its start and its end too would take three),
+and a crash loses at most the ALL_ACKED records of the last two ticks, which a restarted
+coordinator gets again by asking the stops.
 A step that wrote nothing but sends or answers something still waits until every step
 queued before it is durable (what it sends may depend on their effects), and readers that
 answer from in-memory state (:meth:`barrier`) do the same, so no reply shows a state that a
