@@ -49,17 +49,17 @@ SEGMENTS: tuple[tuple[str, str], ...] = (
     ("routing, body, dependencies", "http"),
     ("trip start, PREPARE published", "step"),
     ("PREPARE in flight", "mqtt"),
-    ("participant: hand-over + step", "step"),
+    ("participant: PREPARE handed over, step", "step"),
     ("participant: hold, statements", "write"),
     ("participant: hold, COMMIT (fsync)", "commit"),
     ("participant: vote published", "step"),
     ("vote in flight", "mqtt"),
-    ("coordinator: hand-over + step", "step"),
+    ("coordinator: votes handed over, step", "step"),
     ("coordinator: decision, statements", "write"),
     ("coordinator: decision, COMMIT (fsync)", "commit"),
     ("coordinator: COMMIT published", "step"),
     ("COMMIT in flight", "mqtt"),
-    ("participant: hand-over + step ", "step"),
+    ("participant: COMMIT handed over, step", "step"),
     ("participant: reservation, statements", "write"),
     ("participant: reservation, COMMIT", "commit"),
     ("participant: ack published", "step"),
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for (name, kind), col in zip(SEGMENTS, cols, strict=True):
         med = statistics.median(col)
         p90 = sorted(col)[int(0.9 * (len(col) - 1))]
-        print(f"{name.strip():<40} {med:>8.0f} {p90:>8.0f} {med / p50:>7.1%}")
+        print(f"{name:<40} {med:>8.0f} {p90:>8.0f} {med / p50:>7.1%}")
         for i, x in enumerate(col):
             kinds[kind][i] += x
     print(f"{'booking, as the vehicle saw it':<40} {p50:>8.0f} "

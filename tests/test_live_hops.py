@@ -103,7 +103,8 @@ def test_a_booking_splits_into_its_segments_along_the_slower_participant(hops) -
     seg = hops.segments(1000, t1, notes, ["zap", "volt"])
     assert seg is not None and len(seg) == len(hops.SEGMENTS)
     assert sum(seg) == pytest.approx((t1 - 1000) / 1e3)  # the segments add up exactly
-    named = dict(zip((n.strip() for n, _ in hops.SEGMENTS), seg, strict=False))
+    named = dict(zip((n for n, _ in hops.SEGMENTS), seg, strict=True))
+    assert len(named) == len(seg)  # every segment has a name of its own
     # the path follows volt, the later voter: its PREPARE left 10 ns after zap's and
     # arrived 20 ns later (zap's rx between); its hold commit is 3 notes
     assert named["PREPARE in flight"] == pytest.approx(0.020)
