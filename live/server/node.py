@@ -336,9 +336,9 @@ class ProtocolHost:
             with self.lock:
                 self._wake(booked)
         # a step that only records ALL_ACKED and only answers BOOKED rests on no commit
-        deferred = (step is not None and not remote and not fx.participant_records
-                    and extra is None and len(booked) == len(fx.results)
-                    and all(may_defer(r) for r in fx.coordinator_records))
+        deferred = (step is not None and not remote and extra is None
+                    and len(booked) == len(fx.results)
+                    and all(map(may_defer, fx.participant_records + fx.coordinator_records)))
         if deferred or (not remote and not fx.results and (step is None or lazy)):
             # nothing left to send, nobody to answer: nothing here rests on a commit.  A
             # record-less step (a vote that decides nothing yet) need not wait for the steps
