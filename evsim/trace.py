@@ -133,10 +133,12 @@ class TraceWriter:
         self._rows: list[Any] = []
         self._emitters: dict[tuple[str, ...], Callable[..., None]] = {}
         self._writers: dict[tuple[str | bool, ...], Callable[..., None]] = {}
-        # rows written ahead since the last batch, cell by cell as ``_rows``, in the order
-        # written; and those a batch found not yet due, as columns
+        # rows written ahead since the last batch (or the last write_ahead), cell by cell as
+        # ``_rows``, in the order written
         self._later: list[Any] = []
-        self._pending: list[pa.Array] | None = None
+        # rows ahead as column chunks, in the order written: those a batch found not yet
+        # due, then any given as columns (write_ahead), each after the cells before it
+        self._pending: list[list[pa.Array]] = []
         self._clock = -math.inf  # the latest time of a row (not ahead) in a batch so far
         self._batches: list[pa.RecordBatch] = []
         meta = {b"evsim": json.dumps(dict(run_info or {}), default=str).encode()}
@@ -172,6 +174,35 @@ class TraceWriter:
         """Append the rows written ahead whose time is before ``until`` (all by default),
         after every row so far."""
         self.flush(until)
+
+    def write_ahead(self, n: int, **columns: pa.Array | np.ndarray | Sequence[Any]) -> None:
+        """Write ``n`` rows ahead (see the class) given as columns: each keyword is a column
+        of ``n`` values (an Arrow array, a NumPy array or a sequence; ``kind`` included),
+        the columns not given are null. They come after every row written ahead so far, in
+        their own order: what ``n`` calls of an ``ahead`` row writer would write, at the
+        cost of a few array operations (for many rows at once)."""
+        unknown = set(columns) - set(_NAMES)
+        if unknown:
+            raise TypeError(f"unknown trace column(s): {sorted(unknown)}")
+        if "t_min" not in columns or "kind" not in columns:
+            raise TypeError("write_ahead needs the t_min and kind columns")
+        for name, values in columns.items():
+            if len(values) != n:
+                raise ValueError(f"trace column {name}: {len(values)} values for {n} rows")
+        if n == 0:
+            return
+        arrays = []
+        for name, dtype in COLUMNS:
+            values = columns.get(name)
+            if values is None:
+                arrays.append(pa.nulls(n, dtype))
+                continue
+            a = values if isinstance(values, pa.Array) else pa.array(values, type=dtype)
+            arrays.append(a if a.type == dtype else a.cast(dtype))
+        if self._later:  # the cells written ahead before these rows go before them
+            self._pending.append(_columns(self._later))
+            self._later.clear()
+        self._pending.append(arrays)
 
     def _appender(
         self, kind: str | None, key: Sequence[str], ahead: bool = False
@@ -216,7 +247,7 @@ class TraceWriter:
         """Write the rows so far as one batch, with the rows written ahead that are due: those
         before a later row, or before ``until``; the others wait for a later batch."""
         rows, later = self._rows, self._later
-        if not rows and not later and (self._pending is None or until == -math.inf):
+        if not rows and not later and (not self._pending or until == -math.inf):
             return
         columns = _columns(rows)
         n = len(rows) // _WIDTH
@@ -230,29 +261,35 @@ class TraceWriter:
             self._clock = float(running[-1])
         else:
             running = np.empty(0)
-        if later or self._pending is not None:
-            ahead = _columns(later)
-            later.clear()
-            if self._pending is not None:
-                ahead = [
-                    pa.concat_arrays([p, a]) for p, a in zip(self._pending, ahead, strict=True)
-                ]
+        if later or self._pending:
+            chunks = self._pending
+            if later:
+                chunks.append(_columns(later))
+                later.clear()
+            ahead = (
+                chunks[0]
+                if len(chunks) == 1
+                else [pa.concat_arrays(list(c)) for c in zip(*chunks, strict=True)]
+            )
             t_ahead = ahead[0].to_numpy()
             is_due = t_ahead < max(self._clock, until)
             due = np.flatnonzero(is_due)
             due = due[np.argsort(t_ahead[due], kind="stable")]  # by time, then as written
             wait = np.flatnonzero(~is_due)
-            self._pending = [a.take(wait) for a in ahead] if wait.size else None
+            self._pending = [[a.take(wait) for a in ahead]] if wait.size else []
             if due.size:
                 # sort keys: row i -> 2i + 1, a row ahead going before row i -> 2i (ties keep
                 # the time order just made)
                 keys = np.concatenate(
                     [2 * np.arange(n) + 1, 2 * np.searchsorted(running, t_ahead[due], "right")]
                 )
-                order = pa.array(np.argsort(keys, kind="stable"))
+                order = np.argsort(keys, kind="stable")
+                # one gather per column from the rows followed by every row ahead: the
+                # sorted positions, with a due row's mapped to where it is among them
+                order = np.concatenate([np.arange(n), n + due])[order]
+                at = pa.array(order)
                 columns = [
-                    pa.concat_arrays([c, a.take(due)]).take(order)
-                    for c, a in zip(columns, ahead, strict=True)
+                    pa.concat_arrays([c, a]).take(at) for c, a in zip(columns, ahead, strict=True)
                 ]
                 n += due.size
         if not n:

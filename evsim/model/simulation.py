@@ -5,7 +5,8 @@ departure time; stations, company servers and the status board hold the state; t
 the pure function resolved from the registry. Events stream into a :class:`TraceWriter`.
 
 ``booking_mode`` (default: the scenario's ``booking.mode``) picks how vehicles get a charger:
-``"on_arrival"`` (:func:`~evsim.model.vehicle.prepare` and :func:`~evsim.model.vehicle.depart`),
+``"on_arrival"`` (:func:`~evsim.model.departures.release_block` and
+:func:`~evsim.model.vehicle.depart`),
 ``"trip"`` (:func:`~evsim.model.booking.booked_trip_process`: book every stop through the
 reservation protocol, run by :class:`~evsim.model.protocol_bus.ProtocolBus`) or ``"stop"``
 (:class:`~evsim.model.stop_booking.StopBooking`: as ``on_arrival``, each stop booked when
@@ -30,10 +31,11 @@ import simpy
 from evsim.model.booking import booked_trip_process
 from evsim.model.company import CompanyServer, StatusWire
 from evsim.model.demand import Trips, generate_trips
+from evsim.model.departures import BLOCK_TRIPS, release_block
 from evsim.model.protocol_bus import ProtocolBus
 from evsim.model.station import SimStation
 from evsim.model.stop_booking import StopBooking
-from evsim.model.vehicle import DriveKit, depart, prepare
+from evsim.model.vehicle import DriveKit, depart
 from evsim.model.world import World
 from evsim.policies import resolve
 from evsim.scenario import Scenario
@@ -145,6 +147,7 @@ class Simulation:
             for s in self.stations:
                 s.attach_desk(self.bus.desks[s.index])
         self.drive_kit = DriveKit(self)
+        self.block_trips = BLOCK_TRIPS  # departures the source releases at a time
 
     @property
     def board(self) -> StatusBoard:
@@ -171,28 +174,31 @@ class Simulation:
                 env.process(booked_trip_process(self, k))
             return
         # on_arrival and stop: wake up only for the trips that will stop to charge; the
-        # others are written ahead (vehicle.prepare). ``clock`` is the time each trip leaves:
-        # where one timeout per trip (``t - now`` each) put SimPy's clock, to the last bit
+        # others are written ahead, a block of departures at a time (release_block).
+        # ``clock`` is the time each trip leaves: where one timeout per trip (``t - now``
+        # each) put SimPy's clock, to the last bit
         clock: float = env.now
         stop_app = StopBooking if self.booking_mode == "stop" else None
-        passed: list[float] = []  # departures since the source last woke up
-        for k, t in enumerate(times):
-            if t > clock:
-                clock = clock + (t - clock)
-            leaving = prepare(self, k, clock)
-            if leaving is None:
-                passed.append(t)
-                continue
-            if clock > env.now:
-                delay = clock - env.now
-                if env.now + delay == clock:
-                    yield simpy.Timeout(env, delay)
-                else:  # one timeout lands elsewhere: step through the departures instead
-                    for tp in (*passed, t):
-                        if tp > env.now:
-                            yield simpy.Timeout(env, tp - env.now)
-            passed.clear()
-            depart(self, *leaving, app=stop_app)
+        prev = -1  # the last trip that left with a process
+        block = self.block_trips
+        for first in range(0, len(times), block):
+            clocks = []
+            for t in times[first : first + block]:
+                if t > clock:
+                    clock = clock + (t - clock)
+                clocks.append(clock)
+            for k, d, w in release_block(self, first, clocks):
+                at = clocks[k - first]
+                if at > env.now:
+                    delay = at - env.now
+                    if env.now + delay == at:
+                        yield simpy.Timeout(env, delay)
+                    else:  # one timeout lands elsewhere: step through the departures since
+                        for tp in times[prev + 1 : k + 1]:
+                            if tp > env.now:
+                                yield simpy.Timeout(env, tp - env.now)
+                prev = k
+                depart(self, d, w, app=stop_app)
 
     def run(self, progress: Callable[[float], None] | None = None, steps: int = 100) -> SimResult:
         """Run to the horizon. ``progress(t_min)`` is called ``steps`` times along the way."""

@@ -2,24 +2,25 @@
 
 A trip follows the shortest road route. Energy drains per km (model consumption x drain
 profile). At each city on the way the driver checks whether to charge: only when the rest of
-the trip is not reachable with the reserve SoC, and either SoC is at or below the threshold or
-the next leg would end below the reserve. Then the policy picks a station from the (stale)
-snapshot; the vehicle drives there (the detour is recorded), queues, charges with the CC-CV
-curve, pays the tariff and continues from the station. A battery that hits 0 strands the car.
-Stretches with no decision are driven in one timeout, so a trip costs a handful of events.
+the trip is not reachable with the reserve SoC, and either SoC is at or below the threshold
+or the next leg would end below the reserve. Then the policy picks a station from the
+(stale) snapshot; the vehicle drives there (the detour is recorded), queues, charges with
+the CC-CV curve, pays the tariff and continues from the station. A battery that hits 0
+strands the car. Stretches with no decision are driven in one timeout, so a trip costs a
+handful of events.
 
 The driving rules live in :mod:`evsim.planning` (shared with the trip planner). Since they
 depend on the route and the SoC only, never on the clock, a trip's first stretch is walked
-before it leaves (:func:`prepare`): one that reaches its destination (or runs dry) without a
-charging decision on the way meets nothing and nobody, so it needs no process and no event:
-its TRIP_START and TRIP_END (or STRANDED) rows are written to the trace ahead of time, and
-join it in time order. The others leave at their time as a :func:`drive` process
-(:func:`depart`), which likewise ends at the trip's last decision: the stretch after it
-(from the last station, or on from a city where no station was found) gets its TRIP_END or
-STRANDED row written ahead instead of a timeout. In the ``trip`` booking mode
-:mod:`evsim.model.booking` runs the same :func:`drive` loop with a
-:class:`~evsim.model.booking.BookedTrip`: at a decision node where a stop is booked the
-vehicle goes to the booked station instead of asking the policy.
+before it leaves (:mod:`evsim.model.departures`, a block of trips at a time): one that
+reaches its destination (or runs dry) without a charging decision on the way meets nothing
+and nobody, so it needs no process and no event: its TRIP_START and TRIP_END (or STRANDED)
+rows are written to the trace ahead of time, and join it in time order. The others leave at
+their time as a :func:`drive` process (:func:`depart`), which likewise ends at the trip's
+last decision: the stretch after it (from the last station, or on from a city where no
+station was found) gets its TRIP_END or STRANDED row written ahead instead of a timeout.
+In the ``trip`` booking mode :mod:`evsim.model.booking` runs the same :func:`drive` loop
+with a :class:`~evsim.model.booking.BookedTrip`: at a decision node where a stop is booked
+the vehicle goes to the booked station instead of asking the policy.
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ __all__ = [
     "ask_policy",
     "depart",
     "drive",
-    "prepare",
     "start_trip",
     "trip_process",
     "unplanned_stop",
@@ -180,8 +180,6 @@ class DriveKit:
         self._curve_ids: dict[tuple[int, int], tuple[float, ChargeCurve]] = {}
         self._kept: list[tuple[VehicleModelConfig, ConnectorSpec]] = []
         self._od: dict[tuple[int, int], str] = {}
-        # a trip's route on from its origin and its TRIP_START detail, by (origin, dest)
-        self._trip_route: dict[tuple[int, int], tuple[RouteLegs, str]] = {}
         self._legs: dict[tuple[int, int], RouteLegs] = {}
         self.trips = sim.trips
         self.vehicle_models = world.vehicle_models
@@ -192,10 +190,7 @@ class DriveKit:
             Kind.STRANDED, "vehicle_id", "booking_id", "soc", "distance_km", "detail"
         )
         self.no_station = row(Kind.NO_STATION, "vehicle_id", "soc", "detail")
-        # the rows of trips with no charging decision, written ahead (see prepare)
-        self.trip_start_ahead = row(
-            Kind.TRIP_START, "vehicle_id", "booking_id", "soc", "detail", ahead=True
-        )
+        # the rows of a trip's last stretch, written ahead (see end_ahead)
         self.trip_end_ahead = row(
             Kind.TRIP_END, "vehicle_id", "booking_id", "soc", "distance_km", ahead=True
         )
@@ -280,7 +275,7 @@ class DriveKit:
     def end_ahead(self, d: Drive, legs: RouteLegs, w: Walk, t_min: float) -> None:
         """:meth:`end`'s row, written ahead for ``t_min``: ``w``, the trip's last stretch
         (along ``legs`` from where ``d`` is now), has no decision on it, so nothing met on
-        the way can change it (what :func:`prepare` does for a whole trip)."""
+        the way can change it (what :mod:`evsim.model.departures` does for a whole trip)."""
         km = d.driven_km + w.km
         if w.stranded_km is not None:
             self.stranded_ahead(t_min, d.vid, d.vid, 0.0, km, self.node_ids[legs.nodes[w.j]])
@@ -304,45 +299,14 @@ def trip_process(sim: Simulation, k: int) -> Generator[simpy.Event, Any, None]:
     yield from drive(sim, start_trip(sim, k))
 
 
-def prepare(sim: Simulation, k: int, t_min: float) -> tuple[Drive, Walk] | None:
-    """Trip ``k``, leaving at ``t_min`` (the ``on_arrival`` mode; the run's source calls this
-    at or before that time): its vehicle and first stretch, for :func:`depart` at ``t_min``;
-    or None for a trip with no charging decision on the way, whose rows are then written
-    ahead: TRIP_START at ``t_min``, TRIP_END (or STRANDED) when the stretch ends, the same
-    rows at the same times as :func:`trip_process` writes."""
-    kit = getattr(sim, "drive_kit", None) or DriveKit.of(sim)  # (DriveKit.of, inline)
-    model, drain, origins, dests, soc0 = kit.trip_columns
-    vm = kit.vehicle_models[model[k]]
-    per_km = vm.consumption_kwh_per_km * drain[k] / vm.battery_kwh
-    origin, dest, soc = origins[k], dests[k], soc0[k]
-    route = kit._trip_route.get((origin, dest))
-    if route is None:
-        route = kit._trip_route[(origin, dest)] = (
-            kit.legs(origin, dest),
-            kit.od_detail(origin, dest),
-        )
-    legs = route[0]
-    w = walk_rules(kit.ch, legs, soc, per_km, _NOWHERE)
-    vid = f"v{k}"
-    if w.stop_here:
-        return Drive(k, vid, vm, per_km, origin, dest, soc), w
-    kit.trip_start_ahead(t_min, vid, vid, soc, route[1])
-    t_end = t_min + w.minutes if w.minutes > 0 else t_min
-    km = 0.0 + w.km  # the distance a Drive adds up from 0.0
-    if w.stranded_km is not None:
-        kit.stranded_ahead(t_end, vid, vid, 0.0, km, kit.node_ids[legs.nodes[w.j]])
-    else:
-        kit.trip_end_ahead(t_end, vid, vid, w.soc, km)
-    return None
-
-
 def depart(
     sim: Simulation,
     d: Drive,
     first: Walk,
     app: Callable[[Simulation, Drive, str], DriverApp] | None = None,
 ) -> None:
-    """The vehicle of :func:`prepare` leaves now: TRIP_START, then its :func:`drive`; with
+    """A vehicle whose first stretch was walked before it left (:func:`~evsim.model.
+    departures.release_block`) leaves now: TRIP_START, then its :func:`drive`; with
     ``app`` (the ``stop`` mode's :class:`~evsim.model.stop_booking.StopBooking`), driven by
     ``app(sim, d, home company)``."""
     kit = getattr(sim, "drive_kit", None) or DriveKit.of(sim)  # (DriveKit.of, inline)
