@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["COLUMNS", "SCHEMA", "Kind", "TraceWriter", "read_trace", "run_info"]
@@ -92,6 +93,16 @@ COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 )
 SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype in COLUMNS])
 _NAMES = tuple(name for name, _ in COLUMNS)
+# Arrow memory for the rows' columns: the C library's allocator. A run turns its rows into
+# columns batch by batch (allocated, gathered, written, freed); with Arrow's default pool
+# (mimalloc) that cost 7-10% more of a whole 10x Bahia run, and varied more from run to run,
+# than with malloc (bench/sim_throughput.py, same machine, ARROW_DEFAULT_MEMORY_POOL)
+_POOL = pa.system_memory_pool()
+
+
+def _take(values: pa.Array, indices: pa.Array | np.ndarray) -> pa.Array:
+    return pc.take(values, indices, memory_pool=_POOL)
+
 _WIDTH = len(_NAMES)  # cells per row
 
 
@@ -195,9 +206,13 @@ class TraceWriter:
         for name, dtype in COLUMNS:
             values = columns.get(name)
             if values is None:
-                arrays.append(pa.nulls(n, dtype))
+                arrays.append(pa.nulls(n, dtype, memory_pool=_POOL))
                 continue
-            a = values if isinstance(values, pa.Array) else pa.array(values, type=dtype)
+            a = (
+                values
+                if isinstance(values, pa.Array)
+                else pa.array(values, type=dtype, memory_pool=_POOL)
+            )
             arrays.append(a if a.type == dtype else a.cast(dtype))
         if self._later:  # the cells written ahead before these rows go before them
             self._pending.append(_columns(self._later))
@@ -269,14 +284,14 @@ class TraceWriter:
             ahead = (
                 chunks[0]
                 if len(chunks) == 1
-                else [pa.concat_arrays(list(c)) for c in zip(*chunks, strict=True)]
+                else [pa.concat_arrays(list(c), _POOL) for c in zip(*chunks, strict=True)]
             )
             t_ahead = ahead[0].to_numpy()
             is_due = t_ahead < max(self._clock, until)
             due = np.flatnonzero(is_due)
             due = due[np.argsort(t_ahead[due], kind="stable")]  # by time, then as written
             wait = np.flatnonzero(~is_due)
-            self._pending = [[a.take(wait) for a in ahead]] if wait.size else []
+            self._pending = [[_take(a, wait) for a in ahead]] if wait.size else []
             if due.size:
                 # sort keys: row i -> 2i + 1, a row ahead going before row i -> 2i (ties keep
                 # the time order just made)
@@ -287,9 +302,10 @@ class TraceWriter:
                 # one gather per column from the rows followed by every row ahead: the
                 # sorted positions, with a due row's mapped to where it is among them
                 order = np.concatenate([np.arange(n), n + due])[order]
-                at = pa.array(order)
+                at = pa.array(order, memory_pool=_POOL)
                 columns = [
-                    pa.concat_arrays([c, a]).take(at) for c, a in zip(columns, ahead, strict=True)
+                    _take(pa.concat_arrays([c, a], _POOL), at)
+                    for c, a in zip(columns, ahead, strict=True)
                 ]
                 n += due.size
         if not n:
@@ -327,11 +343,13 @@ class TraceWriter:
 
 def _columns(cells: list[Any]) -> list[pa.Array]:
     """The rows laid out cell by cell (``_WIDTH`` per row) as one array per column."""
-    return [pa.array(cells[c::_WIDTH], type=t) for c, (_, t) in enumerate(COLUMNS)]
+    return [
+        pa.array(cells[c::_WIDTH], type=t, memory_pool=_POOL) for c, (_, t) in enumerate(COLUMNS)
+    ]
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
-    df = table.to_pandas()
+    df = table.to_pandas(memory_pool=_POOL)
     df.attrs["evsim"] = run_info_from_schema(table.schema)
     return df
 
