@@ -304,8 +304,13 @@ class Storage:
     # ------------------------------------------------------------------ protocol log
 
     @staticmethod
-    def append_records(conn: Connection, node_id: str, records: Sequence[Record]) -> None:
-        _append_log(conn, [{"node_id": node_id, "record": encode_record(r)} for r in records])
+    def append_records(conn: Connection, *logs: tuple[str, Sequence[Record]]) -> None:
+        """Append each ``(node id, records)`` in turn, all in one INSERT (a server's
+        participant and coordinator records of a group commit: one statement, not two)."""
+        _append_log(
+            conn,
+            [{"node_id": nid, "record": encode_record(r)} for nid, recs in logs for r in recs],
+        )
 
     def load_records(self, node_id: str) -> list[Record]:
         with self.engine.connect() as conn:

@@ -45,11 +45,14 @@ class QueuedStep:
     @staticmethod
     def write_all(conn: Connection, steps: Sequence[QueuedStep], pid: str, cid: str) -> None:
         """Write ``steps`` (one group commit) in ``conn``'s transaction: one INSERT of many
-        rows per table (the participant's records, the coordinator's, the trace rows), each
-        in step order, then each step's ``extra`` writes in step order.  A batch of many
+        rows per table (the participant's records then the coordinator's, the trace rows),
+        each in step order, then each step's ``extra`` writes in step order.  A batch of many
         steps costs as many statements as one."""
-        Storage.append_records(conn, pid, [r for st in steps for r in st.fx.participant_records])
-        Storage.append_records(conn, cid, [r for st in steps for r in st.fx.coordinator_records])
+        Storage.append_records(
+            conn,
+            (pid, [r for st in steps for r in st.fx.participant_records]),
+            (cid, [r for st in steps for r in st.fx.coordinator_records]),
+        )
         rows = [row for st in steps for row in st.fx.trace_rows]
         if rows:
             Storage.add_trace(conn, rows)
