@@ -61,6 +61,10 @@ class RouteTable:
         self.legs: list[RouteLegs] = []
         self._details: list[str] = []
         self._detail_array = pa.array([], pa.string())
+        self.node_ids = pa.array(kit.node_ids, pa.string())  # (where a trip runs dry)
+        models = kit.vehicle_models  # kWh per km and battery kWh, by vehicle model
+        self.use_kwh_per_km = np.array([vm.consumption_kwh_per_km for vm in models], np.float64)
+        self.battery_kwh = np.array([vm.battery_kwh for vm in models], np.float64)
         self._width = 0
         self.km = self.minutes = self.to_dest = self.t_at = self.km_at = np.zeros((0, 0))
         self.nodes = np.zeros((0, 0), np.int64)
@@ -213,19 +217,17 @@ def release_block(
     are returned as ``(trip, vehicle, first stretch)`` in departure order, for
     :func:`~evsim.model.vehicle.depart`."""
     kit = sim.drive_kit
-    table: RouteTable | None = getattr(kit, "route_table", None)
+    table = kit.route_table
     if table is None:
-        table = RouteTable(kit)
-        kit.route_table = table  # type: ignore[attr-defined]
+        table = kit.route_table = RouteTable(kit)
     n = len(clocks)
     block = slice(first, first + n)
     trips = sim.trips
     model, drain = trips.model[block], trips.drain[block]
     origin, dest, soc0 = trips.origin[block], trips.destination[block], trips.soc0[block]
     models = kit.vehicle_models
-    use = np.array([vm.consumption_kwh_per_km for vm in models], np.float64)[model]
-    battery = np.array([vm.battery_kwh for vm in models], np.float64)[model]
-    per_km = use * drain / battery  # (vm.consumption_kwh_per_km * drain[k] / vm.battery_kwh)
+    # (vm.consumption_kwh_per_km * drain[k] / vm.battery_kwh, element by element)
+    per_km = table.use_kwh_per_km[model] * drain / table.battery_kwh[model]
     routes = table.numbers(origin, dest)
     w = walk_first(kit.ch, table, routes, soc0, per_km)
     t0 = np.array(clocks, np.float64)
@@ -279,8 +281,7 @@ def _write_idle(
         "v", pc.cast(pa.array(idle + first), pa.string()), ""
     )
     r = routes[idle]
-    node_ids = pa.array(kit.node_ids, pa.string())
-    where_dry = node_ids.take(pa.array(table.nodes[r, w.j[idle]]))
+    where_dry = table.node_ids.take(pa.array(table.nodes[r, w.j[idle]]))
     end_kind = pc.if_else(pa.array(stranded), str(Kind.STRANDED), str(Kind.TRIP_END))
     # the two rows of each trip next to each other: start i at 2i, its end at 2i + 1
     order = pa.array(np.arange(2 * m).reshape(2, m).T.reshape(-1))

@@ -60,6 +60,7 @@ from evsim.tariff import CompiledTariff, compiled
 from evsim.trace import Kind
 
 if TYPE_CHECKING:
+    from evsim.model.departures import RouteTable
     from evsim.model.simulation import Simulation
     from evsim.model.station import SessionResult, SimStation
     from evsim.snapshot import Choice
@@ -181,6 +182,7 @@ class DriveKit:
         self._kept: list[tuple[VehicleModelConfig, ConnectorSpec]] = []
         self._od: dict[tuple[int, int], str] = {}
         self._legs: dict[tuple[int, int], RouteLegs] = {}
+        self.route_table: RouteTable | None = None  # made by the run's first block of trips
         self.trips = sim.trips
         self.vehicle_models = world.vehicle_models
         row = trace.row_writer
