@@ -136,9 +136,9 @@ class FirstWalks:
 
     __slots__ = ("j", "km", "minutes", "soc", "stop_here", "stranded", "stranded_km")
 
-    def __init__(self, n: int) -> None:
-        self.j = np.zeros(n, np.int64)
-        self.soc = np.zeros(n)
+    def __init__(self, j: np.ndarray, soc: np.ndarray) -> None:
+        n = len(j)
+        self.j, self.soc = j, soc
         self.minutes = np.zeros(n)
         self.km = np.zeros(n)
         self.stop_here = np.zeros(n, bool)
@@ -160,15 +160,13 @@ def walk_first(
     the reserve left and either SoC is at or below the threshold or the next leg would end
     below reserve + safety margin; else a leg that needs more than is left strands the
     vehicle; else the leg is driven (``s -= leg * per_km``, the same subtraction)."""
-    n = len(routes)
-    out = FirstWalks(n)
     reserve, threshold = ch.reserve_soc, ch.threshold_soc
     margin = ch.reserve_soc + ch.safety_margin_soc
     last = table.last[routes]
-    s = np.array(soc, np.float64)
-    # where a walk that reaches the end stops (max(last, 0)); decisions and strandings
-    # overwrite it
-    out.j = np.maximum(last, 0)
+    # j: where a walk that reaches the end stops (max(last, 0)), until a decision or running
+    # dry says otherwise; s: each trip's SoC as it goes (the walks' SoC at the end)
+    out = FirstWalks(np.maximum(last, 0), np.array(soc, np.float64))
+    s = out.soc
     on = np.flatnonzero(last > 0)  # trips still on the road, at leg j
     j = 0
     while on.size:
@@ -203,15 +201,14 @@ def walk_first(
     r_end, j_end = routes[ended], out.j[ended]
     out.minutes[ended] = table.t_at[r_end, j_end]
     out.km[ended] = table.km_at[r_end, j_end]
-    out.soc = s
     return out
 
 
 def release_block(
     sim: Simulation, first: int, clocks: list[float]
 ) -> list[tuple[int, Drive, Walk]]:
-    """Trips ``first``, ``first + 1``, ... leaving at ``clocks`` (where SoC and the run's
-    source put the clock for each): the rows of those with no charging decision on the way
+    """Trips ``first``, ``first + 1``, ... leaving at ``clocks`` (where the run's source
+    puts SimPy's clock for each): the rows of those with no charging decision on the way
     are written ahead (TRIP_START at its time, TRIP_END or STRANDED where its stretch ends,
     as :meth:`~evsim.model.vehicle.DriveKit.end_ahead` writes a last stretch's); the others
     are returned as ``(trip, vehicle, first stretch)`` in departure order, for
